@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for monkey-kernels: torch (only if missing), then the package and its test deps.
+# A machine that already has torch (a CUDA build on a GPU box, say) keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    # Pinned: an unpinned torch pulls the newest CUDA build (several GB); 2.13.0 is the CPU wheel we test.
+    "$PYTHON" -m pip install -q "torch==2.13.0"
+fi
+"$PYTHON" -m pip install -q --no-build-isolation -e ".[test]"
+"$PYTHON" -c "import torch, triton, monkey_kernels; print(f'torch {torch.__version__}, triton {triton.__version__}, monkey_kernels {monkey_kernels.__version__}, cuda available: {torch.cuda.is_available()}')"

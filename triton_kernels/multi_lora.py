@@ -1,0 +1,450 @@
+"""Segmented multi-LoRA kernels (Triton) and their host launchers.
+
+Notation (rows are the flattened tokens, ``M`` of them; segment ``g`` uses adapter ``a = adapter_ids[g]``,
+``a = -1`` meaning base weights only):
+
+    H[rows of g]  = drop(X[rows of g]) @ A[a]^T                      (shrink,   H fp32 [M, R_BLOCK])
+    Y             = X @ W^T + bias + s[a] * H @ B[a]^T (+ residual)  (fused GEMM: base + expand epilogue)
+    OUT[a]        = s[a] * sum_{rows of a} drop(X)^T @ Hrows          (grouped outer product, for dA / dB)
+
+The three kernels serve both directions of the multi-LoRA linear (see
+``monkey_kernels.multi_lora.MultiLoRALinearFunction``): every weight is passed as a (possibly transposed)
+strided view, so ``dY @ W`` and ``dH @ A[a]`` reuse the fused GEMM, and ``dY @ B[a]`` reuses the shrink.
+
+Design (a) of the core issue: a shrink kernel, then the base GEMM with the expand in its epilogue. The
+LoRA update costs one extra read of the LoRA input and no extra pass over ``Y``. A row tile may straddle
+segments (ragged segments of any length); the kernels loop over the segments a tile touches and mask rows
+by ``row_segment``, so no host-side tile map (and no host synchronisation) is needed.
+
+Dropout keeps element ``(row, col)`` of the LoRA input iff ``tl.rand(seed, row * K + col) >= p``: a pure
+function of the seed, regenerated in backward, never stored.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import alloc
+from .segments import SegmentInfo
+
+__all__ = [
+    "interpreter_active",
+    "rank_block",
+    "segmented_shrink",
+    "fused_lora_gemm",
+    "segmented_outer",
+    "dropout_keep_mask",
+]
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def rank_block(r_max: int) -> int:
+    """Width of the fp32 intermediate ``H``: ``r_max`` rounded up to a power of two, at least 16
+    (the smallest ``tl.dot`` operand)."""
+    return max(16, triton.next_power_of_2(int(r_max)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow PyTorch's own matmul setting; fp32 LoRA intermediates of half inputs use tf32,
+    # which keeps 10 mantissa bits (more than bf16's 7) at tensor-core speed.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _interpreter_upcast(dtype: torch.dtype) -> bool:
+    # Triton 3.9's interpreter keeps bf16 as raw uint16 bits in numpy and multiplies those bits in
+    # tl.dot; bf16 operands are widened to fp32 there (exact: a bf16 product fits in fp32). Compiled
+    # kernels keep bf16 operands for the tensor cores.
+    return interpreter_active() and dtype == torch.bfloat16
+
+
+@triton.jit
+def _dot_operand(x, UPCAST: tl.constexpr):
+    if UPCAST:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dropout_keep(seed, rows, cols, row_len, p):
+    """Keep-mask ``[len(rows), len(cols)]`` of inverted dropout over a logical ``[*, row_len]`` matrix."""
+    offsets = (rows.to(tl.int64)[:, None] * row_len + cols[None, :]).to(tl.uint32)
+    return tl.rand(seed, offsets) >= p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shrink: H[M, R_BLOCK] (fp32) = drop(X)[M, K] @ Wt[a]^T, Wt[a] of shape [R, K] (entries r >= rank[a] = 0)
+# ---------------------------------------------------------------------------------------------------------
+def _shrink_configs():
+    if interpreter_active():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bk, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4)]
+    ]
+
+
+@triton.autotune(configs=_shrink_configs(), key=["K", "R_BLOCK", "DROPOUT"], cache_results=True)
+@triton.jit
+def _segmented_shrink_kernel(
+    x_ptr, w_ptr, out_ptr, row_segment_ptr, adapter_ids_ptr, ranks_ptr,
+    M, K, seed, dropout_p,
+    stride_xm, stride_xk, stride_wa, stride_wr, stride_wk, stride_om,
+    R_BLOCK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    row_seg = tl.load(row_segment_ptr + rows, mask=row_ok, other=-1)
+    seg_first = tl.min(tl.where(row_ok, row_seg, 2147483647), axis=0)
+    seg_last = tl.max(row_seg, axis=0)
+    r = tl.arange(0, R_BLOCK)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rows, ks, K, dropout_p)
+            x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
+        for g in range(seg_first, seg_last + 1):
+            adapter = tl.load(adapter_ids_ptr + g)
+            if adapter >= 0:
+                rank = tl.load(ranks_ptr + adapter)
+                w = tl.load(
+                    w_ptr + adapter.to(tl.int64) * stride_wa + r[None, :] * stride_wr + ks[:, None] * stride_wk,
+                    mask=(r[None, :] < rank) & k_ok[:, None],
+                    other=0.0,
+                )
+                x_seg = tl.where((row_seg == g)[:, None], x, 0.0).to(x.dtype)
+                acc = tl.dot(_dot_operand(x_seg, UPCAST), _dot_operand(w, UPCAST), acc, input_precision=PRECISION)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + r[None, :], acc, mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused GEMM: OUT[M, N] = X[M, K] @ W[N, K]^T + bias[N] + drop(sum_g s[a] * H[rows, :] @ E[a][N, R]^T) + RES
+# ---------------------------------------------------------------------------------------------------------
+def _gemm_configs():
+    if interpreter_active():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+            (128, 128, 32, 4, 4),
+        ]
+    ]
+
+
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["N", "K", "R_BLOCK", "HAS_BASE", "HAS_LORA", "HAS_RESIDUAL", "LORA_DROPOUT"],
+    cache_results=True,
+)
+@triton.jit
+def _fused_lora_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, scale_ptr, residual_ptr, out_ptr,
+    row_segment_ptr, adapter_ids_ptr, ranks_ptr,
+    M, N, K, seed, dropout_p,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_hm, stride_ea, stride_en, stride_er,
+    stride_resm, stride_resn, stride_om, stride_on,
+    R_BLOCK: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, LORA_DROPOUT: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles share each weight column tile while it sits in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    group_id = pid // pids_per_group
+    first_pid_m = group_id * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % pids_per_group) % group_rows)
+    pid_n = (pid % pids_per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if HAS_BASE:
+        x_rows = x_ptr + rows64[:, None] * stride_xm
+        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(_dot_operand(x, UPCAST), _dot_operand(w, UPCAST), acc, input_precision=BASE_PRECISION)
+
+    if HAS_LORA:
+        row_seg = tl.load(row_segment_ptr + rows, mask=row_ok, other=-1)
+        seg_first = tl.min(tl.where(row_ok, row_seg, 2147483647), axis=0)
+        seg_last = tl.max(row_seg, axis=0)
+        r = tl.arange(0, R_BLOCK)
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(seg_first, seg_last + 1):
+            adapter = tl.load(adapter_ids_ptr + g)
+            if adapter >= 0:
+                rank = tl.load(ranks_ptr + adapter)
+                in_seg = (row_seg == g) & row_ok
+                h = tl.load(h_ptr + rows64[:, None] * stride_hm + r[None, :], mask=in_seg[:, None], other=0.0)
+                if HAS_SCALE:
+                    h = h * tl.load(scale_ptr + adapter).to(tl.float32)
+                e = tl.load(
+                    e_ptr + adapter.to(tl.int64) * stride_ea + cols[None, :] * stride_en + r[:, None] * stride_er,
+                    mask=(r[:, None] < rank) & col_ok[None, :],
+                    other=0.0,
+                )
+                lora = tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION)
+        if LORA_DROPOUT:
+            keep = _dropout_keep(seed, rows, cols, N, dropout_p)
+            lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
+        acc += lora
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(residual_ptr + rows64[:, None] * stride_resm + cols[None, :] * stride_resn, mask=out_mask, other=0.0)
+        acc += res.to(tl.float32)
+    tl.store(
+        out_ptr + rows64[:, None] * stride_om + cols[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=out_mask,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grouped outer product: OUT[a][N, R] = s[a] * sum_{rows of adapter a} drop(X)[rows, N]^T @ Y[rows, R]
+# ---------------------------------------------------------------------------------------------------------
+def _outer_configs():
+    if interpreter_active():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (32, 64, 4, 4)]
+    ]
+
+
+@triton.autotune(configs=_outer_configs(), key=["N", "R_BLOCK", "DROPOUT"], cache_results=True)
+@triton.jit
+def _segmented_outer_kernel(
+    x_ptr, y_ptr, scale_ptr, out_ptr, seg_indptr_ptr, adapter_ids_ptr,
+    num_segments, N, R, seed, dropout_p,
+    stride_xm, stride_xn, stride_ym, stride_oa, stride_on, stride_or,
+    R_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (adapter, column tile), walking the adapter's segments in order: deterministic,
+    # no atomics, and adapters that own no rows get an exact zero gradient.
+    adapter = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    r = tl.arange(0, R_BLOCK)
+    acc = tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32)
+    for g in range(0, num_segments):
+        if tl.load(adapter_ids_ptr + g) == adapter:
+            start = tl.load(seg_indptr_ptr + g)
+            end = tl.load(seg_indptr_ptr + g + 1)
+            for m0 in range(start, end, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < end
+                rows64 = rows.to(tl.int64)
+                x = tl.load(
+                    x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xn,
+                    mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
+                if DROPOUT:
+                    keep = _dropout_keep(seed, rows, cols, N, dropout_p)
+                    x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
+                y = tl.load(y_ptr + rows64[:, None] * stride_ym + r[None, :], mask=row_ok[:, None], other=0.0)
+                acc = tl.dot(tl.trans(x.to(tl.float32)), y, acc, input_precision=PRECISION)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + adapter).to(tl.float32)
+    tl.store(
+        out_ptr + adapter.to(tl.int64) * stride_oa + cols[:, None] * stride_on + r[None, :] * stride_or,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=col_ok[:, None] & (r[None, :] < R),
+    )
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _dropout_keep(seed, rows, ks, K, dropout_p)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :],
+        keep.to(tl.int8),
+        mask=(rows < M)[:, None] & (ks < K)[None, :],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host launchers: check, allocate, launch. Shapes are validated by the public op; these only assert the
+# internal contract (they are called with already-checked tensors).
+# ---------------------------------------------------------------------------------------------------------
+def segmented_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    segments: SegmentInfo,
+    ranks: torch.Tensor,
+    r_block: int,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``H = drop(x) @ weight[a]^T`` per segment, fp32.
+
+    Args:
+        x: ``[M, K]`` (any strides).
+        weight: ``[num_adapters, R, K]`` (any strides; ``B.transpose(1, 2)`` for ``dY @ B[a]``).
+        ranks: int32 ``[num_adapters]``; entries ``r >= ranks[a]`` of ``weight[a]`` are ignored.
+        r_block: width of the result (``rank_block(R)``); columns past ``R`` are zero.
+    Returns:
+        fp32 ``[M, r_block]``; rows of base-only segments are zero.
+    """
+    M, K = x.shape
+    out = alloc.empty((M, r_block), device=x.device, dtype=torch.float32)
+    if M == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    _segmented_shrink_kernel[grid](
+        x, weight, out, segments.row_segment, segments.adapter_ids, ranks,
+        M, K, int(seed), float(dropout_p),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0),
+        R_BLOCK=r_block, DROPOUT=dropout_p > 0.0, PRECISION=_dot_precision(x.dtype),
+        UPCAST=_interpreter_upcast(x.dtype),
+    )
+    return out
+
+
+def fused_lora_gemm(
+    x: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    h: Optional[torch.Tensor],
+    expand: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    segments: SegmentInfo,
+    ranks: torch.Tensor,
+    *,
+    out_features: int,
+    out_dtype: torch.dtype,
+    lora_dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``OUT = x @ weight^T + bias + drop(s[a] * h @ expand[a]^T) + residual`` in one pass over ``OUT``.
+
+    Args:
+        x: ``[M, K]`` or ``None`` (no base GEMM: expand only).
+        weight: ``[N, K]`` (any strides; ``W.t()`` for ``dY @ W``) or ``None`` with ``x``.
+        bias: ``[N]`` or ``None``.
+        h: fp32 ``[M, R_BLOCK]`` from :func:`segmented_shrink`, or ``None`` (no LoRA term).
+        expand: ``[num_adapters, N, R]`` (any strides; ``A.transpose(1, 2)`` for ``dH @ A[a]``).
+        scale: ``[num_adapters]`` multiplying each adapter's term, or ``None`` for 1.
+        residual: ``[M, N]`` or ``None``.
+        lora_dropout_p: when > 0, the LoRA term (not the base) is multiplied by the dropout mask of the
+            logical ``[M, N]`` output (used for the input gradient through the LoRA dropout).
+    Returns:
+        ``[M, N]`` of ``out_dtype``.
+    """
+    M = segments.num_rows
+    N = int(out_features)
+    out = alloc.empty((M, N), device=segments.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    has_base = x is not None
+    has_lora = h is not None
+    K = x.shape[1] if has_base else 0
+    if has_base and K == 0:
+        has_base = False
+    dummy = out
+    x_t = x if has_base else dummy
+    w_t = weight if has_base else dummy
+    h_t = h if has_lora else dummy
+    e_t = expand if has_lora else dummy.view(1, M, N)
+    res_t = residual if residual is not None else dummy
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _fused_lora_gemm_kernel[grid](
+        x_t, w_t, bias if bias is not None else dummy, h_t, e_t,
+        scale if scale is not None else dummy, res_t, out,
+        segments.row_segment, segments.adapter_ids, ranks,
+        M, N, K, int(seed), float(lora_dropout_p),
+        x_t.stride(0), x_t.stride(1), w_t.stride(0), w_t.stride(1),
+        h_t.stride(0), e_t.stride(0), e_t.stride(1), e_t.stride(2),
+        res_t.stride(0), res_t.stride(1), out.stride(0), out.stride(1),
+        R_BLOCK=h.shape[1] if has_lora else 16,
+        HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_SCALE=scale is not None,
+        HAS_RESIDUAL=residual is not None, LORA_DROPOUT=has_lora and lora_dropout_p > 0.0,
+        BASE_PRECISION=_dot_precision(out_dtype), LORA_PRECISION=_dot_precision(out_dtype),
+        UPCAST=has_base and _interpreter_upcast(x.dtype),
+    )
+    return out
+
+
+def segmented_outer(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    segments: SegmentInfo,
+    out: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``out[a] = s[a] * sum over rows of adapter a of drop(x)[rows]^T @ y[rows, :R]`` (fp32 accumulation).
+
+    Args:
+        x: ``[M, N]`` (any strides); ``drop`` uses the dropout mask of the logical ``[M, N]`` matrix.
+        y: fp32 ``[M, R_BLOCK]``.
+        out: ``[num_adapters, N, R]`` written in place (any strides; ``dA.transpose(1, 2)`` for ``dA``).
+        scale: ``[num_adapters]`` or ``None``.
+    Returns:
+        ``out``; adapters without rows get zeros.
+    """
+    num_adapters, N, R = out.shape
+    if num_adapters == 0 or N == 0 or R == 0:
+        return out
+    grid = lambda meta: (num_adapters, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _segmented_outer_kernel[grid](
+        x, y, scale if scale is not None else out, out, segments.seg_indptr, segments.adapter_ids,
+        segments.num_segments, N, R, int(seed), float(dropout_p),
+        x.stride(0), x.stride(1), y.stride(0), out.stride(0), out.stride(1), out.stride(2),
+        R_BLOCK=y.shape[1], HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0.0,
+        PRECISION=_dot_precision(x.dtype),
+    )
+    return out
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
+    """The keep-mask (bool ``[rows, cols]``) that the kernels above apply for ``(seed, p)``."""
+    out = torch.empty((rows, cols), device=device, dtype=torch.int8)
+    if rows and cols:
+        grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
+        _dropout_mask_kernel[grid](out, rows, cols, int(seed), float(p), BLOCK_M=32, BLOCK_K=32)
+    return out.bool()

@@ -1,0 +1,199 @@
+"""Segment metadata shared by every kernel of the package.
+
+A *segment* is a contiguous run of rows of a flattened ``[M, dim]`` activation that uses one adapter
+(one image tile, one image, or any run of rows). ``SegmentInfo`` is built once per forward and handed to
+every layer and kernel; it is the only segment type the package knows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["SegmentInfo"]
+
+IdsLike = Union[torch.Tensor, Sequence[int]]
+
+
+def _as_index_tensor(value: IdsLike, name: str, device: Optional[torch.device]) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+        if value.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
+        tensor = value
+    else:
+        try:
+            tensor = torch.as_tensor(list(value), dtype=torch.int64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{name} must be a 1-D sequence of ints: {error}") from None
+        if tensor.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    if device is not None:
+        tensor = tensor.to(device)
+    return tensor.to(torch.int32).contiguous()
+
+
+def _host_checks_wanted(validate: Optional[bool], device: torch.device) -> bool:
+    if validate is not None:
+        return validate
+    # Checking values needs them on the host; inside CUDA-graph capture that read is illegal.
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentInfo:
+    """Rows → segment → adapter map for the segmented multi-LoRA kernels.
+
+    Attributes (all tensors on one device):
+        seg_indptr:   int32 ``[G + 1]``; segment ``g`` owns rows ``seg_indptr[g] : seg_indptr[g + 1]``.
+        adapter_ids:  int32 ``[G]``; adapter of each segment, ``-1`` = base weights only (no adapter).
+        row_segment:  int32 ``[M]``; segment index of each row (kernels read it per row tile).
+        row_adapter:  int64 ``[M]``; adapter of each row, ``-1`` for base-only rows.
+        num_rows:     ``M`` as a Python int (known from shapes, never read back from the device).
+        num_segments: ``G`` as a Python int.
+        max_adapter_id: largest adapter id as a Python int when the metadata was validated on the host,
+            ``None`` when it was built without host synchronisation (``validate=False`` or during
+            CUDA-graph capture); ops then cannot check ids against the number of adapters.
+
+    Build it with :meth:`from_batch` (one adapter per batch row of a ``[batch, seq, dim]`` input) or
+    :meth:`from_indptr` (ragged packed rows, empty segments allowed). Neither constructor synchronises
+    with the device when ``validate=False``; by default they validate on the host except while a CUDA
+    graph is being captured.
+    """
+
+    seg_indptr: torch.Tensor
+    adapter_ids: torch.Tensor
+    row_segment: torch.Tensor
+    row_adapter: torch.Tensor
+    num_rows: int
+    num_segments: int
+    max_adapter_id: Optional[int]
+
+    @property
+    def device(self) -> torch.device:
+        return self.seg_indptr.device
+
+    @classmethod
+    def from_batch(
+        cls,
+        adapter_ids: IdsLike,
+        seq_len: int,
+        *,
+        device: Optional[Union[str, torch.device]] = None,
+        validate: Optional[bool] = None,
+    ) -> "SegmentInfo":
+        """One segment of ``seq_len`` rows per batch row: rows ``b*seq_len : (b+1)*seq_len`` use
+        ``adapter_ids[b]``. Matches an input of shape ``[batch, seq_len, dim]`` flattened row-major."""
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+            raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
+        ids = _as_index_tensor(adapter_ids, "adapter_ids", torch.device(device) if device else None)
+        dev = ids.device
+        num_segments = ids.numel()
+        seg_indptr = (torch.arange(num_segments + 1, device=dev, dtype=torch.int64) * seq_len).to(torch.int32)
+        row_segment = torch.arange(num_segments, device=dev, dtype=torch.int32).repeat_interleave(seq_len)
+        return cls._finish(seg_indptr, ids, row_segment, num_segments * seq_len, validate)
+
+    @classmethod
+    def from_indptr(
+        cls,
+        seg_indptr: IdsLike,
+        adapter_ids: IdsLike,
+        *,
+        num_rows: Optional[int] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        validate: Optional[bool] = None,
+    ) -> "SegmentInfo":
+        """Ragged segments: segment ``g`` is rows ``seg_indptr[g]:seg_indptr[g+1]`` (``G + 1`` offsets,
+        starting at 0, non-decreasing; equal neighbours make an empty segment).
+
+        ``num_rows`` (= ``seg_indptr[-1]``) must be given to build without host synchronisation from
+        device tensors; when omitted it is read from ``seg_indptr``.
+        """
+        dev = torch.device(device) if device else None
+        indptr = _as_index_tensor(seg_indptr, "seg_indptr", dev)
+        ids = _as_index_tensor(adapter_ids, "adapter_ids", indptr.device)
+        if indptr.numel() != ids.numel() + 1:
+            raise ValueError(
+                f"seg_indptr must have len(adapter_ids) + 1 = {ids.numel() + 1} entries, got {indptr.numel()}"
+            )
+        if num_rows is None:
+            num_rows = int(indptr[-1].item())
+        if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+            raise ValueError(f"num_rows must be a non-negative int, got {num_rows!r}")
+        lengths = (indptr[1:] - indptr[:-1]).to(torch.int64)
+        if _host_checks_wanted(validate, indptr.device):
+            cls._check_indptr(indptr, num_rows)
+        num_segments = ids.numel()
+        row_segment = torch.repeat_interleave(
+            torch.arange(num_segments, device=indptr.device, dtype=torch.int32),
+            lengths.clamp(min=0),
+            output_size=num_rows,
+        )
+        return cls._finish(indptr, ids, row_segment, num_rows, validate)
+
+    @staticmethod
+    def _check_indptr(indptr: torch.Tensor, num_rows: int) -> None:
+        values = indptr.cpu().to(torch.int64)
+        if values[0].item() != 0:
+            raise ValueError(f"seg_indptr must start at 0, got {values[0].item()}")
+        if (values < 0).any():
+            raise ValueError(f"seg_indptr must be non-negative, got {values.tolist()}")
+        steps = values[1:] - values[:-1]
+        if (steps < 0).any():
+            bad = int(torch.nonzero(steps < 0)[0].item())
+            raise ValueError(
+                f"seg_indptr must be non-decreasing (sorted); seg_indptr[{bad}]={values[bad].item()} > "
+                f"seg_indptr[{bad + 1}]={values[bad + 1].item()}"
+            )
+        if values[-1].item() != num_rows:
+            raise ValueError(f"seg_indptr[-1]={values[-1].item()} does not match num_rows={num_rows}")
+
+    @classmethod
+    def _finish(cls, indptr, ids, row_segment, num_rows, validate) -> "SegmentInfo":
+        max_id: Optional[int] = None
+        if _host_checks_wanted(validate, ids.device):
+            host_ids = ids.cpu()
+            if (host_ids < -1).any():
+                bad = int(torch.nonzero(host_ids < -1)[0].item())
+                raise ValueError(
+                    f"adapter_ids[{bad}]={host_ids[bad].item()} is invalid: ids are >= 0, or -1 for base only"
+                )
+            max_id = int(host_ids.max().item()) if host_ids.numel() else -1
+        if ids.numel():
+            row_adapter = ids.to(torch.int64)[row_segment.to(torch.int64)]
+        else:
+            row_adapter = torch.full((num_rows,), -1, dtype=torch.int64, device=ids.device)
+        return cls(
+            seg_indptr=indptr,
+            adapter_ids=ids,
+            row_segment=row_segment,
+            row_adapter=row_adapter,
+            num_rows=int(num_rows),
+            num_segments=int(ids.numel()),
+            max_adapter_id=max_id,
+        )
+
+    def to(self, device: Union[str, torch.device]) -> "SegmentInfo":
+        """The same metadata on another device (no-op when already there)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        return SegmentInfo(
+            seg_indptr=self.seg_indptr.to(device),
+            adapter_ids=self.adapter_ids.to(device),
+            row_segment=self.row_segment.to(device),
+            row_adapter=self.row_adapter.to(device),
+            num_rows=self.num_rows,
+            num_segments=self.num_segments,
+            max_adapter_id=self.max_adapter_id,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SegmentInfo(num_rows={self.num_rows}, num_segments={self.num_segments}, "
+            f"max_adapter_id={self.max_adapter_id}, device={self.device})"
+        )
