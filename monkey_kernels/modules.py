@@ -92,6 +92,7 @@ class MultiLoRALinear(nn.Module):
             x, self.weight, self.bias, self.lora_a, self.lora_b, self.lora_scale, segments,
             ranks=self.ranks, lora_input=lora_input, residual=residual,
             dropout_p=self.lora_dropout if self.training else 0.0, seed=seed, backend=self.backend,
+            ranks_checked=True,  # validated in __init__; the buffer is not meant to change
         )
 
     def extra_repr(self) -> str:

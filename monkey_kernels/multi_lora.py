@@ -126,8 +126,10 @@ def _check_tensor(name: str, tensor, dim: Optional[int] = None) -> None:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(tensor.shape)}")
 
 
-def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device) -> torch.Tensor:
-    """Validated int32 ``[num_adapters]`` ranks on ``device``. ``None`` = every adapter has rank ``r_max``."""
+def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device, checked: bool = False) -> torch.Tensor:
+    """Validated int32 ``[num_adapters]`` ranks on ``device``. ``None`` = every adapter has rank ``r_max``.
+
+    ``checked=True`` skips reading the values back (for ranks validated before, e.g. by a module)."""
     if ranks is None:
         return torch.full((num_adapters,), r_max, dtype=torch.int32, device=device)
     if isinstance(ranks, torch.Tensor):
@@ -142,7 +144,7 @@ def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device) 
     if values.numel() != num_adapters:
         raise ValueError(f"ranks must have num_adapters={num_adapters} entries, got {values.numel()}")
     capturing = values.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing:  # reading values back is illegal inside CUDA-graph capture
+    if not (checked or capturing):  # reading values back is illegal inside CUDA-graph capture
         host = values.cpu()
         if (host < 0).any():
             raise ValueError(f"ranks must be >= 0, got {host.tolist()}")
@@ -176,6 +178,7 @@ def multi_lora_linear(
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
     backend: Optional[str] = None,
+    ranks_checked: bool = False,
 ) -> torch.Tensor:
     r"""Linear layer with one LoRA adapter per segment of rows, fused with the base GEMM.
 
@@ -200,6 +203,8 @@ def multi_lora_linear(
         seed: dropout seed; ``None`` draws one from PyTorch's default CPU generator (so
             ``torch.manual_seed`` makes runs repeatable).
         backend: ``"triton"``, ``"torch"`` or ``None``/``"auto"`` (see :mod:`monkey_kernels.backends`).
+        ranks_checked: ``ranks`` was validated before (``MultiLoRALinear`` does it once); skips reading a
+            device tensor back, which would synchronise with the device on every call.
     Returns:
         ``[..., N]`` in the dtype of ``input``.
     Raises:
@@ -283,7 +288,7 @@ def multi_lora_linear(
         raise ValueError(
             f"segments use adapter id {segments.max_adapter_id}, out of range for num_adapters={num_adapters}"
         )
-    ranks_t = normalize_ranks(ranks, num_adapters, r_max, device)
+    ranks_t = normalize_ranks(ranks, num_adapters, r_max, device, checked=ranks_checked)
 
     backend = resolve_backend(backend, device)
     if backend == "triton" and dtype not in _KERNEL_DTYPES:
