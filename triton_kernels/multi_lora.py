@@ -153,9 +153,27 @@ def _gemm_configs():
     ]
 
 
+_SHARED_MEMORY_BUDGET = 200 * 1024  # under the 227 KB a Hopper block may use, with room for the epilogue
+
+
+def _gemm_shared_bytes(config: triton.Config, element_bytes: int) -> int:
+    kwargs = config.kwargs
+    tiles = kwargs["BLOCK_M"] * kwargs["BLOCK_K"] + kwargs["BLOCK_K"] * kwargs["BLOCK_N"]
+    return config.num_stages * tiles * element_bytes
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Drop configs whose pipelined tiles cannot fit in shared memory for this dtype (fp32 tiles are twice
+    the bytes of bf16 ones), so autotuning never spends time on launches that must fail."""
+    element_bytes = named_args["x_ptr"].element_size()
+    fitting = [c for c in configs if _gemm_shared_bytes(c, element_bytes) <= _SHARED_MEMORY_BUDGET]
+    return fitting or [min(configs, key=lambda c: _gemm_shared_bytes(c, element_bytes))]
+
+
 @triton.autotune(
     configs=_gemm_configs(),
     key=["N", "K", "R_BLOCK", "HAS_BASE", "HAS_LORA", "HAS_RESIDUAL", "LORA_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
     cache_results=True,
 )
 @triton.jit
@@ -191,21 +209,29 @@ def _fused_lora_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     if HAS_BASE:
-        x_rows = x_ptr + rows64[:, None] * stride_xm
-        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
+        # Out-of-range rows/columns are wrapped into range instead of masked: their results are never
+        # stored, and the K-loop then needs only a K mask (fewer live predicate registers).
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + (rows % M).to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
+        w_ptrs = w_ptr + (cols % N).to(tl.int64)[None, :] * stride_wn + ks[:, None] * stride_wk
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=ks[None, :] < K - k0, other=0.0)
+            w = tl.load(w_ptrs, mask=ks[:, None] < K - k0, other=0.0)
             acc = tl.dot(_dot_operand(x, UPCAST), _dot_operand(w, UPCAST), acc, input_precision=BASE_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
 
     if HAS_LORA:
         row_seg = tl.load(row_segment_ptr + rows, mask=row_ok, other=-1)
         seg_first = tl.min(tl.where(row_ok, row_seg, 2147483647), axis=0)
         seg_last = tl.max(row_seg, axis=0)
         r = tl.arange(0, R_BLOCK)
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Without dropout the expand accumulates straight into the GEMM accumulator: a second
+        # [BLOCK_M, BLOCK_N] fp32 accumulator would double the registers of the largest live tile.
+        if LORA_DROPOUT:
+            lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            lora = acc
         for g in range(seg_first, seg_last + 1):
             adapter = tl.load(adapter_ids_ptr + g)
             if adapter >= 0:
@@ -222,8 +248,9 @@ def _fused_lora_gemm_kernel(
                 lora = tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION)
         if LORA_DROPOUT:
             keep = _dropout_keep(seed, rows, cols, N, dropout_p)
-            lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
-        acc += lora
+            acc += tl.where(keep, lora / (1.0 - dropout_p), 0.0)
+        else:
+            acc = lora
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]

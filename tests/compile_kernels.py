@@ -1,0 +1,83 @@
+"""Compiles every variant of the multi-LoRA kernels for sm_90 (Hopper) and prints one JSON line each.
+
+Run as a script in a process WITHOUT ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
+interpreted functions that cannot be compiled); ``tests/test_compile.py`` does that.
+"""
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import triton_kernels.multi_lora as kernels  # noqa: E402
+from triton_kernels.aot import compile_kernel  # noqa: E402
+
+INDEX_POINTERS = {"row_segment_ptr": "int32", "adapter_ids_ptr": "int32", "ranks_ptr": "int32"}
+
+
+def _fitting_config(configs, dtype):
+    element_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    fitting = [c for c in configs if kernels._gemm_shared_bytes(c, element_bytes) <= kernels._SHARED_MEMORY_BUDGET]
+    return fitting[0]
+
+
+def variants():
+    for dtype in ("float32", "float16", "bfloat16"):
+        precision = "ieee" if dtype == "float32" else "tf32"
+        shrink_config = kernels._shrink_configs()[0]
+        for dropout, r_block in ((False, 16), (True, 128)):
+            yield (f"shrink {dtype} dropout={dropout} R={r_block}", "_segmented_shrink_kernel",
+                   {"x_ptr": dtype, "w_ptr": dtype, "out_ptr": "float32", **INDEX_POINTERS},
+                   dict(R_BLOCK=r_block, DROPOUT=dropout, PRECISION=precision, UPCAST=False, **shrink_config.kwargs),
+                   shrink_config.num_warps, shrink_config.num_stages)
+        gemm_pointers = {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "h_ptr": "float32", "e_ptr": dtype,
+                         "scale_ptr": dtype, "residual_ptr": dtype, "out_ptr": dtype, **INDEX_POINTERS}
+        gemm_config = _fitting_config(kernels._gemm_configs(), dtype)
+        flag_sets = {
+            "forward": dict(HAS_BASE=True, HAS_BIAS=True, HAS_LORA=True, HAS_SCALE=True, HAS_RESIDUAL=True,
+                            LORA_DROPOUT=False, R_BLOCK=32),
+            "grad_input_fused": dict(HAS_BASE=True, HAS_BIAS=False, HAS_LORA=True, HAS_SCALE=False,
+                                     HAS_RESIDUAL=False, LORA_DROPOUT=True, R_BLOCK=16),
+            "expand_only": dict(HAS_BASE=False, HAS_BIAS=False, HAS_LORA=True, HAS_SCALE=False,
+                                HAS_RESIDUAL=False, LORA_DROPOUT=True, R_BLOCK=128),
+            "base_only": dict(HAS_BASE=True, HAS_BIAS=False, HAS_LORA=False, HAS_SCALE=False,
+                              HAS_RESIDUAL=False, LORA_DROPOUT=False, R_BLOCK=16),
+        }
+        configs = kernels._gemm_configs() if dtype == "bfloat16" else [gemm_config]
+        for flags_name, flags in flag_sets.items():
+            for config in (configs if flags_name == "forward" else [gemm_config]):
+                yield (f"gemm {flags_name} {dtype} {config.kwargs} w{config.num_warps} s{config.num_stages}",
+                       "_fused_lora_gemm_kernel", gemm_pointers,
+                       dict(BASE_PRECISION=precision, LORA_PRECISION="ieee" if dtype == "float32" else "tf32",
+                            UPCAST=False, **flags, **config.kwargs),
+                       config.num_warps, config.num_stages)
+        outer_config = kernels._outer_configs()[0]
+        for dropout in (False, True):
+            yield (f"outer {dtype} dropout={dropout}", "_segmented_outer_kernel",
+                   {"x_ptr": dtype, "y_ptr": "float32", "scale_ptr": dtype, "out_ptr": dtype,
+                    "seg_indptr_ptr": "int32", "adapter_ids_ptr": "int32"},
+                   dict(R_BLOCK=32, HAS_SCALE=True, DROPOUT=dropout, PRECISION=precision, **outer_config.kwargs),
+                   outer_config.num_warps, outer_config.num_stages)
+
+
+def compile_one(variant):
+    label, kernel_name, pointers, constexprs, warps, stages = variant
+    try:
+        report = compile_kernel(getattr(kernels, kernel_name), pointers, constexprs, num_warps=warps,
+                                num_stages=stages)
+        return {"label": label, "ok": True, "instruction": report.matrix_instruction,
+                "registers": report.registers, "local_bytes": report.local_bytes,
+                "shared_bytes": report.shared_bytes}
+    except Exception as error:  # reported, and failed, by the test
+        return {"label": label, "ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run without TRITON_INTERPRET")
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        for result in pool.map(compile_one, list(variants())):
+            print(json.dumps(result), flush=True)
