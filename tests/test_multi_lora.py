@@ -271,3 +271,31 @@ def test_empty_batch(backend):
     assert out.shape == (0, 5, 6)
     out.sum().backward()
     assert x.grad.shape == x.shape and (lora_a.grad == 0).all() and (scale.grad == 0).all()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_active()), reason="needs the Triton kernels")
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_grouped_outer_product_with_row_splits(num_splits, dropout_p):
+    """The dA/dB kernel, its parallel row splits included, against float64 on segments that the splits
+    cut unevenly (lengths not multiples of the split count, empty segments, an adapter used twice)."""
+    from triton_kernels.multi_lora import segmented_outer
+
+    device = kernel_device("triton")
+    lengths, ids = [10, 0, 7, 31, 2], [1, 0, 1, -1, 2]
+    segments = SegmentInfo.from_indptr([0] + list(itertools.accumulate(lengths)), ids, device=device)
+    num_adapters, width, rank, r_block = 4, 45, 5, 16
+    x = torch.randn(segments.num_rows, width, device=device)
+    y = torch.randn(segments.num_rows, r_block, device=device)
+    scale = torch.rand(num_adapters, device=device) + 0.5
+    out = torch.full((num_adapters, width, rank), float("nan"), device=device)
+    segmented_outer(x, y, segments, out, scale=scale, dropout_p=dropout_p, seed=11, num_splits=num_splits)
+
+    keep = dropout_keep_mask(11, segments.num_rows, width, dropout_p, device, backend="triton")
+    x64 = torch.where(keep, x.double() / (1 - dropout_p), 0.0) if dropout_p else x.double()
+    expected = torch.zeros(num_adapters, width, rank, dtype=torch.float64)
+    row_adapter = segments.row_adapter.cpu()
+    for adapter in range(num_adapters):
+        rows = row_adapter == adapter
+        expected[adapter] = scale[adapter].double().cpu() * x64.cpu()[rows].t() @ y.double().cpu()[rows, :rank]
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)

@@ -281,22 +281,27 @@ def _outer_configs():
 @triton.jit
 def _segmented_outer_kernel(
     x_ptr, y_ptr, scale_ptr, out_ptr, seg_indptr_ptr, adapter_ids_ptr,
-    num_segments, N, R, seed, dropout_p,
-    stride_xm, stride_xn, stride_ym, stride_oa, stride_on, stride_or,
+    num_segments, N, R, seed, dropout_p, num_splits,
+    stride_xm, stride_xn, stride_ym, stride_os, stride_oa, stride_on, stride_or,
     R_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per (adapter, column tile), walking the adapter's segments in order: deterministic,
-    # no atomics, and adapters that own no rows get an exact zero gradient.
+    # One program per (adapter, column tile, split), walking the adapter's segments in order; split s
+    # takes the s-th chunk of every segment's rows and writes its own partial sum (reduced by the
+    # launcher): deterministic, no atomics, and adapters that own no rows get an exact zero gradient.
     adapter = tl.program_id(0)
+    split = tl.program_id(2)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     r = tl.arange(0, R_BLOCK)
     acc = tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32)
     for g in range(0, num_segments):
         if tl.load(adapter_ids_ptr + g) == adapter:
-            start = tl.load(seg_indptr_ptr + g)
-            end = tl.load(seg_indptr_ptr + g + 1)
+            seg_start = tl.load(seg_indptr_ptr + g)
+            seg_end = tl.load(seg_indptr_ptr + g + 1)
+            chunk = tl.cdiv(seg_end - seg_start, num_splits)
+            start = seg_start + split * chunk
+            end = tl.minimum(seg_end, start + chunk)
             for m0 in range(start, end, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < end
@@ -314,7 +319,8 @@ def _segmented_outer_kernel(
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + adapter).to(tl.float32)
     tl.store(
-        out_ptr + adapter.to(tl.int64) * stride_oa + cols[:, None] * stride_on + r[None, :] * stride_or,
+        out_ptr + split.to(tl.int64) * stride_os + adapter.to(tl.int64) * stride_oa
+        + cols[:, None] * stride_on + r[None, :] * stride_or,
         acc.to(out_ptr.dtype.element_ty),
         mask=col_ok[:, None] & (r[None, :] < R),
     )
@@ -443,6 +449,7 @@ def segmented_outer(
     scale: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     seed: int = 0,
+    num_splits: Optional[int] = None,
 ) -> torch.Tensor:
     """``out[a] = s[a] * sum over rows of adapter a of drop(x)[rows]^T @ y[rows, :R]`` (fp32 accumulation).
 
@@ -451,21 +458,50 @@ def segmented_outer(
         y: fp32 ``[M, R_BLOCK]``.
         out: ``[num_adapters, N, R]`` written in place (any strides; ``dA.transpose(1, 2)`` for ``dA``).
         scale: ``[num_adapters]`` or ``None``.
+        num_splits: row chunks reduced in parallel (partial sums in an fp32 workspace, summed in a fixed
+            order); ``None`` picks enough to fill the GPU, 1 under the interpreter.
     Returns:
         ``out``; adapters without rows get zeros.
     """
     num_adapters, N, R = out.shape
     if num_adapters == 0 or N == 0 or R == 0:
         return out
-    grid = lambda meta: (num_adapters, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    if num_splits is None:
+        num_splits = _default_outer_splits(x.device, num_adapters, N, segments.num_rows)
+    if num_splits == 1:
+        target = out.unsqueeze(0)
+    else:
+        target = alloc.empty((num_splits, num_adapters, N, R), device=out.device, dtype=torch.float32)
+    grid = lambda meta: (num_adapters, triton.cdiv(N, meta["BLOCK_N"]), num_splits)  # noqa: E731
     _segmented_outer_kernel[grid](
-        x, y, scale if scale is not None else out, out, segments.seg_indptr, segments.adapter_ids,
-        segments.num_segments, N, R, int(seed), float(dropout_p),
-        x.stride(0), x.stride(1), y.stride(0), out.stride(0), out.stride(1), out.stride(2),
+        x, y, scale if scale is not None else out, target, segments.seg_indptr, segments.adapter_ids,
+        segments.num_segments, N, R, int(seed), float(dropout_p), num_splits,
+        x.stride(0), x.stride(1), y.stride(0),
+        target.stride(0), target.stride(1), target.stride(2), target.stride(3),
         R_BLOCK=y.shape[1], HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0.0,
         PRECISION=_dot_precision(x.dtype),
     )
+    if num_splits > 1:
+        out.copy_(target.sum(dim=0))
     return out
+
+
+_SM_COUNTS: dict = {}
+
+
+def _default_outer_splits(device: torch.device, num_adapters: int, n: int, num_rows: int) -> int:
+    """Splits so that (adapters x column tiles x splits) covers the GPU about twice; read lazily, never
+    at import (a CPU machine has no GPU to ask)."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    programs = num_adapters * triton.cdiv(n, 64)
+    wanted = triton.cdiv(2 * _SM_COUNTS[index], max(programs, 1))
+    # each split should still own a few row tiles per adapter
+    most = max(1, num_rows // max(num_adapters * 256, 1))
+    return int(max(1, min(wanted, most, 16)))
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
