@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from triton_kernels.env import interpreter_active
 from triton_kernels.segments import SegmentInfo
 
 BACKENDS = ("triton", "torch")
@@ -29,10 +30,6 @@ def _triton_module():
     import triton_kernels.multi_lora as kernels  # imported lazily: a CPU user without Triton still works
 
     return kernels
-
-
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:

@@ -1,4 +1,4 @@
-"""Compiles every variant of the multi-LoRA kernels for sm_90 (Hopper) and prints one JSON line each.
+"""Compiles every variant of the multi-LoRA and SLP kernels for sm_90 (Hopper) and prints one JSON line each.
 
 Run as a script in a process WITHOUT ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
 interpreted functions that cannot be compiled); ``tests/test_compile.py`` does that.
@@ -13,7 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import triton_kernels.multi_lora as kernels  # noqa: E402
+import triton_kernels.slp as slp_kernels  # noqa: E402
 from triton_kernels.aot import compile_kernel  # noqa: E402
+from triton_kernels.env import interpreter_active  # noqa: E402
 
 INDEX_POINTERS = {"row_segment_ptr": "int32", "adapter_ids_ptr": "int32", "ranks_ptr": "int32"}
 
@@ -63,10 +65,22 @@ def variants():
                    outer_config.num_warps, outer_config.num_stages)
 
 
+def slp_variants():
+    for dtype in ("float32", "float16", "bfloat16"):
+        for config in slp_kernels._embed_configs():
+            yield (f"slp_embed {dtype} {config.kwargs} w{config.num_warps}", "_slp_embed_kernel",
+                   {"out_ptr": dtype, "kind_ptr": "int32", "src_ptr": "int32", "table_ptr": dtype,
+                    "boxes_ptr": "float32", "sizes_ptr": "float32", "w_ptr": dtype, "bias_ptr": dtype,
+                    "feat_ptr": dtype},
+                   dict(HAS_SIZES=True, HAS_BIAS=True, HAS_IMAGE=True, **config.kwargs),
+                   config.num_warps, config.num_stages)
+
+
 def compile_one(variant):
     label, kernel_name, pointers, constexprs, warps, stages = variant
+    module = slp_kernels if kernel_name == "_slp_embed_kernel" else kernels
     try:
-        report = compile_kernel(getattr(kernels, kernel_name), pointers, constexprs, num_warps=warps,
+        report = compile_kernel(getattr(module, kernel_name), pointers, constexprs, num_warps=warps,
                                 num_stages=stages)
         return {"label": label, "ok": True, "instruction": report.matrix_instruction,
                 "registers": report.registers, "local_bytes": report.local_bytes,
@@ -76,8 +90,8 @@ def compile_one(variant):
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_active():
         sys.exit("run without TRITON_INTERPRET")
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        for result in pool.map(compile_one, list(variants())):
+        for result in pool.map(compile_one, list(variants()) + list(slp_variants())):
             print(json.dumps(result), flush=True)

@@ -21,7 +21,6 @@ function of the seed, regenerated in backward, never stored.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import alloc
+from .env import interpreter_active
 from .segments import SegmentInfo
 
 __all__ = [
@@ -40,10 +40,6 @@ __all__ = [
     "dropout_keep_mask",
 ]
 
-
-def interpreter_active() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def rank_block(r_max: int) -> int:

@@ -14,7 +14,6 @@ interpreter, ``tl.dot`` on bf16 is wrong); text and image rows are copied exactl
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -22,15 +21,12 @@ import triton
 import triton.language as tl
 
 from . import alloc
+from .env import interpreter_active
 
 __all__ = ["KIND_ZERO", "KIND_TEXT", "KIND_BOX", "KIND_IMAGE", "slp_embed_forward", "interpreter_active"]
 
 KIND_ZERO, KIND_TEXT, KIND_BOX, KIND_IMAGE = 0, 1, 2, 3
 
-
-def interpreter_active() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------------------
