@@ -82,6 +82,32 @@ def _scatter_blocks(values: torch.Tensor, segments: SegmentInfo, num_adapters: i
     return blocks.view(M, num_adapters * R)
 
 
+def _uniform_split(segments: SegmentInfo):
+    """``(G, L)`` when the rows are ``G`` segments of ``L`` rows each (then batched GEMMs over segments
+    do exactly the FLOPs of the LoRA), else ``None`` (block-structured GEMMs over all adapters)."""
+    length = segments.segment_length
+    if not length or segments.num_segments * length != segments.num_rows:
+        return None
+    return segments.num_segments, length
+
+
+def _segment_weights(weight, segments, ranks, scale, dtype) -> torch.Tensor:
+    """Each segment's adapter slice of ``weight [num_adapters, R, X]`` as ``[G, R, X]`` in ``dtype``, with
+    rows past the rank, and every row of base-only segments, zeroed and the adapter's scale applied."""
+    ids = segments.adapter_ids.to(torch.int64)
+    index = ids.clamp(min=0)
+    R = weight.shape[1]
+    factor = ((torch.arange(R, device=ids.device)[None, :] < ranks.to(torch.int64)[index][:, None])
+              & (ids >= 0)[:, None]).to(dtype)
+    if scale is not None:
+        factor = factor * scale.to(dtype)[index][:, None]
+    return weight[index].to(dtype) * factor[:, :, None]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class TorchPrimitives:
     name = "torch"
     dropout_keep_mask = staticmethod(_torch_keep_mask)
@@ -91,6 +117,13 @@ class TorchPrimitives:
         num_adapters, R, K = weight.shape
         M = x.shape[0]
         x = _dropout(x, dropout_p, seed, _torch_keep_mask)
+        uniform = _uniform_split(segments)
+        if uniform is not None:
+            G, L = uniform
+            weights = _segment_weights(weight, segments, ranks, None, _compute_dtype(x.dtype))
+            out = torch.zeros((M, r_block), device=x.device, dtype=weights.dtype)
+            out[:, :R] = torch.bmm(x.view(G, L, K).to(weights.dtype), weights.transpose(1, 2)).view(M, R)
+            return out
         all_adapters = x.float() @ weight.reshape(num_adapters * R, K).float().t()
         index = segments.row_adapter.clamp(min=0).view(M, 1, 1).expand(M, 1, R)
         h = all_adapters.view(M, num_adapters, R).gather(1, index).view(M, R)
@@ -103,35 +136,63 @@ class TorchPrimitives:
     def fused_gemm(x, weight, bias, h, expand, scale, residual, segments, ranks, *,
                    out_features, out_dtype, lora_dropout_p=0.0, seed=0):
         M, N = segments.num_rows, int(out_features)
+        # fp32/fp64 accumulate in place in the output (no extra [M, N] buffers); half dtypes accumulate
+        # in an fp32 copy and round once, like the kernels.
+        acc_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
+        uniform = _uniform_split(segments)
         if x is not None and x.shape[1] > 0:
-            out = torch.nn.functional.linear(x, weight, bias)
+            acc = torch.nn.functional.linear(x, weight, bias)
+            if h is None and residual is None:
+                return acc
+            acc = acc.to(acc_dtype)
         elif bias is not None:
-            out = bias.expand(M, N)
+            acc = bias.to(acc_dtype).expand(M, N).clone()
         else:
-            out = torch.zeros((M, N), device=segments.device, dtype=out_dtype)
-        if h is None and residual is None:
-            return out.to(out_dtype).contiguous()
-        acc = out.float()
-        if h is not None:
+            acc = torch.zeros((M, N), device=segments.device, dtype=acc_dtype)
+        if h is not None and uniform is not None:
+            G, L = uniform
+            R = expand.shape[2]
+            weights = _segment_weights(expand.transpose(1, 2), segments, ranks, scale, acc_dtype)  # [G, R, N]
+            rows = h[:, :R].to(acc_dtype).view(G, L, R)
+            if lora_dropout_p > 0.0:
+                keep = _torch_keep_mask(seed, M, N, lora_dropout_p, acc.device)
+                lora = torch.bmm(rows, weights).view(M, N)
+                acc += torch.where(keep, lora / (1.0 - lora_dropout_p), 0.0)
+            else:
+                acc.view(G, L, N).baddbmm_(rows, weights)
+        elif h is not None:
             num_adapters, _, R = expand.shape
             rows = h[:, :R] * _row_rank_mask(segments, ranks, R)
             if scale is not None:
                 rows = rows * scale.float()[segments.row_adapter.clamp(min=0)][:, None]
-            lora = _scatter_blocks(rows, segments, num_adapters) @ expand.transpose(1, 2).reshape(
-                num_adapters * R, N
-            ).float()
+            blocks = _scatter_blocks(rows, segments, num_adapters).to(acc_dtype)
+            expand_rows = expand.transpose(1, 2).reshape(num_adapters * R, N).to(acc_dtype)
             if lora_dropout_p > 0.0:
-                keep = _torch_keep_mask(seed, M, N, lora_dropout_p, lora.device)
-                lora = torch.where(keep, lora / (1.0 - lora_dropout_p), 0.0)
-            acc = acc + lora
+                keep = _torch_keep_mask(seed, M, N, lora_dropout_p, acc.device)
+                acc += torch.where(keep, (blocks @ expand_rows) / (1.0 - lora_dropout_p), 0.0)
+            else:
+                acc.addmm_(blocks, expand_rows)
         if residual is not None:
-            acc = acc + residual.float()
+            acc += residual
         return acc.to(out_dtype)
 
     @staticmethod
     def outer(x, y, segments, out, scale=None, dropout_p=0.0, seed=0):
         num_adapters, N, R = out.shape
         x = _dropout(x, dropout_p, seed, _torch_keep_mask)
+        uniform = _uniform_split(segments)
+        if uniform is not None:
+            G, L = uniform
+            dtype = _compute_dtype(x.dtype)
+            ids = segments.adapter_ids.to(torch.int64)
+            per_segment = torch.bmm(x.view(G, L, N).to(dtype).transpose(1, 2), y[:, :R].to(dtype).view(G, L, R))
+            per_segment = per_segment * (ids >= 0).to(dtype)[:, None, None]
+            result = torch.zeros((num_adapters, N, R), device=x.device, dtype=dtype)
+            result.index_add_(0, ids.clamp(min=0), per_segment)
+            if scale is not None:
+                result = result * scale.to(dtype).view(num_adapters, 1, 1)
+            out.copy_(result)
+            return out
         blocks = _scatter_blocks(y[:, :R], segments, num_adapters)  # [M, A*R]
         result = (x.float().t() @ blocks).view(N, num_adapters, R).permute(1, 0, 2)
         if scale is not None:

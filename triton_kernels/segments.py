@@ -55,6 +55,9 @@ class SegmentInfo:
         row_adapter:  int64 ``[M]``; adapter of each row, ``-1`` for base-only rows.
         num_rows:     ``M`` as a Python int (known from shapes, never read back from the device).
         num_segments: ``G`` as a Python int.
+        segment_length: the common length of all segments when it is known without reading the device
+            (always for :meth:`from_batch`; for :meth:`from_indptr` when validated and all are equal),
+            else ``None``. Lets the PyTorch path use batched GEMMs with exact FLOPs.
         max_adapter_id: largest adapter id as a Python int when the metadata was validated on the host,
             ``None`` when it was built without host synchronisation (``validate=False`` or during
             CUDA-graph capture); ops then cannot check ids against the number of adapters.
@@ -72,6 +75,7 @@ class SegmentInfo:
     num_rows: int
     num_segments: int
     max_adapter_id: Optional[int]
+    segment_length: Optional[int] = None
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +99,7 @@ class SegmentInfo:
         num_segments = ids.numel()
         seg_indptr = (torch.arange(num_segments + 1, device=dev, dtype=torch.int64) * seq_len).to(torch.int32)
         row_segment = torch.arange(num_segments, device=dev, dtype=torch.int32).repeat_interleave(seq_len)
-        return cls._finish(seg_indptr, ids, row_segment, num_segments * seq_len, validate)
+        return cls._finish(seg_indptr, ids, row_segment, num_segments * seq_len, validate, seq_len)
 
     @classmethod
     def from_indptr(
@@ -125,15 +129,19 @@ class SegmentInfo:
         if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
             raise ValueError(f"num_rows must be a non-negative int, got {num_rows!r}")
         lengths = (indptr[1:] - indptr[:-1]).to(torch.int64)
+        segment_length = None
         if _host_checks_wanted(validate, indptr.device):
             cls._check_indptr(indptr, num_rows)
+            host_lengths = lengths.cpu()
+            if host_lengths.numel() and bool((host_lengths == host_lengths[0]).all()):
+                segment_length = int(host_lengths[0].item())
         num_segments = ids.numel()
         row_segment = torch.repeat_interleave(
             torch.arange(num_segments, device=indptr.device, dtype=torch.int32),
             lengths.clamp(min=0),
             output_size=num_rows,
         )
-        return cls._finish(indptr, ids, row_segment, num_rows, validate)
+        return cls._finish(indptr, ids, row_segment, num_rows, validate, segment_length)
 
     @staticmethod
     def _check_indptr(indptr: torch.Tensor, num_rows: int) -> None:
@@ -153,7 +161,7 @@ class SegmentInfo:
             raise ValueError(f"seg_indptr[-1]={values[-1].item()} does not match num_rows={num_rows}")
 
     @classmethod
-    def _finish(cls, indptr, ids, row_segment, num_rows, validate) -> "SegmentInfo":
+    def _finish(cls, indptr, ids, row_segment, num_rows, validate, segment_length) -> "SegmentInfo":
         max_id: Optional[int] = None
         if _host_checks_wanted(validate, ids.device):
             host_ids = ids.cpu()
@@ -175,6 +183,7 @@ class SegmentInfo:
             num_rows=int(num_rows),
             num_segments=int(ids.numel()),
             max_adapter_id=max_id,
+            segment_length=segment_length,
         )
 
     def to(self, device: Union[str, torch.device]) -> "SegmentInfo":
@@ -190,6 +199,7 @@ class SegmentInfo:
             num_rows=self.num_rows,
             num_segments=self.num_segments,
             max_adapter_id=self.max_adapter_id,
+            segment_length=self.segment_length,
         )
 
     def __repr__(self) -> str:
