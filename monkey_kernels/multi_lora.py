@@ -9,6 +9,7 @@ import torch
 from triton_kernels import alloc
 from triton_kernels.segments import SegmentInfo
 
+from ._checks import check_device, check_dtype, check_tensor
 from .backends import get_primitives, resolve_backend
 
 __all__ = ["multi_lora_linear", "multi_lora_linear_ref", "MultiLoRALinearFunction", "normalize_ranks"]
@@ -119,13 +120,6 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------
-def _check_tensor(name: str, tensor, dim: Optional[int] = None) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if dim is not None and tensor.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(tensor.shape)}")
-
-
 def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device, checked: bool = False) -> torch.Tensor:
     """Validated int32 ``[num_adapters]`` ranks on ``device``. ``None`` = every adapter has rank ``r_max``.
 
@@ -151,16 +145,6 @@ def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device, 
         if (host > r_max).any():
             raise ValueError(f"ranks must be <= r_max={r_max} (lora_a.shape[1]), got {host.tolist()}")
     return values.to(device=device, dtype=torch.int32).contiguous()
-
-
-def _check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    if tensor.dtype != dtype:
-        raise ValueError(f"{name} has dtype {tensor.dtype}, expected {dtype} (the dtype of input)")
-
-
-def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}, expected {device} (the device of input)")
 
 
 def multi_lora_linear(
@@ -210,11 +194,11 @@ def multi_lora_linear(
     Raises:
         ValueError: naming the argument, for bad shapes, dtypes, devices, ids, ranks or segments.
     """
-    _check_tensor("input", input)
-    _check_tensor("weight", weight, 2)
-    _check_tensor("lora_a", lora_a, 3)
-    _check_tensor("lora_b", lora_b, 3)
-    _check_tensor("scale", scale, 1)
+    check_tensor("input", input)
+    check_tensor("weight", weight, 2)
+    check_tensor("lora_a", lora_a, 3)
+    check_tensor("lora_b", lora_b, 3)
+    check_tensor("scale", scale, 1)
     if input.dim() < 1:
         raise ValueError("input must have at least 1 dimension")
     dtype, device = input.dtype, input.device
@@ -227,7 +211,7 @@ def multi_lora_linear(
     num_adapters, r_max, k_lora = lora_a.shape
     lead = tuple(input.shape[:-1])
     if lora_input is not None:
-        _check_tensor("lora_input", lora_input)
+        check_tensor("lora_input", lora_input)
         if tuple(lora_input.shape[:-1]) != lead:
             raise ValueError(
                 f"lora_input must have the leading dims {lead} of input, got shape {tuple(lora_input.shape)}"
@@ -248,19 +232,19 @@ def multi_lora_linear(
     if not scale.dtype.is_floating_point:
         raise ValueError(f"scale must be a float tensor, got {scale.dtype}")
     if bias is not None:
-        _check_tensor("bias", bias, 1)
+        check_tensor("bias", bias, 1)
         if bias.shape[0] != N:
             raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
     if residual is not None:
-        _check_tensor("residual", residual)
+        check_tensor("residual", residual)
         if tuple(residual.shape) != lead + (N,):
             raise ValueError(f"residual must have shape {lead + (N,)}, got {tuple(residual.shape)}")
     named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
     named += [(n, t) for n, t in (("bias", bias), ("lora_input", lora_input), ("residual", residual)) if t is not None]
     for name, tensor in named:
-        _check_dtype(name, tensor, dtype)
+        check_dtype(name, tensor, dtype, "input")
     for name, tensor in named + [("scale", scale)]:
-        _check_device(name, tensor, device)
+        check_device(name, tensor, device, "input")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p)

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ._checks import check_device, check_tensor
 from .backends import resolve_backend
 from .models.slp import PAD_TOKEN_ID, SLPEmbeddingRef, SpatialLayoutProjector
 
@@ -268,18 +269,6 @@ class SLPEmbedFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------
-def _check_tensor(name: str, tensor, dims: Optional[int] = None) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if dims is not None and tensor.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(tensor.shape)}")
-
-
-def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}, expected {device} (the device of input_ids)")
-
-
 def _per_sequence_limit(name: str, value, batch: int, full: int, device) -> torch.Tensor:
     """int64 ``[B]`` counts of valid boxes / feature rows (``None``: all ``full``)."""
     if value is None:
@@ -419,9 +408,9 @@ def slp_embed(
     Raises:
         ValueError: naming the argument (shapes, dtypes, devices) or the sequence (values, when validating).
     """
-    _check_tensor("input_ids", input_ids, 2)
-    _check_tensor("embedding_weight", embedding_weight, 2)
-    _check_tensor("proj_weight", proj_weight, 2)
+    check_tensor("input_ids", input_ids, 2)
+    check_tensor("embedding_weight", embedding_weight, 2)
+    check_tensor("proj_weight", proj_weight, 2)
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     device = input_ids.device
@@ -435,7 +424,7 @@ def slp_embed(
     if not proj_weight.dtype.is_floating_point:
         raise ValueError(f"proj_weight must be a float tensor, got {proj_weight.dtype}")
     if proj_bias is not None:
-        _check_tensor("proj_bias", proj_bias, 1)
+        check_tensor("proj_bias", proj_bias, 1)
         if proj_bias.shape[0] != H or not proj_bias.dtype.is_floating_point:
             raise ValueError(f"proj_bias must be a float [H={H}], got {proj_bias.dtype} {tuple(proj_bias.shape)}")
     if isinstance(box_token_id, bool) or not isinstance(box_token_id, int):
@@ -447,7 +436,7 @@ def slp_embed(
         raise ValueError(f"{PAD_TOKEN_ID} is the padding id; it cannot be a placeholder id")
     has_boxes = boxes is not None
     if has_boxes:
-        _check_tensor("boxes", boxes, 3)
+        check_tensor("boxes", boxes, 3)
         if boxes.shape[0] != B or boxes.shape[2] != 4:
             raise ValueError(f"boxes must be [B={B}, N, 4], got {tuple(boxes.shape)}")
         if not boxes.dtype.is_floating_point:
@@ -455,14 +444,14 @@ def slp_embed(
     if page_sizes is not None:
         if not has_boxes:
             raise ValueError("page_sizes given without boxes")
-        _check_tensor("page_sizes", page_sizes, 2)
+        check_tensor("page_sizes", page_sizes, 2)
         if tuple(page_sizes.shape) != (B, 2):
             raise ValueError(f"page_sizes must be [B={B}, 2] (w, h), got {tuple(page_sizes.shape)}")
         if page_sizes.dtype == torch.bool or page_sizes.dtype.is_complex:
             raise ValueError(f"page_sizes must be a real tensor, got {page_sizes.dtype}")
     n_boxes = boxes.shape[1] if has_boxes else 0
     if image_features is not None:
-        _check_tensor("image_features", image_features, 3)
+        check_tensor("image_features", image_features, 3)
         if image_features.shape[0] != B or image_features.shape[2] != H:
             raise ValueError(f"image_features must be [B={B}, n_image, H={H}], got {tuple(image_features.shape)}")
         if not image_features.dtype.is_floating_point:
@@ -478,7 +467,7 @@ def slp_embed(
              ("boxes", boxes), ("page_sizes", page_sizes), ("image_features", image_features)]
     for name, tensor in named:
         if tensor is not None:
-            _check_device(name, tensor, device)
+            check_device(name, tensor, device, "input_ids")
 
     backend = resolve_backend(backend, device)
     if backend == "triton" and dtype not in _KERNEL_DTYPES:

@@ -1,0 +1,26 @@
+"""Argument checks shared by the public ops: each failure is a ``ValueError`` that names the argument."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def check_tensor(name: str, tensor, dims: Optional[int] = None) -> None:
+    """``tensor`` is a ``torch.Tensor`` (with ``dims`` dimensions when given)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if dims is not None and tensor.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(tensor.shape)}")
+
+
+def check_device(name: str, tensor: torch.Tensor, device: torch.device, reference: str) -> None:
+    """``tensor`` lives on ``device``, the device of the argument named ``reference``."""
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {device} (the device of {reference})")
+
+
+def check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype, reference: str) -> None:
+    """``tensor`` has ``dtype``, the dtype of the argument named ``reference``."""
+    if tensor.dtype != dtype:
+        raise ValueError(f"{name} has dtype {tensor.dtype}, expected {dtype} (the dtype of {reference})")
