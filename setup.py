@@ -21,6 +21,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.2; platform_system == 'Linux'",
+        "transformers>=5.0,<6",  # the reference models are PreTrainedModels; patches are tested on 5.x
+        "safetensors",
         "tqdm",
     ],
     extras_require={"test": ["pytest>=8"]},

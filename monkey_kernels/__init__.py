@@ -1,9 +1,12 @@
-"""monkey-kernels: fused Triton kernels for per-tile multi-LoRA vision encoders (the Monkey recipe)."""
+"""monkey-kernels: fused Triton kernels for per-tile multi-LoRA vision encoders (the Monkey recipe) and the
+Spatial Layout Projector (SLP). ``patch_model(model)`` swaps a model's reference modules for fused ones."""
 from triton_kernels.segments import SegmentInfo
 
 from .backends import dropout_keep_mask, resolve_backend
 from .modules import MultiLoRALinear
 from .multi_lora import MultiLoRALinearFunction, multi_lora_linear, multi_lora_linear_ref
+from .patching import NothingToPatchError, PatchReport, PatchRule, patch_model, register_rule, unpatch_model
+from .slp import FusedSLPEmbedding, slp_embed
 
 __version__ = "0.1.0"
 
@@ -15,4 +18,12 @@ __all__ = [
     "multi_lora_linear_ref",
     "dropout_keep_mask",
     "resolve_backend",
+    "patch_model",
+    "unpatch_model",
+    "register_rule",
+    "PatchRule",
+    "PatchReport",
+    "NothingToPatchError",
+    "FusedSLPEmbedding",
+    "slp_embed",
 ]

@@ -378,3 +378,50 @@ def test_valid_error_inputs_pass_and_validate_false_gives_zero_rows(backend):
     unchanged = torch.ones(ids.shape, dtype=torch.bool, device=device)
     unchanged[1, 15] = unchanged[0, 16] = unchanged[0, 13] = False
     torch.testing.assert_close(out[unchanged], base[unchanged])
+
+
+class _LayoutModel(nn.Module):
+    """A LayTextLLM-like holder of the reference embedding layer (what patch_model meets in practice)."""
+
+    def __init__(self, vocab: int, hidden: int, device):
+        super().__init__()
+        self.embed = SLPEmbeddingRef(
+            nn.Embedding(vocab, hidden, device=device), SpatialLayoutProjector(hidden, device=device),
+            box_token_id=BOX_ID, image_token_id=vocab - 1,
+        )
+        self.head = nn.Linear(hidden, 3, device=device)
+
+    def forward(self, ids, boxes, feats):
+        return self.head(self.embed(ids, boxes, None, feats))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_model_swaps_the_reference_embedding_and_back(backend):
+    from monkey_kernels import patch_model, unpatch_model
+
+    device = kernel_device(backend)
+    vocab, hidden = 29, 40
+    model = _LayoutModel(vocab, hidden, device)
+    keys_before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(1, vocab - 1, (2, 16), device=device)
+    ids[0, [2, 9]] = BOX_ID
+    ids[1, 4] = BOX_ID
+    ids[:, 11:13] = vocab - 1
+    corners = torch.rand(2, 2, 2, device=device) * 0.8
+    boxes = torch.cat([corners, corners + 0.1], dim=-1)  # [x1, y1, x2, y2] with x2 > x1, y2 > y1
+    feats = torch.randn(2, 2, hidden, device=device)
+    expected = model(ids, boxes, feats)
+
+    report = patch_model(model, backend=backend)
+    assert report.rules["slp_embedding"] == 1 and report.kinds["slp_embedding"] == 1
+    assert isinstance(model.embed, FusedSLPEmbedding)
+    assert set(model.state_dict()) == set(keys_before)
+    out = model(ids, boxes, feats)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert model.embed.projector.proj.weight.grad is not None and model.embed.embed_tokens.weight.grad is not None
+
+    unpatch_model(model)
+    assert isinstance(model.embed, SLPEmbeddingRef)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, keys_before[key]), key
