@@ -25,8 +25,10 @@ def poison_kernel_outputs():
 
 @pytest.fixture(autouse=True)
 def fresh_random_inputs():
-    """Fresh random inputs on every run (seeded from the OS); the seed is printed for reproduction."""
-    seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    """Fresh random inputs on every run (seeded from the OS); the seed is printed, and
+    ``MONKEY_KERNELS_TEST_SEED=<seed>`` replays it."""
+    replay = os.environ.get("MONKEY_KERNELS_TEST_SEED")
+    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     torch.manual_seed(seed)
     print(f"torch seed {seed}")
     yield
