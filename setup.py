@@ -25,6 +25,9 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "peft": ["peft>=0.21,<0.22"],
+        "test": ["pytest>=8", "peft>=0.21,<0.22"],
+    },
     license="Apache-2.0",
 )

@@ -7,6 +7,8 @@ from .modules import MultiLoRALinear
 from .multi_lora import MultiLoRALinearFunction, multi_lora_linear, multi_lora_linear_ref
 from .patching import NothingToPatchError, PatchReport, PatchRule, patch_model, register_rule, unpatch_model
 from .slp import FusedSLPEmbedding, slp_embed
+# Importing peft_patch registers the PEFT LoRA rule in the patcher; PEFT itself stays optional.
+from .peft_patch import adapter_selection, clear_adapter_rows, set_adapter_rows
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,7 @@ __all__ = [
     "NothingToPatchError",
     "FusedSLPEmbedding",
     "slp_embed",
+    "adapter_selection",
+    "set_adapter_rows",
+    "clear_adapter_rows",
 ]

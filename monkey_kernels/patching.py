@@ -29,7 +29,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -66,16 +66,19 @@ class PatchRule:
     to_fused: Callable[[nn.Module, PatchOptions], nn.Module]
     to_reference: Callable[[nn.Module], nn.Module]
     kinds: Dict[str, int] = field(default_factory=dict)
+    skip_reason: Optional[Callable[[nn.Module], Optional[str]]] = None
 
 
 @dataclass
 class PatchReport:
     """What ``patch_model`` / ``unpatch_model`` replaced: ``rules`` counts modules per rule, ``kinds`` counts
-    fused layers per kind (``attn.in_proj``, ``attn.out_proj``, ``mlp.c_proj``, ...)."""
+    fused layers per kind (``attn.in_proj``, ``attn.out_proj``, ``mlp.c_proj``, ...). ``skipped`` lists
+    ``(module name, rule name, reason)`` for modules a rule recognised but left unchanged (e.g. a DoRA layer)."""
 
     rules: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)
     already_patched: bool = False
+    skipped: List[Tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -86,7 +89,8 @@ class PatchReport:
             return "PatchReport(model already patched: nothing done)"
         parts = ", ".join(f"{k}={v}" for k, v in sorted(self.rules.items()))
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.kinds.items()))
-        return f"PatchReport(modules: {parts}; fused layers: {kinds})"
+        skipped = f"; skipped: {len(self.skipped)}" if self.skipped else ""
+        return f"PatchReport(modules: {parts}; fused layers: {kinds}{skipped})"
 
 
 _REGISTRY: List[PatchRule] = []
@@ -258,7 +262,12 @@ def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool
     report = PatchReport()
     for rule in _REGISTRY:
         for name, module in list(model.named_modules()):
-            if getattr(module, _RULE_ATTR, None) is not None or not rule.matches(module):
+            if getattr(module, _RULE_ATTR, None) is not None:
+                continue
+            if not rule.matches(module):
+                reason = rule.skip_reason(module) if rule.skip_reason is not None else None
+                if reason is not None:
+                    report.skipped.append((name, rule.name, reason))
                 continue
             fused = rule.to_fused(module, options)
             fused.__dict__[_RULE_ATTR] = rule.name
@@ -270,6 +279,8 @@ def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool
                    f"{[r.name for r in _REGISTRY]} (a Monkey block needs attn.in_proj + attn.in_proj_lora, "
                    "attn.out_proj + attn.out_proj_lora, mlp.c_fc / mlp.c_proj and mlp_lora adapter lists; an SLP "
                    "embedding layer needs embed_tokens + projector.proj = Linear(4, hidden) + box_token_id)")
+        if report.skipped:
+            message += f"; recognised but not fusable: {report.skipped}"
         if strict:
             raise NothingToPatchError(message)
         warnings.warn(message, UserWarning, stacklevel=2)
