@@ -8,5 +8,8 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     # Pinned: an unpinned torch pulls the newest CUDA build (several GB); 2.13.0 is the CPU wheel we test.
     "$PYTHON" -m pip install -q "torch==2.13.0"
 fi
+# The editable install below builds without isolation (no second torch in a build env): it needs a
+# setuptools that builds PEP 660 wheels on its own.
+"$PYTHON" -m pip install -q "setuptools>=70.1"
 "$PYTHON" -m pip install -q --no-build-isolation -e ".[test]"
 "$PYTHON" -c "import torch, triton, monkey_kernels; print(f'torch {torch.__version__}, triton {triton.__version__}, monkey_kernels {monkey_kernels.__version__}, cuda available: {torch.cuda.is_available()}')"
