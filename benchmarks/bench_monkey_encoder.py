@@ -26,9 +26,8 @@ import copy
 import datetime
 import gc
 import json
-import platform
-import statistics
-import time
+import os
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -37,6 +36,10 @@ from tqdm import tqdm
 
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, tile_grid
 from monkey_kernels.patching import patch_model
+
+# Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_name, synchronize, time_it  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -48,15 +51,6 @@ SMALL_CONFIG = dict(tile_size=112, image_size=224, patch_size=14, width=128, lay
                     attn_lora_rank=16, mlp_lora_rank=32, lora_dropout=0.05)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def build_config(small: bool) -> MonkeyVisionConfig:
@@ -70,23 +64,8 @@ def release_trainable_(model: torch.nn.Module) -> None:
         p.requires_grad_("lora" in name or name.startswith("attn_pool"))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def time_it(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn`` over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def peak_memory(device: torch.device, fn: Callable[[], None]) -> Optional[float]:

@@ -25,8 +25,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -40,6 +38,10 @@ from tqdm import tqdm
 
 from monkey_kernels.multi_lora import multi_lora_linear
 from triton_kernels.segments import SegmentInfo
+
+# Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_name, slug, triton_version  # noqa: E402
 
 __all__ = ["main", "CaseSpec", "FULL_CASES", "METHODS", "TARGETS"]
 
@@ -501,29 +503,10 @@ def markdown_table(results: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    return f"CPU ({model})" if model else "CPU"
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48].strip("-") or "device"
 
 
-def _triton_version() -> Optional[str]:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -589,11 +572,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     divisor = SMALL_DIVISOR if args.small else 1
     tokens_per_segment = FULL_TOKENS_PER_SEGMENT // divisor
     cases = [FULL_CASES[name].scaled_down(divisor) for name in args.cases]
-    device_name = _device_name(device)
+    device_label = device_name(device)
     today = datetime.date.today().isoformat()
-    out_path = args.out or RESULTS_DIR / f"multi_lora_{_slug(device_name)}_{today}.json"
+    out_path = args.out or RESULTS_DIR / f"multi_lora_{slug(device_label)}_{today}.json"
 
-    print(f"multi-LoRA benchmark on {device_name} [{timer.label}]: dtype={args.dtype}, backend={args.backend}, "
+    print(f"multi-LoRA benchmark on {device_label} [{timer.label}]: dtype={args.dtype}, backend={args.backend}, "
           f"{'small' if args.small else 'full'} shapes, {tokens_per_segment} tokens per segment", file=sys.stderr)
     torch.manual_seed(args.seed)
     rows: List[dict] = []
@@ -619,10 +602,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     torch.cuda.empty_cache()
 
     results = {
-        "device": device_name,
+        "device": device_label,
         "device_kind": device.type,
         "torch": torch.__version__,
-        "triton": _triton_version(),
+        "triton": triton_version(),
         "date": today,
         "dtype": args.dtype,
         "backend": args.backend,
@@ -642,7 +625,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out_path.write_text(json.dumps(results, indent=2) + "\n")
 
     print()
-    print(f"### multi-LoRA linear: {device_name} [{timer.label}], {args.dtype}, backend={args.backend}, "
+    print(f"### multi-LoRA linear: {device_label} [{timer.label}], {args.dtype}, backend={args.backend}, "
           f"{'small' if args.small else 'full'} shapes")
     print()
     print(markdown_table(results))

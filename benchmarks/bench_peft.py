@@ -30,13 +30,17 @@ import copy
 import datetime
 import gc
 import json
+import os
 import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+# Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_name, time_it  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -47,34 +51,10 @@ CPU_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 RANKS = [8, 16, 32, 16]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def time_it(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn`` over ``iters`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build_models(tower: Dict, num_adapters: int, device: torch.device, dtype: torch.dtype):

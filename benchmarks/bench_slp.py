@@ -32,8 +32,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -47,6 +45,10 @@ from tqdm import tqdm
 
 from monkey_kernels.models.slp import SLPEmbeddingRef, SpatialLayoutProjector
 from monkey_kernels.slp import slp_embed
+
+# Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_name, slug  # noqa: E402
 
 __all__ = ["main", "CaseSpec", "FULL_CASES", "METHODS", "TARGET_COPY_FRACTION"]
 
@@ -218,21 +220,8 @@ def measure(method: str, p: Problem, timer, dtype: torch.dtype) -> dict:
     return row
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "")
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
-    return f"CPU ({model})" if model else "CPU"
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48].strip("-") or "device"
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -297,10 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not on_cuda:
         torch.set_num_threads(args.threads or 1)
     cases = [FULL_CASES[n].scaled_down() if args.small else FULL_CASES[n] for n in args.cases]
-    device_name = _device_name(device)
+    device_label = device_name(device)
     today = datetime.date.today().isoformat()
-    out_path = args.out or RESULTS_DIR / f"slp_{_slug(device_name)}_{today}.json"
-    print(f"SLP embedding benchmark on {device_name} [{timer.label}]: dtype={args.dtype}, backend={args.backend}, "
+    out_path = args.out or RESULTS_DIR / f"slp_{slug(device_label)}_{today}.json"
+    print(f"SLP embedding benchmark on {device_label} [{timer.label}]: dtype={args.dtype}, backend={args.backend}, "
           f"{'small' if args.small else 'full'} sizes", file=sys.stderr)
     torch.manual_seed(args.seed)
     rows: List[dict] = []
@@ -332,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     except ImportError:
         triton_version = None
     results = {
-        "device": device_name,
+        "device": device_label,
         "device_kind": device.type,
         "torch": torch.__version__,
         "triton": triton_version,
@@ -353,7 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2) + "\n")
     print()
-    print(f"### SLP embedding assembly: {device_name} [{timer.label}], {args.dtype}, backend={args.backend}, "
+    print(f"### SLP embedding assembly: {device_label} [{timer.label}], {args.dtype}, backend={args.backend}, "
           f"{'small' if args.small else 'full'} sizes")
     print()
     print(markdown_table(results))

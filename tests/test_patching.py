@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from accuracy import rel_err
 from conftest import kernel_device
 from monkey_kernels.backends import interpreter_active
 from monkey_kernels.fused_monkey import FusedMonkeyBlock
@@ -56,11 +57,6 @@ def make_model(device, dtype=torch.float32, **overrides) -> MonkeyVisionModel:
 
 def views(batch: int, tiles: int, cfg: MonkeyVisionConfig, device, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(batch, tiles + 1, 3, cfg.tile_size, cfg.tile_size, device=device, dtype=dtype)
-
-
-def rel_err(value: torch.Tensor, reference: torch.Tensor) -> float:
-    value, reference = value.detach().double().cpu(), reference.detach().double().cpu()
-    return ((value - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
 def run_with_grads(model: nn.Module, pixel_values: torch.Tensor, weights: torch.Tensor):
