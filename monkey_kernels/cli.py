@@ -1,0 +1,545 @@
+"""The ``monkey-kernels`` command line: ``info``, ``demo`` and ``bench``.
+
+- ``monkey-kernels info``: versions, CUDA, the Triton interpreter, the backend picked for CPU and CUDA
+  tensors, and whether Triton's bundled ``ptxas`` (used by the sm_90 compile check) is present.
+- ``monkey-kernels demo``: a Monkey-style encoder, reference vs ``patch_model``-ed, on a synthetic image:
+  output and gradient differences, forward and forward+backward speed-up, peak memory on GPU.
+- ``monkey-kernels bench``: the benchmark scripts of ``benchmarks/`` (a source checkout), JSON results and,
+  when matplotlib is installed, PNG plots.
+
+Exit codes: 0 on success, 2 on bad arguments (argparse), 1 on a failure (with a one-line message on stderr).
+Heavy imports (torch models, benchmarks, matplotlib) happen inside the subcommands, and nothing queries the
+GPU at import time, so ``--help`` and ``info`` stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+__all__ = ["main", "run", "CLIError", "build_parser", "cmd_info", "cmd_demo", "cmd_bench", "SMALL_DEMO_CONFIG", "BENCHMARKS"]
+
+
+class CLIError(Exception):
+    """A failure reported to the user as one line on stderr and exit code 1 (no traceback)."""
+
+
+# The small CPU config of ``demo``: a few seconds on two CPU cores, same structure as the release.
+SMALL_DEMO_CONFIG = dict(tile_size=112, image_size=224, patch_size=14, width=128, layers=4, heads=4, mlp_ratio=4,
+                         num_positions=16, n_queries=16, output_dim=64, resampler_heads=4,
+                         attn_lora_rank=16, mlp_lora_rank=32)
+
+# Benchmark name -> (module in the ``benchmarks`` package, options that make it short for ``--quick``).
+# Options the user passes after ``bench`` are appended after these, so theirs win (argparse keeps the last).
+BENCHMARKS: Dict[str, tuple] = {
+    "multi_lora": ("bench_multi_lora", ["--small", "--repeats", "3", "--pool-size", "2", "--batches", "1",
+                                        "--no-progress"]),
+    "slp": ("bench_slp", ["--small", "--repeats", "3", "--no-progress"]),
+    "monkey_encoder": ("bench_monkey_encoder", ["--small", "--batches", "1", "--resolutions", "896x896",
+                                                "--warmup", "1", "--iters", "2"]),
+    "peft": ("bench_peft", ["--adapters", "4", "--batches", "4", "--warmup", "1", "--iters", "2"]),
+}
+
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------------------
+def _version(module_name: str) -> str:
+    """``module.__version__``, or why it is unavailable (import errors are reported, not raised)."""
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is information for the user here
+        return f"not available ({type(exc).__name__}: {exc})"
+    return str(getattr(module, "__version__", "unknown version"))
+
+
+def _backend_for(device_type: str) -> str:
+    """What ``resolve_backend(None, device)`` picks, or its error (e.g. a bad MONKEY_KERNELS_BACKEND)."""
+    import torch
+
+    from monkey_kernels import resolve_backend
+
+    try:
+        return resolve_backend(None, torch.device(device_type))
+    except ValueError as exc:
+        return f"error: {exc}"
+
+
+def _ptxas_path() -> Optional[str]:
+    """Triton's bundled ``ptxas`` path, or ``None`` when Triton is not importable."""
+    try:
+        import triton
+    except Exception:  # noqa: BLE001
+        return None
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    """Prints (and returns) the environment facts that decide which backend runs."""
+    import torch
+
+    from monkey_kernels.backends import ENV_BACKEND
+
+    info: Dict[str, object] = {
+        "monkey_kernels": _version("monkey_kernels"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+    }
+    # Queried here, at call time, never at import: CUDA initialisation is slow and may fail.
+    cuda = torch.cuda.is_available()
+    if cuda:
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        info["cuda"] = f"available: {torch.cuda.get_device_name(index)} (sm_{major}{minor}, CUDA {torch.version.cuda})"
+    else:
+        reason = "torch built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
+        info["cuda"] = f"not available ({reason})"
+    interpret = os.environ.get("TRITON_INTERPRET")
+    info["TRITON_INTERPRET"] = (f"set ({interpret!r}): Triton kernels run on CPU through the interpreter (slow)"
+                                if interpret not in (None, "", "0") else "not set")
+    info[ENV_BACKEND] = os.environ.get(ENV_BACKEND) or "not set"
+    info["backend for CPU tensors"] = _backend_for("cpu")
+    info["backend for CUDA tensors"] = _backend_for("cuda") + ("" if cuda else " (no CUDA device here)")
+    ptxas = _ptxas_path()
+    if ptxas is None:
+        info["bundled ptxas"] = "n/a (Triton not importable)"
+    elif os.path.isfile(ptxas):
+        info["bundled ptxas"] = f"present: {ptxas}"
+    else:
+        info["bundled ptxas"] = f"missing: {ptxas} (the sm_90 compile check is skipped)"
+
+    width = max(len(key) for key in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------------------
+def _parse_resolution(text: str) -> tuple:
+    """``"WxH"`` -> ``(W, H)`` positive ints (an ``argparse`` type: raises ``ArgumentTypeError``)."""
+    parts = text.lower().split("x")
+    try:
+        width, height = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (e.g. 896x896), got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"width and height must be positive, got {text!r}")
+    return width, height
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def synthetic_images(batch: int, width: int, height: int, seed: int = 0):
+    """``[batch, 3, height, width]`` float images in ``[0, 1]``: colour gradients, a disc, a box and stripes,
+    shifted per image so every tile (and every image) sees different content."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(0.0, 1.0, height).view(height, 1).expand(height, width)
+    xs = torch.linspace(0.0, 1.0, width).view(1, width).expand(height, width)
+    images = []
+    for _ in range(batch):
+        cx, cy, r, bx, by = torch.rand(5, generator=generator).tolist()
+        red = xs.clone()
+        green = ys.clone()
+        blue = 0.5 + 0.5 * torch.sin(2 * torch.pi * (6 * xs + 3 * ys))  # diagonal stripes: high frequencies
+        disc = (xs - cx) ** 2 + (ys - cy) ** 2 < (0.1 + 0.2 * r) ** 2
+        red[disc] = 1.0 - red[disc]
+        box = (xs > bx * 0.7) & (xs < bx * 0.7 + 0.25) & (ys > by * 0.7) & (ys < by * 0.7 + 0.2)
+        green[box] = 0.1
+        blue[box] = 0.9
+        images.append(torch.stack([red, green, blue]).clamp(0.0, 1.0))
+    return torch.stack(images)
+
+
+def _max_diffs(actual, expected) -> tuple:
+    """(max |actual - expected|, that / max |expected|), in fp32."""
+    diff = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    return diff, diff / max(scale, 1e-30)
+
+
+def _time(fn: Callable[[], None], device, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn``: ``time.perf_counter`` on CPU, CUDA events (after a synchronize) on GPU."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            start_s = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start_s)
+    return statistics.median(samples)
+
+
+def _peak_gib(fn: Callable[[], None], device) -> Optional[float]:
+    """Peak GiB allocated while ``fn`` runs on CUDA; ``None`` on CPU (no allocator statistics there)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """Reference vs patched Monkey encoder on a synthetic image; prints and returns the comparison."""
+    import torch
+
+    from monkey_kernels import patch_model, resolve_backend
+    from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, prepare_images, tile_grid
+
+    device_text = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device_text)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {device_text!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: CUDA is not available here (try --device cpu)")
+    on_cuda = device.type == "cuda"
+    config_name = args.config or ("release" if on_cuda else "small")
+    dtype_name = args.dtype or ("bf16" if on_cuda else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    try:
+        backend = resolve_backend(args.backend, device)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+    # lora_dropout 0 so the reference and the fused model draw no (different) dropout masks in train mode.
+    base_kwargs = dict(SMALL_DEMO_CONFIG) if config_name == "small" else {}
+    base_kwargs["lora_dropout"] = 0.0
+    probe = MonkeyVisionConfig(**base_kwargs)
+    width, height = args.resolution if args.resolution is not None else (probe.image_size, probe.image_size)
+    grid = tile_grid(width, height, probe)
+    # One adapter per tile: the release has 4 (2x2); wider grids need more adapters, as in the 1344x896 recipe.
+    config = MonkeyVisionConfig(**base_kwargs, lora_repeat_num=max(probe.lora_repeat_num, grid.num_tiles))
+
+    print(f"demo: {config_name} config (width {config.width}, {config.layers} layers, tile {config.tile_size} px), "
+          f"{dtype_name} on {device}, backend={backend}; resolution {width}x{height} -> "
+          f"{grid.n_cols}x{grid.n_rows} tiles + global view, batch {args.batch}")
+
+    torch.manual_seed(args.seed)
+    reference = MonkeyVisionModel(config)
+    with torch.no_grad():  # zero-initialised lora_b would make the LoRA path a no-op: give it weights
+        for name, param in reference.named_parameters():
+            if "lora_b" in name:
+                param.normal_(0.0, 0.02)
+    for name, param in reference.named_parameters():  # the release recipe: LoRA + resampler trainable
+        param.requires_grad_("lora" in name or name.startswith("attn_pool"))
+    reference = reference.to(device=device, dtype=dtype).train()
+    patched = copy.deepcopy(reference)
+    report = patch_model(patched, backend=backend)
+    patched.train()
+    print(f"patched: {report}")
+
+    images = synthetic_images(args.batch, width, height, seed=args.seed)
+    pixel_values, _ = prepare_images(images, (width, height), config=config)
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
+    out_grad = torch.randn(args.batch, grid.num_views * config.n_queries, config.output_dim,
+                           generator=torch.Generator().manual_seed(args.seed + 1)).to(device=device, dtype=dtype)
+
+    def forward_backward(model):
+        model.zero_grad(set_to_none=True)
+        out = model(pixel_values)
+        out.backward(out_grad)
+        return out
+
+    ref_out = forward_backward(reference)
+    fused_out = forward_backward(patched)
+    out_abs, out_rel = _max_diffs(fused_out, ref_out)
+    fused_params = dict(patched.named_parameters())
+    grad_abs, grad_rel, worst = 0.0, 0.0, None
+    trainable = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    for name, param in trainable:
+        other = fused_params.get(name)
+        if other is None:
+            raise CLIError(f"patched model has no parameter {name!r} to compare gradients with")
+        if param.grad is None and other.grad is None:
+            continue  # e.g. adapters of tiles this grid does not have
+        if param.grad is None or other.grad is None:
+            raise CLIError(f"gradient of {name!r} exists in only one of the two models")
+        diff, rel = _max_diffs(other.grad, param.grad)
+        grad_abs = max(grad_abs, diff)
+        if rel >= grad_rel:
+            grad_rel, worst = rel, name
+    print(f"output    max abs diff {out_abs:.3e}   max rel diff {out_rel:.3e}")
+    print(f"gradients max abs diff {grad_abs:.3e}   max rel diff {grad_rel:.3e}   "
+          f"({len(trainable)} trainable tensors; worst: {worst})")
+
+    timings: Dict[str, Dict[str, Optional[float]]] = {}
+    for label, model in (("reference", reference), ("patched", patched)):
+        def forward(model=model):
+            with torch.no_grad():
+                model(pixel_values)
+
+        def train_step(model=model):
+            forward_backward(model)
+
+        timings[label] = {
+            "forward_s": _time(forward, device, args.warmup, args.repeats),
+            "fwdbwd_s": _time(train_step, device, args.warmup, args.repeats),
+            "forward_peak_gib": _peak_gib(forward, device),
+            "fwdbwd_peak_gib": _peak_gib(train_step, device),
+        }
+    speedup_fwd = timings["reference"]["forward_s"] / timings["patched"]["forward_s"]
+    speedup_fwdbwd = timings["reference"]["fwdbwd_s"] / timings["patched"]["fwdbwd_s"]
+
+    def mem(value):
+        return "n/a" if value is None else f"{value:.2f} GiB"
+
+    print(f"{'':10} {'forward ms':>11} {'fwd+bwd ms':>11} {'peak fwd':>10} {'peak fwd+bwd':>13}")
+    for label, t in timings.items():
+        print(f"{label:10} {t['forward_s'] * 1e3:>11.2f} {t['fwdbwd_s'] * 1e3:>11.2f} "
+              f"{mem(t['forward_peak_gib']):>10} {mem(t['fwdbwd_peak_gib']):>13}")
+    print(f"speed-up (reference / patched): forward {speedup_fwd:.2f}x, forward+backward {speedup_fwdbwd:.2f}x "
+          f"(median of {args.repeats}{'' if on_cuda else '; CPU timings say nothing about GPU performance'})")
+    return {
+        "config": config_name, "device": str(device), "dtype": dtype_name, "backend": backend,
+        "grid": [grid.n_cols, grid.n_rows], "batch": args.batch,
+        "output_max_abs_diff": out_abs, "output_max_rel_diff": out_rel,
+        "grad_max_abs_diff": grad_abs, "grad_max_rel_diff": grad_rel, "worst_grad": worst,
+        "timings": timings, "speedup_forward": speedup_fwd, "speedup_fwdbwd": speedup_fwdbwd,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------
+def _import_benchmark(module_name: str):
+    """``benchmarks.<module_name>``; from the repository root beside this package when not importable."""
+    try:
+        return importlib.import_module(f"benchmarks.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", f"benchmarks.{module_name}"):
+            raise  # a dependency of the benchmark is missing: say that, not "no checkout"
+    # An installed package has no benchmarks/: they live in the source checkout, one level above the package.
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / f"{module_name}.py").is_file():
+        raise CLIError(f"bench needs the benchmark scripts of a source checkout (benchmarks/{module_name}.py "
+                       f"not found under {root}); run from the repository root")
+    sys.path.insert(0, str(root))
+    return importlib.import_module(f"benchmarks.{module_name}")
+
+
+def _plot_multi_lora(results: dict, path: Path, plt) -> None:
+    """Bar chart: forward and forward+backward time of each method divided by the base GEMM's, per case/batch."""
+    rows = results["results"]
+    groups = list(dict.fromkeys((r["case"], r["batch"]) for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "base"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(groups) * max(1, len(methods)) / 2), 4.5),
+                             squeeze=False)
+    for ax, key, title in ((axes[0][0], "fwd_ratio_to_base", "forward / base forward"),
+                           (axes[0][1], "fwdbwd_ratio_to_base_dx", "fwd+bwd / base fwd+dX")):
+        width = 0.8 / max(1, len(methods))
+        for j, method in enumerate(methods):
+            values = []
+            for case, batch in groups:
+                match = [r.get(key) for r in rows if (r["case"], r["batch"], r["method"]) == (case, batch, method)]
+                values.append(match[0] if match and match[0] is not None else 0.0)
+            ax.bar([i + j * width for i in range(len(groups))], values, width, label=method)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{case}\nb={batch}" for case, batch in groups])
+        ax.set_ylabel("ratio to base GEMM (lower is better)")
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"multi-LoRA linear: {results.get('device')}, {results.get('dtype')}, "
+                 f"backend {results.get('backend')}", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_encoder(results: dict, path: Path, plt) -> None:
+    """Bar chart: inference and train images/s, reference vs patched, per resolution/batch."""
+    rows = [r for r in results["results"] if "error" not in r]
+    groups = list(dict.fromkeys((r["resolution"], r["batch"]) for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(groups) * 2), 4.5), squeeze=False)
+    for ax, key, title in ((axes[0][0], "inference_images_per_s", "inference"),
+                           (axes[0][1], "train_images_per_s", "train step")):
+        width = 0.8 / max(1, len(methods))
+        for j, method in enumerate(methods):
+            values = []
+            for resolution, batch in groups:
+                match = [r.get(key) for r in rows
+                         if (r["resolution"], r["batch"], r["method"]) == (resolution, batch, method)]
+                values.append(match[0] if match and match[0] is not None else 0.0)
+            ax.bar([i + j * width for i in range(len(groups))], values, width, label=method)
+        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
+        ax.set_xticklabels([f"{res}\nb={batch}" for res, batch in groups])
+        ax.set_ylabel("images/s (higher is better)")
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"Monkey encoder: {results.get('device')}, {results.get('dtype')}", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+_PLOTTERS = {"multi_lora": _plot_multi_lora, "monkey_encoder": _plot_encoder}
+
+
+def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> dict:
+    """Runs the selected benchmarks, writes their JSONs under ``--out-dir`` and plots what can be plotted."""
+    from tqdm import tqdm
+
+    which = list(dict.fromkeys(args.which or BENCHMARKS))
+    if extra and len(which) > 1:
+        # The scripts' options differ (e.g. --cases choices), so pass-through options only make sense for one.
+        raise CLIError(f"options {' '.join(extra)} are passed to the benchmark script: select one with --which")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    outputs: Dict[str, dict] = {}
+    written: List[Path] = []
+    with tqdm(total=len(which), desc="benchmarks", unit="bench", disable=args.no_progress) as progress:
+        for name in which:
+            module_name, quick_argv = BENCHMARKS[name]
+            progress.set_postfix_str(name)
+            module = _import_benchmark(module_name)
+            json_path = out_dir / f"{name}_{date}.json"
+            argv = (list(quick_argv) if args.quick else []) + ["--out", str(json_path)] + list(extra)
+            try:
+                module.main(argv)
+            except SystemExit as exc:  # the script's argparse rejected an option: a bad argument, exit 2
+                if exc.code not in (0, None):
+                    raise SystemExit(2) from None
+                raise
+            # Read the JSON back rather than trusting the return value: not every script returns its results.
+            try:
+                outputs[name] = json.loads(json_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise CLIError(f"{name}: benchmark finished but {json_path} is unreadable: {exc}") from None
+            written.append(json_path)
+            progress.update(1)
+
+    plots: List[Path] = []
+    to_plot = [name for name in which if name in _PLOTTERS]
+    if to_plot and not args.no_plots:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")  # files only: no display on a server
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: plots skipped (pip install matplotlib)")
+        else:
+            for name in to_plot:
+                png = out_dir / f"{name}_{date}.png"
+                _PLOTTERS[name](outputs[name], png, plt)
+                plots.append(png)
+    for path in written + plots:
+        print(f"wrote {path}")
+    return {"results": outputs, "json": [str(p) for p in written], "plots": [str(p) for p in plots]}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``monkey-kernels`` argument parser (subcommands ``info``, ``demo``, ``bench``)."""
+    parser = argparse.ArgumentParser(prog="monkey-kernels",
+                                     description="Fused Triton kernels for Monkey-style multi-LoRA encoders.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,demo,bench}")
+    sub.add_parser("info", help="versions, CUDA, and which backend runs where")
+
+    demo = sub.add_parser("demo", help="reference vs patched Monkey encoder: differences and speed-up")
+    demo.add_argument("--config", choices=["small", "release"], default=None,
+                      help="model size (default: release on CUDA, small on CPU)")
+    demo.add_argument("--resolution", type=_parse_resolution, default=None, metavar="WxH",
+                      help="requested resolution in the config's pixels (default: config.image_size square, "
+                           "a 2x2 tile grid: 896x896 for release, 224x224 for small)")
+    demo.add_argument("--batch", type=_positive_int, default=1)
+    demo.add_argument("--backend", choices=["auto", "triton", "torch"], default=None,
+                      help="fused backend (default: resolve_backend's choice for the device)")
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    demo.add_argument("--dtype", choices=_DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    demo.add_argument("--repeats", type=_positive_int, default=5, help="timed calls per measurement (median)")
+    demo.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    demo.add_argument("--seed", type=int, default=0)
+
+    bench = sub.add_parser("bench", help="run the benchmark suite, write JSON and plots",
+                           description="Unrecognised options are passed to the selected benchmark script "
+                                       "(with a single --which), e.g. --batches 1 --cases out_proj.")
+    bench.add_argument("--which", nargs="+", choices=list(BENCHMARKS), default=None,
+                       help="benchmarks to run (default: all)")
+    bench.add_argument("--out-dir", default=str(Path("benchmarks") / "results"),
+                       help="where the JSON results and PNG plots go (default: benchmarks/results)")
+    bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke run)")
+    bench.add_argument("--no-plots", action="store_true", help="do not draw PNG plots")
+    bench.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parses ``argv`` and runs the subcommand; returns its result dict (for scripts and tests).
+
+    Raises ``SystemExit(2)`` on bad arguments and :class:`CLIError` (or the underlying exception) on failure.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "demo" and args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if args.command == "info":
+        return cmd_info(args)
+    if args.command == "demo":
+        return cmd_demo(args)
+    return cmd_bench(args, extra)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``monkey-kernels`` entry point: 0 on success, 1 on failure (one line on stderr), and argparse's
+    ``SystemExit(2)`` on bad arguments. Returns an int because ``console_scripts`` calls ``sys.exit(main())``."""
+    command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+    try:
+        run(argv)
+    except CLIError as exc:
+        print(f"monkey-kernels {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (RuntimeError, ValueError, ImportError, OSError) as exc:
+        # Expected failure modes (a missing optional dependency, CUDA out of memory, a bad shape) get one
+        # clear line; MONKEY_KERNELS_TRACEBACK=1 shows where they came from.
+        if os.environ.get("MONKEY_KERNELS_TRACEBACK"):
+            raise
+        print(f"monkey-kernels {command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
