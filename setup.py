@@ -28,7 +28,7 @@ setup(
     extras_require={
         "peft": ["peft>=0.21,<0.22"],
         "plots": ["matplotlib"],
-        "test": ["pytest>=8", "peft>=0.21,<0.22", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis", "peft>=0.21,<0.22", "matplotlib"],
     },
     entry_points={"console_scripts": ["monkey-kernels=monkey_kernels.cli:main"]},
     license="Apache-2.0",

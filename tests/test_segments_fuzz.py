@@ -1,0 +1,66 @@
+"""Property tests of the segment metadata and of the op on arbitrary segmentations (hypothesis)."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import kernel_device
+from monkey_kernels import SegmentInfo, multi_lora_linear, multi_lora_linear_ref
+from monkey_kernels.backends import interpreter_active
+
+NUM_ADAPTERS = 3
+
+segmentations = st.lists(
+    st.tuples(st.integers(0, 9), st.integers(-1, NUM_ADAPTERS - 1)), min_size=0, max_size=12
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(segmentations)
+def test_metadata_maps_every_row_to_its_segment_and_adapter(segments):
+    lengths = [n for n, _ in segments]
+    ids = [a for _, a in segments]
+    indptr = [0] + list(itertools.accumulate(lengths))
+    info = SegmentInfo.from_indptr(indptr, ids)
+    expected_segment = [g for g, n in enumerate(lengths) for _ in range(n)]
+    assert info.num_rows == sum(lengths) and info.num_segments == len(segments)
+    assert info.row_segment.tolist() == expected_segment
+    assert info.row_adapter.tolist() == [ids[g] for g in expected_segment]
+    assert info.segment_length == (lengths[0] if len(set(lengths)) == 1 else None)
+    unvalidated = SegmentInfo.from_indptr(indptr, ids, num_rows=sum(lengths), validate=False)
+    assert torch.equal(unvalidated.row_segment, info.row_segment)
+
+
+def _check_op(segments, backend, seed):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [n for n, _ in segments]
+    ids = [a for _, a in segments]
+    device = kernel_device(backend)
+    info = SegmentInfo.from_indptr([0] + list(itertools.accumulate(lengths)), ids, device=device)
+    rows, k, n, r = info.num_rows, 19, 13, 4
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    x, w, b = rand(rows, k), rand(n, k), rand(n)
+    a, bb, s = rand(NUM_ADAPTERS, r, k), rand(NUM_ADAPTERS, n, r), rand(NUM_ADAPTERS)
+    ranks = [1 + (i % r) for i in range(NUM_ADAPTERS)]
+    expected = multi_lora_linear_ref(x, w, b, a, bb, s, info.to("cpu"), ranks=ranks)
+    args = [t.float().to(device) for t in (x, w, b, a, bb, s)]
+    out = multi_lora_linear(*args, info, ranks=ranks, backend=backend)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segmentations, st.integers(0, 2**31 - 1))
+def test_torch_backend_matches_the_loop_on_any_segmentation(segments, seed):
+    _check_op(segments, "torch", seed)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_active()), reason="needs the Triton kernels")
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(segmentations, st.integers(0, 2**31 - 1))
+def test_triton_backend_matches_the_loop_on_any_segmentation(segments, seed):
+    _check_op(segments, "triton", seed)
