@@ -21,9 +21,8 @@ INDEX_POINTERS = {"row_segment_ptr": "int32", "adapter_ids_ptr": "int32", "ranks
 
 
 def _fitting_config(configs, dtype):
-    element_bytes = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    fitting = [c for c in configs if kernels._gemm_shared_bytes(c, element_bytes) <= kernels._SHARED_MEMORY_BUDGET]
-    return fitting[0]
+    """The first config the autotuner's own prune keeps for ``dtype``."""
+    return kernels._prune_gemm_configs(configs, {"x_ptr": torch.empty(0, dtype=getattr(torch, dtype))})[0]
 
 
 def variants():
