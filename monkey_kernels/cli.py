@@ -358,60 +358,56 @@ def _import_benchmark(module_name: str):
     return importlib.import_module(f"benchmarks.{module_name}")
 
 
-def _plot_multi_lora(results: dict, path: Path, plt) -> None:
-    """Bar chart: forward and forward+backward time of each method divided by the base GEMM's, per case/batch."""
-    rows = results["results"]
-    groups = list(dict.fromkeys((r["case"], r["batch"]) for r in rows))
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "base"]
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * len(groups) * max(1, len(methods)) / 2), 4.5),
-                             squeeze=False)
-    for ax, key, title in ((axes[0][0], "fwd_ratio_to_base", "forward / base forward"),
-                           (axes[0][1], "fwdbwd_ratio_to_base_dx", "fwd+bwd / base fwd+dX")):
-        width = 0.8 / max(1, len(methods))
-        for j, method in enumerate(methods):
-            values = []
-            for case, batch in groups:
-                match = [r.get(key) for r in rows if (r["case"], r["batch"], r["method"]) == (case, batch, method)]
-                values.append(match[0] if match and match[0] is not None else 0.0)
-            ax.bar([i + j * width for i in range(len(groups))], values, width, label=method)
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
-        ax.set_xticklabels([f"{case}\nb={batch}" for case, batch in groups])
-        ax.set_ylabel("ratio to base GEMM (lower is better)")
-        ax.set_title(title)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"multi-LoRA linear: {results.get('device')}, {results.get('dtype')}, "
-                 f"backend {results.get('backend')}", fontsize="small")
+def _bar_panel(ax, rows: List[dict], group_fields: tuple, methods: List[str], key: str, title: str,
+               ylabel: str) -> None:
+    """One panel of grouped bars: ``key`` of each method (bars) per group of ``group_fields`` values (ticks);
+    missing or ``None`` values draw as 0."""
+    groups = list(dict.fromkeys(tuple(r[f] for f in group_fields) for r in rows))
+    width = 0.8 / max(1, len(methods))
+    for j, method in enumerate(methods):
+        values = []
+        for group in groups:
+            match = [r.get(key) for r in rows if tuple(r[f] for f in group_fields) == group and r["method"] == method]
+            values.append(match[0] if match and match[0] is not None else 0.0)
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=method)
+    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{name}\nb={batch}" for name, batch in groups])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+
+
+def _save(fig, path: Path, plt, title: str) -> None:
+    fig.suptitle(title, fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_multi_lora(results: dict, path: Path, plt) -> None:
+    """Bar chart: forward and forward+backward time of each method divided by the base GEMM's, per case/batch."""
+    rows = results["results"]
+    groups = len(dict.fromkeys((r["case"], r["batch"]) for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "base"]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * groups * max(1, len(methods)) / 2), 4.5), squeeze=False)
+    for ax, key, title in ((axes[0][0], "fwd_ratio_to_base", "forward / base forward"),
+                           (axes[0][1], "fwdbwd_ratio_to_base_dx", "fwd+bwd / base fwd+dX")):
+        _bar_panel(ax, rows, ("case", "batch"), methods, key, title, "ratio to base GEMM (lower is better)")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    _save(fig, path, plt, f"multi-LoRA linear: {results.get('device')}, {results.get('dtype')}, "
+                          f"backend {results.get('backend')}")
 
 
 def _plot_encoder(results: dict, path: Path, plt) -> None:
     """Bar chart: inference and train images/s, reference vs patched, per resolution/batch."""
     rows = [r for r in results["results"] if "error" not in r]
-    groups = list(dict.fromkeys((r["resolution"], r["batch"]) for r in rows))
+    groups = len(dict.fromkeys((r["resolution"], r["batch"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * len(groups) * 2), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * groups * 2), 4.5), squeeze=False)
     for ax, key, title in ((axes[0][0], "inference_images_per_s", "inference"),
                            (axes[0][1], "train_images_per_s", "train step")):
-        width = 0.8 / max(1, len(methods))
-        for j, method in enumerate(methods):
-            values = []
-            for resolution, batch in groups:
-                match = [r.get(key) for r in rows
-                         if (r["resolution"], r["batch"], r["method"]) == (resolution, batch, method)]
-                values.append(match[0] if match and match[0] is not None else 0.0)
-            ax.bar([i + j * width for i in range(len(groups))], values, width, label=method)
-        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
-        ax.set_xticklabels([f"{res}\nb={batch}" for res, batch in groups])
-        ax.set_ylabel("images/s (higher is better)")
-        ax.set_title(title)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"Monkey encoder: {results.get('device')}, {results.get('dtype')}", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        _bar_panel(ax, rows, ("resolution", "batch"), methods, key, title, "images/s (higher is better)")
+    _save(fig, path, plt, f"Monkey encoder: {results.get('device')}, {results.get('dtype')}")
 
 
 _PLOTTERS = {"multi_lora": _plot_multi_lora, "monkey_encoder": _plot_encoder}
