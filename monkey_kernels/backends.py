@@ -121,16 +121,14 @@ class TorchPrimitives:
         if uniform is not None:
             G, L = uniform
             weights = _segment_weights(weight, segments, ranks, None, _compute_dtype(x.dtype))
-            out = torch.zeros((M, r_block), device=x.device, dtype=weights.dtype)
-            out[:, :R] = torch.bmm(x.view(G, L, K).to(weights.dtype), weights.transpose(1, 2)).view(M, R)
-            return out
-        all_adapters = x.float() @ weight.reshape(num_adapters * R, K).float().t()
-        index = segments.row_adapter.clamp(min=0).view(M, 1, 1).expand(M, 1, R)
-        h = all_adapters.view(M, num_adapters, R).gather(1, index).view(M, R)
-        h = h * _row_rank_mask(segments, ranks, R)
-        out = h.new_zeros((M, r_block))
-        out[:, :R] = h
-        return out
+            h = torch.bmm(x.view(G, L, K).to(weights.dtype), weights.transpose(1, 2)).view(M, R)
+        else:
+            all_adapters = x.float() @ weight.reshape(num_adapters * R, K).float().t()
+            index = segments.row_adapter.clamp(min=0).view(M, 1, 1).expand(M, 1, R)
+            h = all_adapters.view(M, num_adapters, R).gather(1, index).view(M, R)
+            h = h * _row_rank_mask(segments, ranks, R)
+        # zero columns up to r_block, as the kernel's H has
+        return torch.nn.functional.pad(h, (0, r_block - R))
 
     @staticmethod
     def fused_gemm(x, weight, bias, h, expand, scale, residual, segments, ranks, *,
