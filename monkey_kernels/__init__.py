@@ -4,7 +4,7 @@ from triton_kernels.segments import SegmentInfo
 
 from .backends import dropout_keep_mask, resolve_backend
 from .modules import MultiLoRALinear
-from .multi_lora import MultiLoRALinearFunction, multi_lora_linear, multi_lora_linear_ref
+from .multi_lora import multi_lora_linear, multi_lora_linear_bwd, multi_lora_linear_fwd, multi_lora_linear_ref
 from .patching import NothingToPatchError, PatchReport, PatchRule, patch_model, register_rule, unpatch_model
 from .slp import FusedSLPEmbedding, slp_embed
 # Importing peft_patch registers the PEFT LoRA rule in the patcher; PEFT itself stays optional.
@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "SegmentInfo",
     "MultiLoRALinear",
-    "MultiLoRALinearFunction",
+    "multi_lora_linear_fwd",
+    "multi_lora_linear_bwd",
     "multi_lora_linear",
     "multi_lora_linear_ref",
     "dropout_keep_mask",

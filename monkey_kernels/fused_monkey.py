@@ -18,7 +18,7 @@ elements, about 0.5 MB per layer for the release in bf16), negligible next to th
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +112,7 @@ class FusedMonkeyAttention(nn.Module):
                                                  "attn.out_proj_lora")
 
     def forward(self, x: torch.Tensor, segments: SegmentInfo, attn_mask: Optional[torch.Tensor] = None,
-                seeds: Sequence[Optional[int]] = (None, None)) -> torch.Tensor:
+                seeds: Sequence[Optional[torch.Tensor]] = (None, None)) -> torch.Tensor:
         """``x [B, S, dim]`` (the ``ln_1`` output) -> ``[B, S, dim]``; ``segments`` cover ``B * S`` rows."""
         b, s, d = x.shape
         heads, hd = self.num_heads, self.head_dim
@@ -173,7 +173,7 @@ class FusedMonkeyBlock(GradientCheckpointingLayer):
         self.__dict__["_reference_block"] = block  # kept out of the module tree: its children are ours
 
     def forward(self, x: torch.Tensor, segments: SegmentInfo, attn_mask: Optional[torch.Tensor] = None,
-                seeds: Sequence[Optional[int]] = (None, None, None)) -> torch.Tensor:
+                seeds: Sequence[Optional[torch.Tensor]] = (None, None, None)) -> torch.Tensor:
         """``x [B, S, dim]`` -> ``[B, S, dim]``; ``seeds``: dropout seeds of in_proj, out_proj, mlp LoRA."""
         x = x + self.attn(self.ln_1(x), segments, attn_mask=attn_mask, seeds=seeds[:2])
         c_fc, acts, c_proj = _mlp_parts(self.mlp)
@@ -213,15 +213,16 @@ def adapter_ids_for(idx, batch: int, device: torch.device) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
-def _dropout_seeds(blocks, training: bool) -> List[List[Optional[int]]]:
-    """Three seeds per block, drawn once per forward from PyTorch's default CPU generator (so
-    ``torch.manual_seed`` makes a step repeatable, and a checkpoint's recompute reuses them)."""
+def _dropout_seeds(blocks, training: bool) -> Optional[torch.Tensor]:
+    """Three seeds per block (int64 ``[L, 3]`` on the CPU), drawn once per forward from PyTorch's default CPU
+    generator (so ``torch.manual_seed`` makes a step repeatable, and a checkpoint's recompute reuses them);
+    ``None`` when no dropout is active. A tensor, not ints: drawing it does not break a compiled graph."""
     active = training and any(
         blk.attn.in_dropout > 0 or blk.attn.out_dropout > 0 or blk.mlp_dropout > 0 for blk in blocks
     )
     if not active:
-        return [[0, 0, 0] for _ in blocks]
-    return torch.randint(0, 2**31 - 1, (len(blocks), 3)).tolist()
+        return None
+    return torch.randint(0, 2**31 - 1, (len(blocks), 3), dtype=torch.int64)
 
 
 def fused_transformer_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, idx=None):
@@ -236,7 +237,8 @@ def fused_transformer_forward(self, x: torch.Tensor, attn_mask: Optional[torch.T
     blocks = list(self.resblocks)
     seeds = _dropout_seeds(blocks, self.training)
     h = x.transpose(0, 1).contiguous()
-    for block, block_seeds in zip(blocks, seeds):
+    for i, block in enumerate(blocks):
+        block_seeds = (None, None, None) if seeds is None else seeds[i].unbind()
         h = block(h, segments=segments, attn_mask=attn_mask, seeds=block_seeds)
     return h.transpose(0, 1)
 

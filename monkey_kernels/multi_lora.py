@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -12,25 +12,84 @@ from triton_kernels.segments import SegmentInfo
 from ._checks import check_device, check_dtype, check_tensor
 from .backends import get_primitives, resolve_backend
 
-__all__ = ["multi_lora_linear", "multi_lora_linear_ref", "MultiLoRALinearFunction", "normalize_ranks"]
+__all__ = [
+    "multi_lora_linear", "multi_lora_linear_ref", "multi_lora_linear_fwd", "multi_lora_linear_bwd", "normalize_ranks",
+]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class MultiLoRALinearFunction(torch.autograd.Function):
-    r"""Autograd function of the segmented multi-LoRA linear (flattened rows, validated inputs).
+_NO_LENGTH = -1  # ``segment_length`` of ragged segments in the op schemas (ints only, no ``None``)
 
-    Forward, for row ``i`` of segment ``g`` with adapter ``a`` (``a = -1``: the LoRA term is absent),
-    with ``D`` the dropout mask scaled by ``1/(1-p)`` and ``V = U`` unless a separate LoRA input is given:
+
+def _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length: int) -> SegmentInfo:
+    """The :class:`SegmentInfo` an op was given as its tensors (validated by the caller before the op)."""
+    return SegmentInfo(
+        seg_indptr=seg_indptr, adapter_ids=adapter_ids, row_segment=row_segment, row_adapter=row_adapter,
+        num_rows=row_segment.shape[0], num_segments=adapter_ids.shape[0], max_adapter_id=None,
+        segment_length=None if segment_length == _NO_LENGTH else segment_length,
+    )
+
+
+@torch.library.custom_op("monkey_kernels::multi_lora_linear_fwd", mutates_args=())
+def multi_lora_linear_fwd(
+    u: torch.Tensor, v: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, residual: Optional[torch.Tensor],
+    ranks: torch.Tensor, seg_indptr: torch.Tensor, adapter_ids: torch.Tensor, row_segment: torch.Tensor,
+    row_adapter: torch.Tensor, segment_length: int, r_block: int, dropout_p: float, seed: torch.Tensor, backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Forward of the segmented multi-LoRA linear on flattened, validated rows (a PyTorch custom op, so
+    ``torch.compile`` keeps it whole; its autograd formula is registered below).
+
+    For row ``i`` of segment ``g`` with adapter ``a`` (``a = -1``: no LoRA term), ``D`` the dropout mask scaled
+    by ``1/(1-p)`` (a function of ``seed``) and ``V = U`` when ``v`` is ``None``:
 
     .. math::
-        H_i = (D \odot V)_i A_a^\top, \qquad
-        Y_i = U_i W^\top + b + s_a\, H_i B_a^\top + R_i
+        H_i = (D \odot V)_i A_a^\top, \qquad Y_i = U_i W^\top + b + s_a\, H_i B_a^\top + R_i
 
-    ``H`` (fp32 ``[M, R_BLOCK]``) is the only saved intermediate; ``D`` is regenerated from the seed.
+    Shapes: ``u [M, K]``, ``v [M, K_lora]``, ``weight [N, K]``, ``lora_a [A, r_max, K_lora]``,
+    ``lora_b [A, N, r_max]``, ``scale [A]``, ``residual [M, N]``, ``ranks`` int32 ``[A]``, the four segment
+    tensors of a :class:`SegmentInfo`, ``seed`` an int64 0-dim CPU tensor (a tensor, so that a seed drawn
+    inside a compiled graph does not break it). Returns ``Y [M, N]`` (dtype of ``u``) and ``H`` (fp32
+    ``[M, r_block]``), the one intermediate the backward keeps.
+    """
+    segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
+    prims = get_primitives(backend)
+    seed = int(seed)
+    lora_in = u if v is None else v
+    h = prims.shrink(lora_in, lora_a, segments, ranks, r_block, dropout_p=dropout_p, seed=seed)
+    y = prims.fused_gemm(
+        u, weight, bias, h, lora_b, scale, residual, segments, ranks,
+        out_features=weight.shape[0], out_dtype=u.dtype,
+    )
+    return y, h
 
-    Backward, with :math:`G_i = dY_i B_a` (the shrink of ``dY``, fp32) and :math:`dH_i = s_a G_i`:
+
+@multi_lora_linear_fwd.register_fake
+def _(u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, seg_indptr, adapter_ids, row_segment,
+      row_adapter, segment_length, r_block, dropout_p, seed, backend):
+    y = u.new_empty((u.shape[0], weight.shape[0]))
+    h = u.new_empty((u.shape[0], r_block), dtype=torch.float32)
+    return y, h
+
+
+# Gradients the backward op computes, in the order of its outputs; a gradient nobody needs comes back
+# as an empty placeholder (op outputs cannot be None).
+_OP_GRADS = ("u", "v", "lora_a", "lora_b", "scale")
+
+
+@torch.library.custom_op("monkey_kernels::multi_lora_linear_bwd", mutates_args=())
+def multi_lora_linear_bwd(
+    grad_out: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor], weight: torch.Tensor,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, ranks: torch.Tensor,
+    seg_indptr: torch.Tensor, adapter_ids: torch.Tensor, row_segment: torch.Tensor, row_adapter: torch.Tensor,
+    segment_length: int, r_block: int, dropout_p: float, seed: torch.Tensor, backend: str, needs: List[bool],
+) -> List[torch.Tensor]:
+    r"""Backward of :func:`multi_lora_linear_fwd` for ``U``, ``V``, ``A``, ``B`` and ``s`` (``needs`` says which,
+    in that order); ``dW``, ``db`` and ``dR`` are plain PyTorch in the autograd formula.
+
+    With :math:`G_i = dY_i B_a` (the shrink of ``dY``, fp32) and :math:`dH_i = s_a G_i`:
 
     .. math::
         ds_a = \sum_{i \in a} \langle G_i, H_i \rangle, \quad
@@ -40,86 +99,122 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         dV_i = D_i \odot (dH_i A_a), \quad dU = dY\, W \;(+\, dV \text{ when } V = U), \quad
         dW = dY^\top U, \quad db = \textstyle\sum_i dY_i, \quad dR = dY.
 
-    ``dY W`` and ``dH A_a`` share one fused GEMM (the forward kernel with ``W^\top`` and ``A_a^\top`` as
-    strided views); ``dW``/``db`` are computed only when they require grad.
+    ``dY W`` and ``dH A_a`` share one fused GEMM (the forward's with ``W^\top`` and ``A_a^\top`` as strided
+    views); ``D`` is regenerated from ``seed``, never stored.
     """
+    need_u, need_v, need_a, need_b, need_scale = needs
+    segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
+    prims = get_primitives(backend)
+    seed = int(seed)
+    dy = grad_out.contiguous()
+    num_adapters = lora_a.shape[0]
+    k_lora = lora_a.shape[2]
+    lora_in = u if v is None else v
+    # one placeholder each: outputs of a custom op may not alias one another
+    grad_u, grad_v, grad_a, grad_b, grad_scale = (dy.new_empty(0) for _ in range(5))
 
-    @staticmethod
-    def forward(ctx, u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, segments, r_block,
-                dropout_p, seed, backend):
-        prims = get_primitives(backend)
-        lora_in = u if v is None else v
-        h = prims.shrink(lora_in, lora_a, segments, ranks, r_block, dropout_p=dropout_p, seed=seed)
-        y = prims.fused_gemm(
-            u, weight, bias, h, lora_b, scale, residual, segments, ranks,
-            out_features=weight.shape[0], out_dtype=u.dtype,
+    need_dh = need_a or need_u or need_v
+    g = dh = None
+    if need_dh or need_scale:
+        g = prims.shrink(dy, lora_b.transpose(1, 2), segments, ranks, r_block)
+    if need_scale:
+        per_row = (g * h).sum(dim=1)
+        grad_scale = torch.zeros(num_adapters, device=dy.device, dtype=per_row.dtype)
+        grad_scale.index_add_(0, segments.row_adapter.clamp(min=0), per_row)
+        grad_scale = grad_scale.to(scale.dtype)
+    if need_dh:
+        row_scale = scale.float()[segments.row_adapter.clamp(min=0)]
+        dh = g * row_scale[:, None]
+    if need_b:
+        grad_b = alloc.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
+        prims.outer(dy, h, segments, grad_b, scale=scale)
+    if need_a:
+        grad_a = alloc.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
+        prims.outer(lora_in, dh, segments, grad_a.transpose(1, 2), dropout_p=dropout_p, seed=seed)
+    if v is None:
+        if need_u:
+            grad_u = prims.fused_gemm(
+                dy, weight.t(), None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
+                out_features=k_lora, out_dtype=u.dtype, lora_dropout_p=dropout_p, seed=seed,
+            )
+    else:
+        if need_u:
+            grad_u = prims.fused_gemm(
+                dy, weight.t(), None, None, None, None, None, segments, ranks,
+                out_features=weight.shape[1], out_dtype=u.dtype,
+            )
+        if need_v:
+            grad_v = prims.fused_gemm(
+                None, None, None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
+                out_features=k_lora, out_dtype=v.dtype, lora_dropout_p=dropout_p, seed=seed,
+            )
+    return [grad_u, grad_v, grad_a, grad_b, grad_scale]
+
+
+@multi_lora_linear_bwd.register_fake
+def _(grad_out, u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
+      row_adapter, segment_length, r_block, dropout_p, seed, backend, needs):
+    like = (u, v, lora_a, lora_b, scale)
+    return [t.new_empty(t.shape) if want else grad_out.new_empty(0) for want, t in zip(needs, like)]
+
+
+def _setup_context(ctx, inputs, output):
+    (u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, seg_indptr, adapter_ids, row_segment,
+     row_adapter, segment_length, r_block, dropout_p, seed, backend) = inputs
+    _, h = output
+    ctx.save_for_backward(u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
+                          row_adapter, seed)
+    ctx.options = (segment_length, r_block, dropout_p, backend)
+
+
+def _backward(ctx, grad_out, grad_h):
+    (u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
+     row_adapter, seed) = ctx.saved_tensors
+    segment_length, r_block, dropout_p, backend = ctx.options
+    need = ctx.needs_input_grad
+    need_u, need_v, need_w, need_bias, need_a, need_b, need_scale, need_res = need[:8]
+    wanted = [need_u, need_v and v is not None, need_a, need_b, need_scale]
+    grads = [None] * len(_OP_GRADS)
+    if any(wanted):
+        computed = multi_lora_linear_bwd(
+            grad_out, u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
+            row_adapter, segment_length, r_block, dropout_p, seed, backend, wanted,
         )
-        ctx.save_for_backward(u, v, weight, lora_a, lora_b, scale, h, ranks)
-        ctx.segments, ctx.r_block, ctx.dropout_p, ctx.seed, ctx.backend = segments, r_block, dropout_p, seed, backend
-        ctx.has_bias = bias is not None
-        ctx.has_residual = residual is not None
-        return y
+        grads = [g if want else None for want, g in zip(wanted, computed)]
+    grad_u, grad_v, grad_a, grad_b, grad_scale = grads
+    grad_w = grad_out.t().mm(u) if need_w else None
+    grad_bias = grad_out.sum(dim=0) if need_bias else None
+    grad_res = grad_out if need_res else None
+    return (grad_u, grad_v, grad_w, grad_bias, grad_a, grad_b, grad_scale, grad_res) + (None,) * 10
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        u, v, weight, lora_a, lora_b, scale, h, ranks = ctx.saved_tensors
-        prims = get_primitives(ctx.backend)
-        segments, p, seed = ctx.segments, ctx.dropout_p, ctx.seed
-        need = ctx.needs_input_grad
-        need_u, need_v, need_w, need_bias, need_a, need_b, need_scale, need_res = need[:8]
-        dy = grad_out.contiguous()
-        num_adapters, r_max, k_lora = lora_a.shape
-        lora_in = u if v is None else v
 
-        grad_u = grad_v = grad_w = grad_bias = grad_a = grad_b = grad_scale = None
-        need_dh = need_a or need_u or need_v
-        g = None
-        if need_dh or need_scale:
-            g = prims.shrink(dy, lora_b.transpose(1, 2), segments, ranks, ctx.r_block)
-        if need_scale:
-            per_row = (g * h).sum(dim=1)
-            grad_scale = torch.zeros(num_adapters, device=dy.device, dtype=torch.float32)
-            grad_scale.index_add_(0, segments.row_adapter.clamp(min=0), per_row)
-            grad_scale = grad_scale.to(scale.dtype)
-        dh = None
-        if need_dh:
-            row_scale = scale.float()[segments.row_adapter.clamp(min=0)]
-            dh = g * row_scale[:, None]
-        if need_b:
-            grad_b = alloc.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
-            prims.outer(dy, h, segments, grad_b, scale=scale)
-        if need_a:
-            grad_a = alloc.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
-            prims.outer(lora_in, dh, segments, grad_a.transpose(1, 2), dropout_p=p, seed=seed)
-        if v is None:
-            if need_u:
-                grad_u = prims.fused_gemm(
-                    dy, weight.t(), None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
-                    out_features=k_lora, out_dtype=u.dtype, lora_dropout_p=p, seed=seed,
-                )
-        else:
-            if need_u:
-                grad_u = prims.fused_gemm(
-                    dy, weight.t(), None, None, None, None, None, segments, ranks,
-                    out_features=weight.shape[1], out_dtype=u.dtype,
-                )
-            if need_v:
-                grad_v = prims.fused_gemm(
-                    None, None, None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
-                    out_features=k_lora, out_dtype=v.dtype, lora_dropout_p=p, seed=seed,
-                )
-        if need_w:
-            grad_w = dy.t().mm(u)
-        if need_bias:
-            grad_bias = dy.sum(dim=0)
-        grad_res = dy if need_res else None
-        return (grad_u, grad_v, grad_w, grad_bias, grad_a, grad_b, grad_scale, grad_res,
-                None, None, None, None, None, None)
+multi_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------
+def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
+    """The dropout seed as the int64 0-dim CPU tensor the ops take (drawn when ``None`` and dropout is on)."""
+    if seed is None:
+        if dropout_p > 0.0:
+            return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+        return torch.zeros((), dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool or seed.numel() != 1:
+            raise ValueError(f"seed must be an int or a one-element integer tensor, got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
+        if seed.device.type != "cpu":
+            raise ValueError(f"seed must be a CPU tensor (read on the host by the ops), got one on {seed.device}")
+        seed = seed.reshape(()).to(torch.int64)
+        if not torch.compiler.is_compiling() and not 0 <= int(seed) < 2**31:
+            raise ValueError(f"seed must be in [0, 2**31), got {int(seed)}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    return torch.tensor(seed, dtype=torch.int64)
+
+
 def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device, checked: bool = False) -> torch.Tensor:
     """Validated int32 ``[num_adapters]`` ranks on ``device``. ``None`` = every adapter has rank ``r_max``.
 
@@ -138,7 +233,8 @@ def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device, 
     if values.numel() != num_adapters:
         raise ValueError(f"ranks must have num_adapters={num_adapters} entries, got {values.numel()}")
     capturing = values.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not (checked or capturing):  # reading values back is illegal inside CUDA-graph capture
+    # Reading values back is illegal inside CUDA-graph capture and a graph break under torch.compile.
+    if not (checked or capturing or torch.compiler.is_compiling()):
         host = values.cpu()
         if (host < 0).any():
             raise ValueError(f"ranks must be >= 0, got {host.tolist()}")
@@ -160,7 +256,7 @@ def multi_lora_linear(
     lora_input: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
-    seed: Optional[int] = None,
+    seed: Optional[Union[int, torch.Tensor]] = None,
     backend: Optional[str] = None,
     ranks_checked: bool = False,
 ) -> torch.Tensor:
@@ -184,8 +280,9 @@ def multi_lora_linear(
         lora_input: ``V``, ``[..., K_lora]`` with the same leading dims as ``input``; ``None``: ``V = U``.
         residual: ``[..., N]`` added in the same pass, or ``None``.
         dropout_p: LoRA dropout probability on ``V`` (pass 0 in eval). Masks are a function of ``seed``.
-        seed: dropout seed; ``None`` draws one from PyTorch's default CPU generator (so
-            ``torch.manual_seed`` makes runs repeatable).
+        seed: dropout seed, an int in ``[0, 2**31)`` or a one-element integer CPU tensor holding one (what a
+            compiled graph can draw without a graph break); ``None`` draws one from PyTorch's default CPU
+            generator (so ``torch.manual_seed`` makes runs repeatable).
         backend: ``"triton"``, ``"torch"`` or ``None``/``"auto"`` (see :mod:`monkey_kernels.backends`).
         ranks_checked: ``ranks`` was validated before (``MultiLoRALinear`` does it once); skips reading a
             device tensor back, which would synchronise with the device on every call.
@@ -248,10 +345,7 @@ def multi_lora_linear(
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p)
-    if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_p > 0.0 else 0
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    seed = _seed_tensor(seed, dropout_p)
 
     M = math.prod(lead)
     if not isinstance(segments, SegmentInfo):
@@ -289,8 +383,11 @@ def multi_lora_linear(
     from triton_kernels.multi_lora import rank_block  # noqa: PLC0415 (triton is optional for the torch path)
 
     r_block = rank_block(max(r_max, 1))
-    y = MultiLoRALinearFunction.apply(
-        u, v, weight, bias, lora_a, lora_b, scale, res, ranks_t, segments, r_block, dropout_p, seed, backend
+    y, _ = multi_lora_linear_fwd(
+        u, v, weight, bias, lora_a, lora_b, scale, res, ranks_t, segments.seg_indptr, segments.adapter_ids,
+        segments.row_segment, segments.row_adapter,
+        _NO_LENGTH if segments.segment_length is None else segments.segment_length,
+        r_block, dropout_p, seed, backend,
     )
     return y.view(*lead, N)
 

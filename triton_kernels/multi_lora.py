@@ -8,7 +8,7 @@ Notation (rows are the flattened tokens, ``M`` of them; segment ``g`` uses adapt
     OUT[a]        = s[a] * sum_{rows of a} drop(X)^T @ Hrows          (grouped outer product, for dA / dB)
 
 The three kernels serve both directions of the multi-LoRA linear (see
-``monkey_kernels.multi_lora.MultiLoRALinearFunction``): every weight is passed as a (possibly transposed)
+``monkey_kernels.multi_lora.multi_lora_linear_bwd``): every weight is passed as a (possibly transposed)
 strided view, so ``dY @ W`` and ``dH @ A[a]`` reuse the fused GEMM, and ``dY @ B[a]`` reuses the shrink.
 
 Design (a) of the core issue: a shrink kernel, then the base GEMM with the expand in its epilogue. The

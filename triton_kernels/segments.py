@@ -16,20 +16,45 @@ __all__ = ["SegmentInfo"]
 IdsLike = Union[torch.Tensor, Sequence[int]]
 
 
-def _as_index_tensor(value: IdsLike, name: str, device: Optional[torch.device]) -> torch.Tensor:
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _check_int32_range(name: str, tensor: torch.Tensor) -> None:
+    # The metadata is stored as int32: a wider value would wrap silently (2**32 + 1 -> adapter 1).
+    if tensor.dtype == torch.int64 and tensor.numel():
+        low, high = int(tensor.min()), int(tensor.max())
+        if low < _INT32_MIN or high > _INT32_MAX:
+            raise ValueError(f"{name} must fit in int32, got values in [{low}, {high}]")
+
+
+def _as_index_tensor(value: IdsLike, name: str, device: Optional[torch.device], check_values: bool = True) -> torch.Tensor:
+    """``value`` as a contiguous int32 1-D tensor (on ``device`` when given). ``check_values``: also read the
+    values back to check they fit int32 (skipped for device tensors when host checks are off)."""
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got dtype {value.dtype}")
         if value.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
+        if value.is_meta and check_values:
+            raise ValueError(f"{name} is on the meta device (no values to validate); pass validate=False")
+        if check_values and not value.is_meta:
+            _check_int32_range(name, value)
         tensor = value
     else:
+        if isinstance(value, (str, bytes)):
+            raise ValueError(f"{name} must be a 1-D sequence of ints, got {type(value).__name__}")
         try:
-            tensor = torch.as_tensor(list(value), dtype=torch.int64)
-        except (TypeError, ValueError) as error:
+            items = list(value)
+            raw = torch.as_tensor(items) if items else torch.zeros(0, dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
             raise ValueError(f"{name} must be a 1-D sequence of ints: {error}") from None
-        if tensor.dim() != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+        # as_tensor(dtype=int64) would truncate 0.5 to 0 and turn True into 1 without a word.
+        if raw.dtype.is_floating_point or raw.dtype.is_complex or raw.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D sequence of ints, got {raw.dtype} values {items!r}")
+        if raw.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(raw.shape)}")
+        _check_int32_range(name, raw)  # host data: free to check
+        tensor = raw
     if device is not None:
         tensor = tensor.to(device)
     return tensor.to(torch.int32).contiguous()
@@ -38,10 +63,11 @@ def _as_index_tensor(value: IdsLike, name: str, device: Optional[torch.device]) 
 def _host_checks_wanted(validate: Optional[bool], device: torch.device) -> bool:
     if validate is not None:
         return validate
-    # Checking values needs them on the host; inside CUDA-graph capture that read is illegal.
+    # Checking values needs them on the host; inside CUDA-graph capture that read is illegal, and under
+    # torch.compile it would break the graph.
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    return True
+    return not torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +120,9 @@ class SegmentInfo:
         ``adapter_ids[b]``. Matches an input of shape ``[batch, seq_len, dim]`` flattened row-major."""
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
             raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
-        ids = _as_index_tensor(adapter_ids, "adapter_ids", torch.device(device) if device else None)
+        dev = torch.device(device) if device else None
+        source = adapter_ids.device if isinstance(adapter_ids, torch.Tensor) else torch.device("cpu")
+        ids = _as_index_tensor(adapter_ids, "adapter_ids", dev, _host_checks_wanted(validate, source))
         dev = ids.device
         num_segments = ids.numel()
         seg_indptr = (torch.arange(num_segments + 1, device=dev, dtype=torch.int64) * seq_len).to(torch.int32)
@@ -118,8 +146,12 @@ class SegmentInfo:
         device tensors; when omitted it is read from ``seg_indptr``.
         """
         dev = torch.device(device) if device else None
-        indptr = _as_index_tensor(seg_indptr, "seg_indptr", dev)
-        ids = _as_index_tensor(adapter_ids, "adapter_ids", indptr.device)
+
+        def host_checks(value) -> bool:
+            return _host_checks_wanted(validate, value.device if isinstance(value, torch.Tensor) else torch.device("cpu"))
+
+        indptr = _as_index_tensor(seg_indptr, "seg_indptr", dev, host_checks(seg_indptr))
+        ids = _as_index_tensor(adapter_ids, "adapter_ids", indptr.device, host_checks(adapter_ids))
         if indptr.numel() != ids.numel() + 1:
             raise ValueError(
                 f"seg_indptr must have len(adapter_ids) + 1 = {ids.numel() + 1} entries, got {indptr.numel()}"
