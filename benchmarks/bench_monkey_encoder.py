@@ -8,7 +8,9 @@ For every (batch, resolution) case, on the same weights and inputs:
   reported as ms per step and images/s.
 
 Methods: ``reference`` (the release's loop: one ViT pass per tile with its adapter, then the global view) and
-``patched`` (``patch_model``: one batched ViT pass over every view, fused multi-LoRA linears). Each result
+``patched`` (``patch_model``: one batched ViT pass over every view, fused multi-LoRA linears). With
+``--cuda-graph`` (CUDA only) a third method, ``patched+graph``, times the patched inference forward replayed
+from a CUDA graph (``monkey_kernels.cuda_graphs.capture_forward``; inference only, no train step). Each result
 records the peak memory (CUDA only) and the relative difference of the patched output to the reference one
 (eval mode, same inputs).
 
@@ -34,6 +36,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
+from monkey_kernels.cuda_graphs import capture_forward
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, tile_grid
 from monkey_kernels.patching import patch_model
 
@@ -118,6 +121,19 @@ def measure(model: MonkeyVisionModel, pixel_values: torch.Tensor, device: torch.
     }
 
 
+def measure_graphed(model: MonkeyVisionModel, pixel_values: torch.Tensor, device: torch.device, warmup: int,
+                    iters: int) -> Dict[str, Optional[float]]:
+    """Inference of ``model`` replayed from a CUDA graph (captured once, after warm-up)."""
+    model.eval()
+    graphed = capture_forward(model, pixel_values, warmup=max(warmup, 1))
+    infer_s = time_it(lambda: graphed(pixel_values), device, warmup, iters)
+    return {
+        "inference_images_per_s": pixel_values.shape[0] / infer_s,
+        "inference_ms": infer_s * 1e3,
+        "inference_peak_gib": peak_memory(device, lambda: graphed(pixel_values)),
+    }
+
+
 def run_case(reference, patched, initial_state, config, batch, grid_cols_rows, device, dtype, args) -> List[dict]:
     # Train steps of earlier cases moved the weights (differently: dropout masks differ): start equal again.
     reference.load_state_dict(initial_state)
@@ -145,6 +161,14 @@ def run_case(reference, patched, initial_state, config, batch, grid_cols_rows, d
         if method == "patched":
             entry["rel_diff_to_reference"] = rel_diff
         rows_out.append(entry)
+        if method == "patched" and args.cuda_graph:
+            graphed = {"method": "patched+graph", "batch": batch, "tiles": grid.num_tiles, "views": grid.num_views,
+                       "image_tokens": grid.num_image_tokens}
+            try:
+                graphed.update(measure_graphed(model, pixel_values, device, args.warmup, args.iters))
+            except torch.cuda.OutOfMemoryError:
+                graphed["error"] = "out of memory"
+            rows_out.append(graphed)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -161,11 +185,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the train step")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time the patched inference replayed from a CUDA graph (CUDA only)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default under benchmarks/results/)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
+    if args.cuda_graph and not on_cuda:
+        parser.error("--cuda-graph needs a CUDA device")
     small = args.small or not on_cuda
     dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
     batches = args.batches or ([1, 4, 8] if on_cuda else [1, 2, 4])
@@ -238,10 +266,13 @@ def print_table(payload: dict) -> None:
         def mem(v):
             return f"{v:.2f}" if v is not None else "-"
 
+        def num(key, spec):
+            return format(r[key], spec) if r.get(key) is not None else "-"
+
         diff = f"{r['rel_diff_to_reference']:.1e}" if "rel_diff_to_reference" in r else "-"
         print(f"{r['resolution']:>10} {r['batch']:>5} {r['method']:>9} {r['inference_images_per_s']:>11.2f} "
-              f"{r['train_step_ms']:>9.1f} {r['train_images_per_s']:>11.2f} {mem(r['inference_peak_gib']):>12} "
-              f"{mem(r['train_peak_gib']):>14} {diff:>9}")
+              f"{num('train_step_ms', '.1f'):>9} {num('train_images_per_s', '.2f'):>11} "
+              f"{mem(r['inference_peak_gib']):>12} {mem(r.get('train_peak_gib')):>14} {diff:>9}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ log="$out/gpu_session.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
 # 1. correctness of the compiled kernels (conftest runs them on CUDA when a GPU is present)
 python3 -m pytest -q -x tests/test_multi_lora.py tests/test_modules.py tests/test_slp.py tests/test_patching.py \
+    tests/test_cuda_graphs.py tests/test_torch_compile.py \
     2>&1 | tee "$out/gpu_tests.log" | tail -3
 # 2. timings (each benchmark checks its results against the reference before timing)
-for bench in multi_lora slp monkey_encoder; do
+for bench in multi_lora slp; do
     python3 "benchmarks/bench_$bench.py" --out "$out/${bench}_gpu.json" 2>>"$log" | tee -a "$log"
 done
+python3 benchmarks/bench_monkey_encoder.py --cuda-graph --out "$out/monkey_encoder_gpu.json" 2>>"$log" | tee -a "$log"
 echo "summary:"; tail -1 "$out/gpu_tests.log"

@@ -257,7 +257,8 @@ def batched_model_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             f"pixel_values must hold 2 to lora_repeat_num + 1 = {self.config.lora_repeat_num + 1} views "
             f"(tiles then the global view), got {views}"
         )
-    per_image = list(range(num_tiles)) + [-1]
-    ids = torch.tensor(per_image * b, dtype=torch.int64, device=pixel_values.device)
+    # built with device ops (no host-to-device copy), so the forward can be captured in a CUDA graph
+    per_image = torch.arange(views, dtype=torch.int64, device=pixel_values.device)
+    ids = torch.where(per_image == num_tiles, -1, per_image).repeat(b)
     feats = self.encode_views(pixel_values.flatten(0, 1), idx=ids)  # [B * V, Q, D]
     return feats.reshape(b, views * feats.shape[1], feats.shape[2])
