@@ -122,3 +122,25 @@ def test_patched_model_trains_compiled_with_dropout():
     # the masks depend on the seed: another seed gives another output
     torch.manual_seed(100)
     assert not torch.allclose(compiled(x), out_eager)
+
+
+def test_patched_peft_model_compiles_without_graph_breaks():
+    """A PEFT model patched in place, with one adapter (or none) per batch row: one graph, same output."""
+    pytest.importorskip("peft")
+    from monkey_kernels.peft_patch import set_adapter_rows
+    from test_peft import ADAPTERS, make_peft, pixels
+
+    model = make_peft("siglip")
+    patch_model(model, backend="torch")
+    model.eval()
+    names = list(ADAPTERS)
+    set_adapter_rows(model, [names[0], "__base__", names[-1]])
+    x = pixels(model, 3, "cpu")
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(pixel_values=x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        torch._dynamo.reset()
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
