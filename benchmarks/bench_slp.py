@@ -14,6 +14,11 @@ Methods, on the same inputs:
 - ``fused``: ``slp_embed`` with ``validate=True`` (the default: one small host read for the checks).
 - ``fused_novalidate``: ``slp_embed(validate=False)``, the CUDA-graph-capturable path; the bandwidth target
   is judged on it.
+- ``native`` / ``native_novalidate``: the same two with ``backend="native"``: the C++ ops of
+  ``csrc/slp_cpu.cpp`` (forward and backward) on CPU, the CUDA C++ kernel ``csrc/cuda/slp_embed_kernel.cu``
+  (forward; the backward is the shared PyTorch one) on a GPU, next to the Triton kernel of ``fused``.
+  Measured whenever the native extension loads (and, on a GPU, was built with CUDA); otherwise the JSON
+  says why under ``native``.
 - ``copy``: ``out.copy_(src)`` of a tensor the size of the output: the device's copy bandwidth.
 
 Bandwidth: the bytes the fused forward must move (write every output row; read the token id, the source
@@ -54,6 +59,7 @@ __all__ = ["main", "CaseSpec", "FULL_CASES", "METHODS", "TARGET_COPY_FRACTION"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("copy", "reference", "fused", "fused_novalidate")
+NATIVE_METHODS = ("native", "native_novalidate")
 TARGET_COPY_FRACTION = 0.85
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BOX_TOKEN_ID = 0
@@ -135,21 +141,36 @@ def reference_forward(p: Problem) -> torch.Tensor:
     return module(p.input_ids, p.boxes, p.page_sizes, p.image_features)
 
 
-def fused_forward(p: Problem, validate: bool = True) -> torch.Tensor:
+def fused_forward(p: Problem, validate: bool = True, backend: Optional[str] = None) -> torch.Tensor:
     proj = p.projector.proj
     return slp_embed(
         p.input_ids, p.table, proj.weight, proj.bias, p.boxes, box_token_id=BOX_TOKEN_ID,
         page_sizes=p.page_sizes, image_features=p.image_features, image_token_id=p.image_token_id,
-        validate=validate, backend=p.backend,
+        validate=validate, backend=backend or p.backend,
     )
 
 
-def validate_problem(p: Problem, dtype: torch.dtype) -> float:
+def native_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``backend="native"`` cannot run here (``None``: it can)."""
+    from monkey_kernels import _native
+
+    if not _native.available():
+        return _native.status()
+    if device.type == "cuda":
+        from monkey_kernels.slp import _native_has_cuda_kernel
+
+        if not _native_has_cuda_kernel():
+            return "the extension was built without CUDA (no CUDA kernel registered)"
+    return None
+
+
+def validate_problem(p: Problem, dtype: torch.dtype, backend: Optional[str] = None) -> float:
     with torch.no_grad():
-        expected, got = reference_forward(p).float(), fused_forward(p).float()
+        expected, got = reference_forward(p).float(), fused_forward(p, backend=backend).float()
     error = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1e-30)
     if not error <= TOLERANCES[dtype]:
-        raise AssertionError(f"{p.case.name}: fused differs from the reference by {error:.3g} (relative to max)")
+        raise AssertionError(f"{p.case.name}: fused ({backend or p.backend}) differs from the reference by "
+                             f"{error:.3g} (relative to max)")
     return error
 
 
@@ -199,7 +220,9 @@ def measure(method: str, p: Problem, timer, dtype: torch.dtype) -> dict:
         row["bytes"] = 2 * out_bytes
     else:
         forward = reference_forward if method == "reference" else fused_forward
-        kwargs = {"validate": False} if method == "fused_novalidate" else {}
+        kwargs = {"validate": False} if method.endswith("_novalidate") else {}
+        if method in NATIVE_METHODS:
+            kwargs["backend"] = "native"
 
         def fwd() -> None:
             with torch.no_grad():
@@ -245,8 +268,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time the fused SLP embedding assembly against the reference.")
     parser.add_argument("--cases", nargs="+", choices=list(FULL_CASES), default=list(FULL_CASES))
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--backend", choices=["triton", "torch"], default=None,
-                        help="default: triton on CUDA, torch on CPU (triton on CPU needs TRITON_INTERPRET=1)")
+    parser.add_argument("--backend", choices=["triton", "torch", "native"], default=None,
+                        help="backend of the fused methods; default: triton on CUDA, torch on CPU (triton on CPU "
+                             "needs TRITON_INTERPRET=1). The native methods always use backend='native'")
+    parser.add_argument("--no-native", action="store_true", help="skip the native / native_novalidate methods")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--small", dest="small", action="store_true", default=None,
@@ -292,22 +317,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(f"SLP embedding benchmark on {device_label} [{timer.label}]: dtype={args.dtype}, backend={args.backend}, "
           f"{'small' if args.small else 'full'} sizes", file=sys.stderr)
     torch.manual_seed(args.seed)
+    native_reason = "skipped: --no-native" if args.no_native else native_unavailable(device, dtype)
+    methods = METHODS + (NATIVE_METHODS if native_reason is None else ())
+    if native_reason is not None:
+        print(f"native methods not measured: {native_reason}", file=sys.stderr)
     rows: List[dict] = []
     errors: Dict[str, float] = {}
-    with tqdm(total=len(cases) * len(METHODS), desc="SLP bench", unit="run", disable=args.no_progress) as progress:
+    with tqdm(total=len(cases) * len(methods), desc="SLP bench", unit="run", disable=args.no_progress) as progress:
         for case in cases:
             problem = build_problem(case, dtype, device, args.backend)
             progress.set_postfix_str(f"{case.name} validating")
             errors[case.name] = validate_problem(problem, dtype)
+            if native_reason is None:
+                errors[f"{case.name}/native"] = validate_problem(problem, dtype, "native")
             group = []
-            for method in METHODS:
+            for method in methods:
                 progress.set_postfix_str(f"{case.name} {method}")
                 group.append(measure(method, problem, timer, dtype))
                 progress.update(1)
             copy_bw = group[0]["gb_per_s"]
             for row in group:
                 row["fraction_of_copy"] = row["gb_per_s"] / copy_bw
-                if on_cuda and row["method"] == "fused_novalidate":
+                if on_cuda and row["method"] in ("fused_novalidate", "native_novalidate"):
                     row["target"] = {"goal": f">= {TARGET_COPY_FRACTION:.0%} of copy bandwidth",
                                      "met": row["fraction_of_copy"] >= TARGET_COPY_FRACTION}
             rows.extend(group)
@@ -328,6 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "date": today,
         "dtype": args.dtype,
         "backend": args.backend,
+        "native": "measured" if native_reason is None else native_reason,
         "config": {
             "sizes": "small" if args.small else "full", "cases": [dict(c.__dict__) for c in cases],
             "timer": "triton.testing.do_bench median" if on_cuda else "time.perf_counter median",

@@ -46,6 +46,8 @@ BENCHMARKS: Dict[str, tuple] = {
     "monkey_encoder": ("bench_monkey_encoder", ["--small", "--batches", "1", "--resolutions", "896x896",
                                                 "--warmup", "1", "--iters", "2"]),
     "peft": ("bench_peft", ["--adapters", "4", "--batches", "4", "--warmup", "1", "--iters", "2"]),
+    # CPU timings on any machine: the C++ backend against the PyTorch one, the loop and PEFT
+    "native_cpu": ("bench_native_cpu", ["--quick", "--no-progress"]),
 }
 
 _DTYPES = ("fp32", "bf16", "fp16")
@@ -111,6 +113,9 @@ def cmd_info(args: argparse.Namespace) -> dict:
     info["TRITON_INTERPRET"] = (f"set ({interpret!r}): Triton kernels run on CPU through the interpreter (slow)"
                                 if interpret not in (None, "", "0") else "not set")
     info[ENV_BACKEND] = os.environ.get(ENV_BACKEND) or "not set"
+    from monkey_kernels import _native
+
+    info["native extension"] = _native.status()
     info["backend for CPU tensors"] = _backend_for("cpu")
     info["backend for CUDA tensors"] = _backend_for("cuda") + ("" if cuda else " (no CUDA device here)")
     ptxas = _ptxas_path()
@@ -410,7 +415,24 @@ def _plot_encoder(results: dict, path: Path, plt) -> None:
     _save(fig, path, plt, f"Monkey encoder: {results.get('device')}, {results.get('dtype')}")
 
 
-_PLOTTERS = {"multi_lora": _plot_multi_lora, "monkey_encoder": _plot_encoder}
+def _plot_native_cpu(results: dict, path: Path, plt) -> None:
+    """Bar chart: each method's time divided by the base ``F.linear``'s, forward and forward+backward, per width."""
+    rows = [dict(method=method, width=str(r["width"]), batch=r["mode"], ratio=ratio)
+            for r in results["results"] for method, ratio in r["ratio_to_base"].items() if method != "base"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 0.9 * len(methods) * len(results["results"])), 4.5),
+                             squeeze=False)
+    for ax, mode, title in ((axes[0][0], "fwd", "forward / F.linear"), (axes[0][1], "fwd_bwd", "fwd+bwd / F.linear fwd+dX")):
+        mode_rows = [dict(r, batch=1) for r in rows if r["batch"] == mode]
+        _bar_panel(ax, mode_rows, ("width", "batch"), methods, "ratio", title, "ratio to base (lower is better)")
+        ax.set_xticklabels([f"width {w}" for w in dict.fromkeys(r["width"] for r in mode_rows)])
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.axhline(1.2, color="red", linewidth=0.8, linestyle=":")
+    _save(fig, path, plt, f"multi-LoRA linear on CPU: {results.get('device')}, {results.get('threads')} threads "
+                          f"(dotted: the 1.2x target)")
+
+
+_PLOTTERS = {"multi_lora": _plot_multi_lora, "monkey_encoder": _plot_encoder, "native_cpu": _plot_native_cpu}
 
 
 def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> dict:
@@ -483,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="requested resolution in the config's pixels (default: config.image_size square, "
                            "a 2x2 tile grid: 896x896 for release, 224x224 for small)")
     demo.add_argument("--batch", type=_positive_int, default=1)
-    demo.add_argument("--backend", choices=["auto", "triton", "torch"], default=None,
+    demo.add_argument("--backend", choices=["auto", "triton", "native", "torch"], default=None,
                       help="fused backend (default: resolve_backend's choice for the device)")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     demo.add_argument("--dtype", choices=_DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")

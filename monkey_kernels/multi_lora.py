@@ -32,12 +32,12 @@ def _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, se
     )
 
 
-@torch.library.custom_op("monkey_kernels::multi_lora_linear_fwd", mutates_args=())
-def multi_lora_linear_fwd(
+def _linear_forward(
     u: torch.Tensor, v: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, residual: Optional[torch.Tensor],
     ranks: torch.Tensor, seg_indptr: torch.Tensor, adapter_ids: torch.Tensor, row_segment: torch.Tensor,
     row_adapter: torch.Tensor, segment_length: int, r_block: int, dropout_p: float, seed: torch.Tensor, backend: str,
+    need_h: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Forward of the segmented multi-LoRA linear on flattened, validated rows (a PyTorch custom op, so
     ``torch.compile`` keeps it whole; its autograd formula is registered below).
@@ -51,26 +51,51 @@ def multi_lora_linear_fwd(
     Shapes: ``u [M, K]``, ``v [M, K_lora]``, ``weight [N, K]``, ``lora_a [A, r_max, K_lora]``,
     ``lora_b [A, N, r_max]``, ``scale [A]``, ``residual [M, N]``, ``ranks`` int32 ``[A]``, the four segment
     tensors of a :class:`SegmentInfo`, ``seed`` an int64 0-dim CPU tensor (a tensor, so that a seed drawn
-    inside a compiled graph does not break it). Returns ``Y [M, N]`` (dtype of ``u``) and ``H`` (fp32
-    ``[M, r_block]``), the one intermediate the backward keeps.
+    inside a compiled graph does not break it). Returns ``Y [M, N]`` (dtype of ``u``) and ``H`` (fp32, fp64
+    for fp64 ``u``; ``[M, r_block]``), the one intermediate the backward keeps (``dB`` and ``ds`` read it);
+    with ``need_h=False`` (no such gradient wanted) ``H`` is ``[M, 0]``.
+
+    A backend with ``merged_linear`` (the native CPU one) computes ``Y`` with each adapter's merged weight
+    ``W + s_a B_a A_a`` when there is no dropout and ``V = U`` (see ``NativePrimitives.merged_linear``); then
+    ``H`` is computed only when it is needed.
     """
     segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
     prims = get_primitives(backend)
     seed = int(seed)
     lora_in = u if v is None else v
-    h = prims.shrink(lora_in, lora_a, segments, ranks, r_block, dropout_p=dropout_p, seed=seed)
-    y = prims.fused_gemm(
-        u, weight, bias, h, lora_b, scale, residual, segments, ranks,
-        out_features=weight.shape[0], out_dtype=u.dtype,
-    )
+    if v is None and dropout_p == 0.0 and _merges(prims, segments):
+        h = prims.shrink(u, lora_a, segments, ranks, r_block) if need_h else None
+        y = prims.merged_linear(u, weight, bias, lora_a, lora_b, scale, residual, segments, ranks, out_dtype=u.dtype)
+    else:
+        h = prims.shrink(lora_in, lora_a, segments, ranks, r_block, dropout_p=dropout_p, seed=seed)
+        y = prims.fused_gemm(
+            u, weight, bias, h, lora_b, scale, residual, segments, ranks,
+            out_features=weight.shape[0], out_dtype=u.dtype,
+        )
+    if not need_h:
+        h = u.new_empty((u.shape[0], 0), dtype=_h_dtype(u.dtype))
     return y, h
+
+
+multi_lora_linear_fwd = torch.library.custom_op("monkey_kernels::multi_lora_linear_fwd", mutates_args=())(
+    _linear_forward)
+
+
+def _merges(prims, segments: SegmentInfo) -> bool:
+    """Whether ``prims`` computes the LoRA linear through merged weights for this layout."""
+    return hasattr(prims, "merged_linear") and prims.merge_worthwhile(segments)
+
+
+def _h_dtype(dtype: torch.dtype) -> torch.dtype:
+    # H accumulates in fp32, in fp64 for fp64 inputs (the CPU backends; Triton has no fp64)
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @multi_lora_linear_fwd.register_fake
 def _(u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, seg_indptr, adapter_ids, row_segment,
-      row_adapter, segment_length, r_block, dropout_p, seed, backend):
+      row_adapter, segment_length, r_block, dropout_p, seed, backend, need_h=True):
     y = u.new_empty((u.shape[0], weight.shape[0]))
-    h = u.new_empty((u.shape[0], r_block), dtype=torch.float32)
+    h = u.new_empty((u.shape[0], r_block if need_h else 0), dtype=_h_dtype(u.dtype))
     return y, h
 
 
@@ -79,8 +104,7 @@ def _(u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, seg_indptr, ad
 _OP_GRADS = ("u", "v", "lora_a", "lora_b", "scale")
 
 
-@torch.library.custom_op("monkey_kernels::multi_lora_linear_bwd", mutates_args=())
-def multi_lora_linear_bwd(
+def _linear_backward(
     grad_out: torch.Tensor, u: torch.Tensor, v: Optional[torch.Tensor], weight: torch.Tensor,
     lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, ranks: torch.Tensor,
     seg_indptr: torch.Tensor, adapter_ids: torch.Tensor, row_segment: torch.Tensor, row_adapter: torch.Tensor,
@@ -100,7 +124,9 @@ def multi_lora_linear_bwd(
         dW = dY^\top U, \quad db = \textstyle\sum_i dY_i, \quad dR = dY.
 
     ``dY W`` and ``dH A_a`` share one fused GEMM (the forward's with ``W^\top`` and ``A_a^\top`` as strided
-    views); ``D`` is regenerated from ``seed``, never stored.
+    views); ``D`` is regenerated from ``seed``, never stored. Without dropout and with ``V = U``, a backend
+    with ``merged_linear`` computes :math:`dU_i = dY_i (W + s_a B_a A_a)` instead: the merged weight of the
+    forward, transposed (``W^\top + s_a A_a^\top B_a^\top``).
     """
     need_u, need_v, need_a, need_b, need_scale = needs
     segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
@@ -113,7 +139,10 @@ def multi_lora_linear_bwd(
     # one placeholder each: outputs of a custom op may not alias one another
     grad_u, grad_v, grad_a, grad_b, grad_scale = (dy.new_empty(0) for _ in range(5))
 
-    need_dh = need_a or need_u or need_v
+    merged_du = v is None and need_u and dropout_p == 0.0 and _merges(prims, segments)
+    if (need_b or need_scale) and h.shape[1] == 0:
+        raise RuntimeError("multi_lora_linear_bwd: dB / dscale wanted but the forward ran with need_h=False")
+    need_dh = need_a or need_v or (need_u and not merged_du)
     g = dh = None
     if need_dh or need_scale:
         g = prims.shrink(dy, lora_b.transpose(1, 2), segments, ranks, r_block)
@@ -123,15 +152,24 @@ def multi_lora_linear_bwd(
         grad_scale.index_add_(0, segments.row_adapter.clamp(min=0), per_row)
         grad_scale = grad_scale.to(scale.dtype)
     if need_dh:
-        row_scale = scale.float()[segments.row_adapter.clamp(min=0)]
-        dh = g * row_scale[:, None]
+        active = segments.row_adapter >= 0
+        row_scale = scale.to(g.dtype)[segments.row_adapter.clamp(min=0)]
+        # base-only rows borrow adapter 0's scale here; selected away so that an inf scale gives no 0 * inf
+        dh = torch.where(active[:, None], g * row_scale[:, None], 0.0)
+    if need_a or need_b:
+        owned = _owned_rank_columns(segments, ranks, num_adapters, lora_a.shape[1])
     if need_b:
         grad_b = alloc.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
         prims.outer(dy, h, segments, grad_b, scale=scale)
+        grad_b = torch.where(owned[:, None, :], grad_b, 0.0)
     if need_a:
         grad_a = alloc.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
         prims.outer(lora_in, dh, segments, grad_a.transpose(1, 2), dropout_p=dropout_p, seed=seed)
-    if v is None:
+        grad_a = torch.where(owned[:, :, None], grad_a, 0.0)
+    if merged_du:
+        grad_u = prims.merged_linear(dy, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), scale,
+                                     None, segments, ranks, out_dtype=u.dtype)
+    elif v is None:
         if need_u:
             grad_u = prims.fused_gemm(
                 dy, weight.t(), None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
@@ -151,6 +189,23 @@ def multi_lora_linear_bwd(
     return [grad_u, grad_v, grad_a, grad_b, grad_scale]
 
 
+multi_lora_linear_bwd = torch.library.custom_op("monkey_kernels::multi_lora_linear_bwd", mutates_args=())(
+    _linear_backward)
+
+
+def _owned_rank_columns(segments: SegmentInfo, ranks: torch.Tensor, num_adapters: int, r_max: int) -> torch.Tensor:
+    """bool ``[num_adapters, r_max]``: rank column ``r`` of adapter ``a`` is live (``r < rank_a`` and ``a`` owns
+    rows). dA and dB are selected to exactly 0 elsewhere: the outer products sum whole ``R``-wide rows, where a
+    NaN in a row of ``X`` or ``dY`` times the zero columns of ``H`` / ``G`` past the rank would give NaN, and an
+    adapter without rows would get ``0 * scale``, NaN for an inf or NaN scale."""
+    ids = segments.adapter_ids.to(torch.int64)
+    lengths = (segments.seg_indptr[1:] - segments.seg_indptr[:-1]).to(torch.int64)
+    rows = torch.zeros(num_adapters, dtype=torch.int64, device=ids.device)
+    rows.index_add_(0, ids.clamp(min=0), torch.where(ids >= 0, lengths, 0))
+    live = torch.arange(r_max, device=ids.device)[None, :] < ranks.to(device=ids.device, dtype=torch.int64)[:, None]
+    return live & (rows > 0)[:, None]
+
+
 @multi_lora_linear_bwd.register_fake
 def _(grad_out, u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
       row_adapter, segment_length, r_block, dropout_p, seed, backend, needs):
@@ -160,14 +215,14 @@ def _(grad_out, u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapt
 
 def _setup_context(ctx, inputs, output):
     (u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, seg_indptr, adapter_ids, row_segment,
-     row_adapter, segment_length, r_block, dropout_p, seed, backend) = inputs
+     row_adapter, segment_length, r_block, dropout_p, seed, backend, _need_h) = inputs
     _, h = output
     ctx.save_for_backward(u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
                           row_adapter, seed)
     ctx.options = (segment_length, r_block, dropout_p, backend)
 
 
-def _backward(ctx, grad_out, grad_h):
+def _backward(ctx, grad_out, grad_h, backward_op=None):
     (u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
      row_adapter, seed) = ctx.saved_tensors
     segment_length, r_block, dropout_p, backend = ctx.options
@@ -176,7 +231,7 @@ def _backward(ctx, grad_out, grad_h):
     wanted = [need_u, need_v and v is not None, need_a, need_b, need_scale]
     grads = [None] * len(_OP_GRADS)
     if any(wanted):
-        computed = multi_lora_linear_bwd(
+        computed = (backward_op or multi_lora_linear_bwd)(
             grad_out, u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
             row_adapter, segment_length, r_block, dropout_p, seed, backend, wanted,
         )
@@ -185,10 +240,32 @@ def _backward(ctx, grad_out, grad_h):
     grad_w = grad_out.t().mm(u) if need_w else None
     grad_bias = grad_out.sum(dim=0) if need_bias else None
     grad_res = grad_out if need_res else None
-    return (grad_u, grad_v, grad_w, grad_bias, grad_a, grad_b, grad_scale, grad_res) + (None,) * 10
+    return (grad_u, grad_v, grad_w, grad_bias, grad_a, grad_b, grad_scale, grad_res) + (None,) * 11
 
 
 multi_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerMultiLoRALinear(torch.autograd.Function):
+    """The custom op pair above as a plain autograd.Function for eager calls: the same forward, backward and
+    saved tensors, without torch.library's dispatch (about 0.1 ms a call on CPU, as much as a whole small
+    layer). ``torch.compile`` and fake / meta tensors go through the custom ops instead (see
+    :func:`multi_lora_linear`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, h = _linear_forward(*inputs)
+        _setup_context(ctx, inputs, (y, h))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out, None, backward_op=_linear_backward)
+
+
+def _through_custom_op(tensor: torch.Tensor) -> bool:
+    """Whether the call must go through the custom op (traced by torch.compile, or tensors without values)."""
+    return torch.compiler.is_compiling() or tensor.is_meta or torch._subclasses.fake_tensor.is_fake(tensor)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,6 +426,10 @@ def multi_lora_linear(
 
     M = math.prod(lead)
     if not isinstance(segments, SegmentInfo):
+        # Unordered or scalar containers would be misread as ids (a dict iterates its keys).
+        if isinstance(segments, (str, bytes, dict, set)) or not hasattr(segments, "__iter__"):
+            raise ValueError(f"segments must be a SegmentInfo or adapter ids [batch] (a list or an integer tensor), "
+                             f"got {type(segments).__name__}")
         if input.dim() != 3:
             raise ValueError(
                 "segments given as adapter ids needs input of shape [batch, seq, K]; "
@@ -366,6 +447,8 @@ def multi_lora_linear(
         raise ValueError(
             f"segments use adapter id {segments.max_adapter_id}, out of range for num_adapters={num_adapters}"
         )
+    if isinstance(ranks, torch.Tensor) and ranks.is_meta and not input.is_meta:
+        raise ValueError(f"ranks is on meta (no values), expected {device} (the device of input) or the CPU")
     ranks_t = normalize_ranks(ranks, num_adapters, r_max, device, checked=ranks_checked)
 
     backend = resolve_backend(backend, device)
@@ -380,15 +463,25 @@ def multi_lora_linear(
         u = u.contiguous()
         v = v.contiguous() if v is not None else None
         res = res.contiguous() if res is not None else None
+    # The kernels index bias and scale as dense vectors (no stride argument): an expanded (stride-0) or
+    # strided bias / scale gave wrong sums. Both are tiny, so a copy when needed costs nothing.
+    bias = bias.contiguous() if bias is not None else None
+    scale = scale.contiguous()
     from triton_kernels.multi_lora import rank_block  # noqa: PLC0415 (triton is optional for the torch path)
 
     r_block = rank_block(max(r_max, 1))
-    y, _ = multi_lora_linear_fwd(
+    # H serves dB and dscale only; inference (and frozen B and scale) need not keep it.
+    need_h = torch.is_grad_enabled() and (lora_b.requires_grad or scale.requires_grad)
+    op_inputs = (
         u, v, weight, bias, lora_a, lora_b, scale, res, ranks_t, segments.seg_indptr, segments.adapter_ids,
         segments.row_segment, segments.row_adapter,
         _NO_LENGTH if segments.segment_length is None else segments.segment_length,
-        r_block, dropout_p, seed, backend,
+        r_block, dropout_p, seed, backend, need_h,
     )
+    if _through_custom_op(u):
+        y, _ = multi_lora_linear_fwd(*op_inputs)
+    else:
+        y = _EagerMultiLoRALinear.apply(*op_inputs)
     return y.view(*lead, N)
 
 

@@ -17,8 +17,11 @@ that would have been an error (surplus placeholders, out-of-range ids) produces 
 reading out of bounds.
 
 Backends (``monkey_kernels.backends.resolve_backend``): ``triton`` runs one kernel
-(``triton_kernels.slp``) over (token rows, hidden blocks); ``torch`` is vectorized PyTorch (gathers and a
-``where`` over kinds; no loop over sequences or boxes). Backward is shared (see :class:`SLPEmbedFunction`).
+(``triton_kernels.slp``) over (token rows, hidden blocks); ``native`` runs the C++ ops
+``torch.ops.monkey_kernels_native.slp_embed_forward`` / ``slp_embed_backward`` (``csrc/slp_cpu.cpp``: CPU,
+forward and backward; ``csrc/cuda/``: a CUDA forward kernel in CUDA builds); ``torch`` is vectorized PyTorch
+(gathers and a ``where`` over kinds; no loop over sequences or boxes). The backward of ``triton`` and
+``torch`` (and of ``native`` on CUDA) is shared PyTorch (see :class:`SLPEmbedFunction`).
 """
 from __future__ import annotations
 
@@ -127,10 +130,16 @@ def build_token_index(
 # ---------------------------------------------------------------------------------------------------------
 # Forward primitives
 # ---------------------------------------------------------------------------------------------------------
-def _normalized_boxes_fp32(boxes: torch.Tensor, page_sizes: Optional[torch.Tensor]) -> torch.Tensor:
-    c = boxes.float()
+def _box_compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """Compute dtype of the box projection and its gradients: float64 for a float64 table (output), else fp32."""
+    return torch.float64 if out_dtype == torch.float64 else torch.float32
+
+
+def _normalized_boxes(boxes: torch.Tensor, page_sizes: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``boxes / (w, h, w, h)`` (or ``boxes`` when ``page_sizes`` is None) in ``dtype``."""
+    c = boxes.to(dtype)
     if page_sizes is not None:
-        size = page_sizes.float()
+        size = page_sizes.to(dtype)
         c = c / torch.cat([size, size], dim=-1).unsqueeze(1)
     return c
 
@@ -170,14 +179,27 @@ def _torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_feat
     out = torch.where(torch.cat([is_text, is_text.new_zeros(1)])[:, None], out,
                       torch.zeros((), dtype=table.dtype, device=table.device))
     B, N, _ = boxes.shape
-    z = torch.nn.functional.linear(_normalized_boxes_fp32(boxes, page_sizes).reshape(B * N, 4), weight.float(),
-                                   None if bias is None else bias.float())
+    acc = _box_compute_dtype(table.dtype)  # fp32 (fp64 for a float64 table), one rounding to the table's dtype
+    z = torch.nn.functional.linear(_normalized_boxes(boxes, page_sizes, acc).reshape(B * N, 4), weight.to(acc),
+                                   None if bias is None else bias.to(acc))
     out.index_copy_(0, _source_rows(kind, src, KIND_BOX, B * N), z.to(table.dtype))
     if image_features is not None:
         Bi, n_image, _ = image_features.shape
         rows = image_features.reshape(Bi * n_image, H).to(table.dtype)
         out.index_copy_(0, _source_rows(kind, src, KIND_IMAGE, Bi * n_image), rows)
     return out[:T]
+
+
+def _native_ops():
+    from . import _native  # noqa: PLC0415 (loads the extension on first use only)
+
+    return _native.ops()
+
+
+def _native_has_cuda_kernel() -> bool:
+    """Whether the loaded extension registered the CUDA kernel of ``slp_embed_forward`` (CUDA builds)."""
+    _native_ops()
+    return torch._C._dispatch_has_kernel_for_dispatch_key("monkey_kernels_native::slp_embed_forward", "CUDA")
 
 
 class SLPEmbedFunction(torch.autograd.Function):
@@ -203,7 +225,13 @@ class SLPEmbedFunction(torch.autograd.Function):
     CUDA a sort-based segment reduction), where a Triton kernel would need float atomics (run-to-run
     non-deterministic, and contended in bf16 on hot rows such as frequent tokens). The box and
     image gradients gather only the placeholder rows of ``dY`` (``O((N + n_image) H)``), then a ``[n, H] x
-    [H, 4]`` product in fp32; both backends share this backward.
+    [H, 4]`` product in fp32 (float64 for a float64 table, as the forward projection); the triton and torch
+    backends share this backward.
+
+    The ``native`` backend on CPU computes the same six gradients in one C++ op (``slp_embed_backward``):
+    the table gradient by a counting sort of the text tokens (each table row the ordered sum of its tokens'
+    rows, fp32 accumulation (float64 for a float64 table), deterministic), the box / projection reductions in
+    float64.
     """
 
     @staticmethod
@@ -212,9 +240,16 @@ class SLPEmbedFunction(torch.autograd.Function):
             from triton_kernels.slp import slp_embed_forward  # noqa: PLC0415 (Triton optional for torch)
 
             out = slp_embed_forward(kind, src, table, boxes, page_sizes, weight, bias, image_features)
+        elif backend == "native":
+            from triton_kernels import alloc  # noqa: PLC0415 (NaN-poisoned under the tests, like Triton's)
+
+            out = alloc.empty((kind.shape[0], table.shape[1]), device=table.device, dtype=table.dtype)
+            _native_ops().slp_embed_forward.out(kind, src, table, boxes, page_sizes, weight, bias, image_features,
+                                                out=out)
         else:
             out = _torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_features)
         ctx.save_for_backward(kind, src, boxes, page_sizes, weight)
+        ctx.backend = backend
         ctx.num_embeddings = table.shape[0]
         ctx.padding_idx = -1 if padding_idx is None else int(padding_idx)
         ctx.image_shape = None if image_features is None else tuple(image_features.shape)
@@ -229,6 +264,19 @@ class SLPEmbedFunction(torch.autograd.Function):
         T, H = dy.shape
         grad_table = grad_w = grad_bias = grad_boxes = grad_sizes = grad_image = None
 
+        if ctx.backend == "native" and dy.device.type == "cpu":
+            # One C++ op for all six gradients (csrc/slp_cpu.cpp): the same math, deterministic, the table
+            # gradient by a counting sort of the text tokens instead of embedding_dense_backward.
+            n_image = 0 if ctx.image_shape is None else ctx.image_shape[1]
+            grad_table, grad_w, grad_bias, grad_boxes, grad_sizes, grad_image = _native_ops().slp_embed_backward(
+                dy, kind, src, boxes, page_sizes, weight, ctx.num_embeddings, ctx.padding_idx, n_image,
+                [need_table, need_w, need_bias, need_boxes, need_sizes, need_image],
+            )
+            if grad_image is not None:
+                grad_image = grad_image.view(ctx.image_shape).to(ctx.image_dtype)
+            return grad_table, grad_w, grad_bias, grad_boxes, grad_sizes, grad_image, None, None, None, None
+
+        # torch and triton backends, and native on CUDA tensors (the CUDA kernel is forward only).
         if need_table:
             is_text = kind == KIND_TEXT
             grad_table = torch.ops.aten.embedding_dense_backward(
@@ -238,24 +286,25 @@ class SLPEmbedFunction(torch.autograd.Function):
 
         if need_w or need_bias or need_boxes or need_sizes:
             B, N, _ = boxes.shape
-            g = _gather_rows(dy, _source_rows(kind, src, KIND_BOX, B * N)).float()  # [B*N, H]
-            c = _normalized_boxes_fp32(boxes, page_sizes).reshape(B * N, 4)
+            acc = _box_compute_dtype(dy.dtype)  # dY has the table's (output's) dtype: as in the forward
+            g = _gather_rows(dy, _source_rows(kind, src, KIND_BOX, B * N)).to(acc)  # [B*N, H]
+            c = _normalized_boxes(boxes, page_sizes, acc).reshape(B * N, 4)
             if need_w:
                 grad_w = (g.t() @ c).to(weight.dtype)
             if need_bias:
                 grad_bias = g.sum(dim=0).to(weight.dtype)
             if need_boxes or need_sizes:
-                dc = (g @ weight.float()).view(B, N, 4)
+                dc = (g @ weight.to(acc)).view(B, N, 4)
                 if page_sizes is None:
                     if need_boxes:
                         grad_boxes = dc.to(boxes.dtype)
                 else:
-                    size = page_sizes.float()
+                    size = page_sizes.to(acc)
                     whwh = torch.cat([size, size], dim=-1).unsqueeze(1)  # [B, 1, 4]
                     if need_boxes:
                         grad_boxes = (dc / whwh).to(boxes.dtype)
                     if need_sizes:
-                        per_coord = -(dc * boxes.float() / whwh.square()).sum(dim=1)  # [B, 4]
+                        per_coord = -(dc * boxes.to(acc) / whwh.square()).sum(dim=1)  # [B, 4]
                         grad_sizes = (per_coord[:, 0:2] + per_coord[:, 2:4]).to(page_sizes.dtype)
 
         if need_image:
@@ -304,8 +353,10 @@ def _validate_values(
         bad_size = ~torch.isfinite(sizes).all(dim=-1) | (sizes <= 0).any(dim=-1)
     else:
         bad_size = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    # argmax has no answer over an empty dim (S = 0): then there is no bad id, and position 0 is never read.
+    first_id = bad_id.long().argmax(dim=1) if S else torch.zeros(B, dtype=torch.long, device=ids.device)
     summary = torch.stack([
-        bad_id.any(dim=1).long(), bad_id.long().argmax(dim=1), bad_box.any(dim=1).long(), bad_box.long().argmax(dim=1),
+        bad_id.any(dim=1).long(), first_id, bad_box.any(dim=1).long(), bad_box.long().argmax(dim=1),
         bad_size.long(), index.box_count, index.image_count, box_limit, image_limit,
     ]).cpu()
     (has_bad_id, first_id_pos, has_bad_box, first_box, size_bad, box_count, image_count,
@@ -379,7 +430,8 @@ def slp_embed(
 
     Args:
         input_ids: ``[B, S]`` integer ids. ``-1`` is padding: a zero row without gradient.
-        embedding_weight: the token table ``[V, H]`` (float32/16, bfloat16; float64 on the torch backend);
+        embedding_weight: the token table ``[V, H]`` (float32/16, bfloat16; float64 on the torch and native
+            CPU backends);
             its dtype is the output dtype.
         proj_weight: the SLP ``nn.Linear(4, H).weight``, ``[H, 4]``; proj_bias ``[H]`` or ``None``.
         boxes: ``[B, N, 4]`` ``(x1, y1, x2, y2)``, padded per sequence (zeros, as the public collate does),
@@ -401,7 +453,8 @@ def slp_embed(
             finite boxes with ``x2 >= x1``, ``y2 >= y1``, positive page sizes). This reads a small summary
             back to the host; pass ``False`` under CUDA-graph capture. Without it, placeholders beyond the
             valid boxes / feature rows and out-of-range ids give zero rows (never out-of-bounds reads).
-        backend: ``"triton"``, ``"torch"`` or ``None``/``"auto"``.
+        backend: ``"triton"``, ``"native"`` (CPU; CUDA when the extension was built with CUDA), ``"torch"``
+            or ``None``/``"auto"``.
     Returns:
         ``[B, S, H]`` in the table's dtype. Gradients flow to the table, ``proj_weight``, ``proj_bias``,
         ``boxes``, float ``page_sizes`` and ``image_features``, whichever require grad.
@@ -469,9 +522,15 @@ def slp_embed(
         if tensor is not None:
             check_device(name, tensor, device, "input_ids")
 
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, native_device_types=("cpu", "cuda"))
     if backend == "triton" and dtype not in _KERNEL_DTYPES:
         raise ValueError(f"the triton backend supports float32, float16 and bfloat16 tables, got {dtype}")
+    if backend == "native" and device.type == "cuda":
+        if not _native_has_cuda_kernel():
+            raise ValueError("backend='native' on CUDA tensors needs the extension built with CUDA (nvcc and a CUDA "
+                             "build of torch at build time); this one has CPU kernels only")
+        if dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"the native CUDA kernel supports float32, float16 and bfloat16 tables, got {dtype}")
 
     box_limit = _per_sequence_limit("num_boxes", num_boxes, B, n_boxes, device)
     image_limit = _per_sequence_limit("num_image_tokens", num_image_tokens, B, n_image, device)

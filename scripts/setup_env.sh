@@ -11,5 +11,11 @@ fi
 # The editable install below builds without isolation (no second torch in a build env): it needs a
 # setuptools that builds PEP 660 wheels on its own.
 "$PYTHON" -m pip install -q "setuptools>=70.1"
+# The native extension (csrc/) compiles in setup.py through torch.utils.cpp_extension: ninja builds the
+# sources in parallel (without it the build still works, one file at a time, much slower).
+if ! command -v ninja >/dev/null 2>&1 && ! "$PYTHON" -c "import ninja" >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q ninja
+fi
 "$PYTHON" -m pip install -q --no-build-isolation -e ".[test]"
 "$PYTHON" -c "import torch, triton, monkey_kernels; print(f'torch {torch.__version__}, triton {triton.__version__}, monkey_kernels {monkey_kernels.__version__}, cuda available: {torch.cuda.is_available()}')"
+"$PYTHON" -c "from monkey_kernels import _native; print(f'native extension: {_native.status()}')"

@@ -88,3 +88,21 @@ def test_bench_multi_lora_plot(tmp_path):
 def test_bench_rejects_pass_through_for_several_benchmarks(tmp_path, capsys):
     assert cli.main(["bench", "--which", "multi_lora", "slp", "--out-dir", str(tmp_path), "--batches", "1"]) == 1
     assert "--which" in capsys.readouterr().err
+
+
+def test_bench_native_cpu_writes_json_and_plot(tmp_path):
+    """The native CPU benchmark through the CLI at a tiny size: every method timed, errors against float64 tiny."""
+    from monkey_kernels import _native
+
+    if not _native.available():
+        pytest.skip(f"native extension unavailable: {_native.status()}")
+    pytest.importorskip("matplotlib")
+    result = cli.run(["bench", "--which", "native_cpu", "--quick", "--out-dir", str(tmp_path), "--widths", "48",
+                      "--tokens", "16", "--rounds", "1", "--iters", "1"])
+    data = result["results"]["native_cpu"]
+    assert [(r["width"], r["mode"]) for r in data["results"]] == [(48, "fwd"), (48, "fwd_bwd")]
+    fwd = data["results"][0]
+    assert set(fwd["ms"]) >= {"base", "native", "torch", "loop"} and all(v > 0 for v in fwd["ms"].values())
+    assert max(fwd["rel_err_vs_fp64"].values()) < 1e-5
+    [png] = [Path(p) for p in result["plots"]]
+    assert png.stat().st_size > 0

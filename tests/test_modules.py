@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from conftest import kernel_device
+from conftest import available_backends, kernel_device
 from monkey_kernels import MultiLoRALinear, SegmentInfo, multi_lora_linear_ref
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", available_backends())
 def test_module_trains_every_adapter_part_and_keeps_unused_rank_columns_zero(backend):
     device = kernel_device(backend)
     layer = MultiLoRALinear(24, 18, 3, [4, 8, 2], lora_dropout=0.1, backend=backend, device=device)

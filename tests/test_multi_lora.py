@@ -1,4 +1,4 @@
-"""The segmented multi-LoRA linear against a float64 reference, on both backends.
+"""The segmented multi-LoRA linear against a float64 reference, on every backend (``available_backends``).
 
 Low-precision results are judged the flash-attention way: the op's error against a float64 reference may
 be at most ``FACTOR`` times the error of the plain PyTorch computation in the same dtype (the per-segment
@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from accuracy import assert_within_pytorch_error
-from conftest import kernel_device
+from conftest import available_backends, kernel_device
 from monkey_kernels import SegmentInfo, dropout_keep_mask, multi_lora_linear, multi_lora_linear_ref
 from monkey_kernels.backends import interpreter_active
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = available_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Dtypes beyond DTYPES that a backend runs in the shared matrix: the CPU backends compute float64 in float64.
+EXTRA_DTYPES = {"native": [torch.float64], "torch": [torch.float64]}
 
 
 @dataclass
@@ -50,6 +52,9 @@ CASES = {
     "separate_input_residual": Case(
         [17, 0, 21, 9], [0, 1, -1, 1], 53, 29, [8, 4], lora_in_features=29, residual=True
     ),
+    # segments long enough (>= 32 rows on average) for the native backend's merged weights (W + s B A), with an
+    # adapter too small to be worth merging (10 rows), a base-only segment and a residual
+    "long_segments": Case([48, 0, 70, 10, 36], [1, -1, 0, 2, -1], 37, 45, [6, 3, 4], residual=True),
 }
 
 
@@ -142,9 +147,13 @@ def check_against_fp64(case, backend, dtype, dropout_p=0.0, seed=None):
     return tensors, grads
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case_name", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+MATRIX = [
+    pytest.param(backend, case_name, dtype, id=f"{backend}-{case_name}-{str(dtype).split('.')[-1]}")
+    for backend in BACKENDS for case_name in CASES for dtype in DTYPES + EXTRA_DTYPES.get(backend, [])
+]
+
+
+@pytest.mark.parametrize("backend, case_name, dtype", MATRIX)
 def test_matches_fp64_reference(backend, case_name, dtype):
     case = CASES[case_name]
     tensors, grads = check_against_fp64(case, backend, dtype)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import kernel_device
+from conftest import available_backends, kernel_device
 from monkey_kernels import SegmentInfo, multi_lora_linear, multi_lora_linear_ref
 from monkey_kernels.backends import interpreter_active
 
@@ -53,14 +53,16 @@ def _check_op(segments, backend, seed):
     torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(segmentations, st.integers(0, 2**31 - 1))
-def test_torch_backend_matches_the_loop_on_any_segmentation(segments, seed):
-    _check_op(segments, "torch", seed)
+@pytest.mark.parametrize("backend", available_backends())
+def test_backend_matches_the_loop_on_any_segmentation(backend):
+    if backend == "triton" and not (torch.cuda.is_available() or interpreter_active()):
+        pytest.skip("needs the Triton kernels")
+    # The interpreter runs a kernel launch in ~0.1 s: fewer examples there keep the suite fast.
+    examples = 6 if backend == "triton" and not torch.cuda.is_available() else 40
 
+    @settings(max_examples=examples, deadline=None)
+    @given(segmentations, st.integers(0, 2**31 - 1))
+    def check(segments, seed):
+        _check_op(segments, backend, seed)
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_active()), reason="needs the Triton kernels")
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(segmentations, st.integers(0, 2**31 - 1))
-def test_triton_backend_matches_the_loop_on_any_segmentation(segments, seed):
-    _check_op(segments, "triton", seed)
+    check()

@@ -1,13 +1,19 @@
-"""The fused SLP embedding assembly (``monkey_kernels.slp``) against the reference modules, both backends.
+"""The fused SLP embedding assembly (``monkey_kernels.slp``) against the reference modules, every backend.
 
 Low-precision results are judged the flash-attention way: the op's error against a float64 run of the
 reference (``SLPEmbeddingRef``: lookup, projection, per-sequence scatter) may be at most ``FACTOR`` times
-the error of the same reference run in the op's dtype, plus a small floor. Shapes are tiny and hidden sizes
-are not multiples of the kernel's block sizes.
+the error of the same reference run in the op's dtype, plus a small floor. float64 (native backend) is
+judged against the float64 reference directly (there the rule would compare the reference with itself).
+Shapes are tiny and hidden sizes are not multiples of the kernel's block sizes.
+
+The ``native`` cases run the C++ ops (CPU); without the extension they fail unless
+``MONKEY_KERNELS_ALLOW_NO_NATIVE=1`` (see ``conftest.py``). The CUDA kernel of the native forward is
+compared with the Triton kernel and the float64 reference in ``test_native_cuda_kernel_*`` (GPU only).
 """
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -15,13 +21,18 @@ import pytest
 import torch
 from torch import nn
 
-from accuracy import assert_within_pytorch_error
-from conftest import kernel_device
+from accuracy import assert_within_pytorch_error, rel_err
+from conftest import ALLOW_NO_NATIVE, available_backends, kernel_device
 from monkey_kernels.models.slp import PAD_TOKEN_ID, SLPEmbeddingRef, SpatialLayoutProjector
 from monkey_kernels.slp import FusedSLPEmbedding, slp_embed
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = available_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Table dtypes beyond DTYPES that a backend runs in the shared matrix: the native CPU op and the torch backend
+# compute float64 tables in float64 (triton has no fp64).
+EXTRA_DTYPES = {"native": [torch.float64], "torch": [torch.float64]}
+# float64 against the float64 reference: summation order only (a float32 step anywhere would give ~1e-7).
+FP64_TOLERANCE = 1e-13
 BOX_ID = 0
 
 
@@ -158,9 +169,17 @@ def grads_of(output, leaves: dict, grad_output):
     return dict(zip(names, grads))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case_name", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+MATRIX = [
+    pytest.param(backend, case_name, dtype, id=f"{backend}-{case_name}-{_dtype_id(dtype)}")
+    for backend in BACKENDS for case_name in CASES for dtype in DTYPES + EXTRA_DTYPES.get(backend, [])
+]
+
+
+@pytest.mark.parametrize("backend,case_name,dtype", MATRIX)
 def test_matches_fp64_reference(backend, case_name, dtype):
     case = CASES[case_name]
     tensors, extra = make_inputs(case, dtype, kernel_device(backend))
@@ -174,10 +193,16 @@ def test_matches_fp64_reference(backend, case_name, dtype):
 
     ref64, leaves64 = run_reference(tensors, extra, case, torch.float64)
     grads64 = grads_of(ref64, leaves64, grad_output)
-    plain, leaves_plain = run_reference(tensors, extra, case, dtype)
-    grads_plain = grads_of(plain, leaves_plain, grad_output.to(dtype))
-
-    assert_within_pytorch_error(backend, dtype, out, plain, ref64, grads, grads_plain, grads64)
+    if dtype == torch.float64:
+        assert set(grads) == set(grads64), "a trainable input got no gradient"
+        for label, value, reference in [("output", out, ref64)] + [
+                (f"grad {n}", grads[n], grads64[n]) for n in grads64]:
+            assert torch.isfinite(value).all(), f"{label}: non-finite (unwritten?) entries"
+            assert rel_err(value, reference) <= FP64_TOLERANCE, f"{label}: error {rel_err(value, reference):.3e}"
+    else:
+        plain, leaves_plain = run_reference(tensors, extra, case, dtype)
+        grads_plain = grads_of(plain, leaves_plain, grad_output.to(dtype))
+        assert_within_pytorch_error(backend, dtype, out, plain, ref64, grads, grads_plain, grads64)
 
     ids = extra["input_ids"].cpu()
     # padding rows are exact zeros; text and image rows are exact copies
@@ -403,3 +428,154 @@ def test_patch_model_swaps_the_reference_embedding_and_back(backend):
     assert isinstance(model.embed, SLPEmbeddingRef)
     for key, value in model.state_dict().items():
         assert torch.equal(value, keys_before[key]), key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Native ops: determinism, torch.library checks, the CUDA kernel
+# ---------------------------------------------------------------------------------------------------------
+def _native_ops():
+    """The native ops; without the extension a failure (RuntimeError with the loader's reason), or a skip
+    under MONKEY_KERNELS_ALLOW_NO_NATIVE=1 as for the matrix's native cases."""
+    from monkey_kernels import _native
+
+    if not _native.available() and os.environ.get(ALLOW_NO_NATIVE, "0") not in ("", "0"):
+        pytest.skip(f"native extension unavailable ({_native.status()}); {ALLOW_NO_NATIVE}=1")
+    return _native.ops()
+
+
+def test_native_backward_is_deterministic():
+    """Two backward passes give bitwise-identical gradients (no atomics, fixed summation orders), with
+    frequent repeated tokens so that table rows sum many token rows."""
+    _native_ops()
+    case = CASES["normalized_with_images"]
+    tensors, extra = make_inputs(case, torch.float32, torch.device("cpu"))
+    ids = extra["input_ids"]
+    text = (ids > 10) & ~torch.isin(ids, torch.tensor(case.image_ids))  # text ids only: placeholders stay
+    extra["input_ids"] = torch.where(text, ids % 5 + 6, ids)
+    grad_output = torch.randn(case.batch, case.seq, case.hidden)
+    runs = [grads_of(run_op(tensors, extra, case, "native"), tensors, grad_output) for _ in range(2)]
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def test_native_ops_pass_torch_library_opcheck():
+    """Schemas, fake (meta) implementations and AOT dispatch of the three op overloads (torch.compile)."""
+    ops = _native_ops()
+    kind = torch.tensor([1, 2, 0, 3, 1, 2], dtype=torch.int32)
+    src = torch.tensor([3, 1, 0, 2, 6, 4])
+    table, boxes, weight = torch.randn(7, 5), torch.rand(2, 3, 4) * 50, torch.randn(5, 4)
+    sizes, bias, feats = torch.rand(2, 2) * 100 + 60, torch.randn(5), torch.randn(2, 2, 5)
+    args = (kind, src, table, boxes, sizes, weight, bias, feats)
+    torch.library.opcheck(ops.slp_embed_forward.default, args)
+    torch.library.opcheck(ops.slp_embed_forward.out, args, {"out": torch.empty(6, 5)})
+    torch.library.opcheck(ops.slp_embed_backward.default,
+                          (torch.randn(6, 5), kind, src, boxes, sizes, weight, 7, 2, 2, [True] * 6))
+    partial = ops.slp_embed_backward(torch.randn(6, 5), kind, src, boxes, sizes, weight, 7, -1, 2,
+                                     [False, True, False, True, False, False])
+    assert [g is None for g in partial] == [True, False, True, False, True, True]
+
+
+def test_native_op_errors_name_the_argument():
+    ops = _native_ops()
+    kind, src = torch.ones(4, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)
+    table, boxes, weight = torch.randn(5, 6), torch.rand(1, 2, 4), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.slp_embed_forward(kind, src, table, boxes, None, weight[:, :3], None, None)
+    with pytest.raises(ValueError, match="src must have the length of kind"):
+        ops.slp_embed_forward(kind, src[:3], table, boxes, None, weight, None, None)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        ops.slp_embed_forward.out(kind, src, table, boxes, None, weight, None, None, out=torch.empty(6, 4).t())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs a GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_native_cuda_kernel_matches_triton_and_fp64(case_name, dtype):
+    """The CUDA C++ kernel (csrc/cuda/slp_embed_kernel.cu, backend='native' on CUDA tensors) against the
+    Triton kernel on the same inputs and against the float64 reference (gradients: the shared backward)."""
+    case = CASES[case_name]
+    tensors, extra = make_inputs(case, dtype, torch.device("cuda"))
+    out = run_op(tensors, extra, case, "native")
+    triton_out = run_op(tensors, extra, case, "triton")
+    assert torch.isfinite(out).all()
+    # text / image rows are copies, box rows four fp32 FMAs: at most one rounding of the output dtype apart
+    torch.testing.assert_close(out, triton_out, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+    grad_output = torch.randn(out.shape, dtype=torch.float64).to(dtype).double()
+    grads = grads_of(out, tensors, grad_output.to(device=out.device, dtype=dtype))
+    ref64, leaves64 = run_reference(tensors, extra, case, torch.float64)
+    plain, leaves_plain = run_reference(tensors, extra, case, dtype)
+    assert_within_pytorch_error("native", dtype, out, plain, ref64, grads,
+                                grads_of(plain, leaves_plain, grad_output.to(dtype)),
+                                grads_of(ref64, leaves64, grad_output))
+
+
+@needs_cuda
+@pytest.mark.parametrize("hidden", [40, 37])  # 40: 16-byte packs; 37: odd H, the scalar path
+def test_native_cuda_kernel_strided_inputs(hidden):
+    """Non-contiguous table / features (the kernel's strided scalar path) give the contiguous result."""
+    case = Case(2, 34, hidden, 45, 5, pixels=False, image_ids=(43, 44), image_span=4, images_per_seq=(2, 1),
+                fewer_placeholders=True)
+    tensors, extra = make_inputs(case, torch.bfloat16, torch.device("cuda"))
+    expected = run_op(tensors, extra, case, "native")
+    strided = {n: None if t is None else t.detach() for n, t in tensors.items()}
+    strided["table"] = strided["table"].t().contiguous().t()
+    strided["image_features"] = strided["image_features"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(run_op(strided, extra, case, "native"), expected)
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(expected, run_op(tensors, extra, case, "triton"), rtol=eps, atol=eps)
+
+
+@needs_cuda
+def test_native_on_cuda_tensors_is_refused_without_the_cuda_kernel():
+    """With a CPU-only build of the extension, backend='native' on CUDA tensors is a ValueError, never a
+    silent fallback."""
+    from monkey_kernels.slp import _native_has_cuda_kernel
+
+    if _native_has_cuda_kernel():
+        pytest.skip("this build has the CUDA kernel (tested by test_native_cuda_kernel_*)")
+    device = torch.device("cuda")
+    with pytest.raises(ValueError, match="native"):
+        slp_embed(torch.ones(1, 4, dtype=torch.long, device=device), torch.randn(3, 8, device=device),
+                  torch.randn(8, 4, device=device), None, backend="native")
+
+
+def _bench_slp():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    return importlib.import_module("benchmarks.bench_slp")
+
+
+def test_bench_measures_the_native_cpu_ops(tmp_path):
+    """The benchmark's native methods run (and are validated against the reference) on CPU."""
+    _native_ops()
+    bench = _bench_slp()
+    out = tmp_path / "slp.json"
+    threads = torch.get_num_threads()  # the benchmark sets its own CPU thread count
+    try:
+        results = bench.main(["--device", "cpu", "--small", "--cases", "monkey", "--repeats", "1", "--backend",
+                              "torch", "--no-progress", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert results["native"] == "measured" and out.exists()
+    rows = {r["method"]: r for r in results["results"]}
+    assert set(bench.NATIVE_METHODS) <= set(rows)
+    assert rows["native"]["fwd_ms"] > 0 and rows["native"]["fwdbwd_ms"] > 0
+    assert results["validation_relative_errors"]["monkey/native"] <= bench.TOLERANCES[torch.float32]
+
+
+@needs_cuda
+def test_bench_compares_the_cuda_kernel_with_triton(tmp_path):
+    """On a GPU the benchmark times the CUDA C++ kernel (native) next to the Triton kernel (fused)."""
+    bench = _bench_slp()
+    results = bench.main(["--device", "cuda", "--small", "--rep-ms", "5", "--no-progress",
+                          "--out", str(tmp_path / "slp.json")])
+    assert results["native"] == "measured", results["native"]
+    methods = {r["method"] for r in results["results"]}
+    assert {"fused", "fused_novalidate", "native", "native_novalidate"} <= methods
+    assert all(r["label"] == "GPU" for r in results["results"])

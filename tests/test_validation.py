@@ -1,6 +1,10 @@
 """Bad input to the public entry points gives a ValueError naming the argument."""
+import os
+
 import pytest
 import torch
+
+from conftest import ALLOW_NO_NATIVE, available_backends
 
 from monkey_kernels import MultiLoRALinear, SegmentInfo, multi_lora_linear, resolve_backend
 from monkey_kernels.backends import ENV_BACKEND
@@ -59,9 +63,10 @@ def call(backend="torch", **overrides):
         ({"weight": [[1.0]]}, "weight"),
     ],
 )
-def test_bad_arguments_raise_value_error_naming_them(overrides, name):
+@pytest.mark.parametrize("backend", available_backends())
+def test_bad_arguments_raise_value_error_naming_them(backend, overrides, name):
     with pytest.raises(ValueError, match=name):
-        call(**overrides)
+        call(backend=backend, **overrides)
 
 
 def test_adapter_ids_shorthand_needs_batch_layout():
@@ -93,7 +98,18 @@ def test_backend_choice(monkeypatch):
         resolve_backend(None, cpu)
     monkeypatch.delenv(ENV_BACKEND)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert resolve_backend(None, cpu) == "torch"
+    # CPU tensors: the native extension (CI builds it), else the pure-PyTorch path
+    from monkey_kernels import _native
+
+    native_ok = _native.available() or os.environ.get(ALLOW_NO_NATIVE, "0") in ("", "0")
+    assert resolve_backend(None, cpu) == ("native" if native_ok else "torch"), _native.status()
+    monkeypatch.setenv(ENV_BACKEND, "native")
+    if _native.available():
+        assert resolve_backend(None, cpu) == "native"
+    else:
+        with pytest.raises(ValueError, match="native"):
+            resolve_backend(None, cpu)
+    monkeypatch.delenv(ENV_BACKEND)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "1")

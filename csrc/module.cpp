@@ -1,0 +1,35 @@
+// The Python module of the extension (monkey_kernels._C, or monkey_kernels_C when JIT-built). The ops
+// themselves are registered with the dispatcher by the other sources (TORCH_LIBRARY_FRAGMENT of the
+// namespace monkey_kernels_native) when this library is loaded; this file only makes the .so importable
+// and reports how it was built.
+#include <ATen/Parallel.h>
+// pybind11 alone (not torch/extension.h): nothing here needs the torch C++ API, and the build is faster.
+#include <pybind11/pybind11.h>
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef MONKEY_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "monkey-kernels native ops (registered as torch.ops.monkey_kernels_native.*)";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA sources were compiled in (-DMONKEY_WITH_CUDA)");
+  m.def("built_with_openmp", &built_with_openmp,
+        "True when compiled with OpenMP, i.e. at::parallel_for in the native ops runs on several threads");
+  m.def("num_threads", []() { return at::get_num_threads(); }, "ATen's intra-op thread count (at::get_num_threads)");
+}

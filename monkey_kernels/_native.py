@@ -1,0 +1,224 @@
+"""Loader of the native C++ extension (``csrc/``), lazily, on first use.
+
+The extension registers its ops with the PyTorch dispatcher as ``torch.ops.monkey_kernels_native.*``
+(``TORCH_LIBRARY_FRAGMENT``); the Python module itself (``monkey_kernels._C``) only reports how it was
+built. Where it comes from, in order:
+
+1. ``prebuilt``: ``monkey_kernels._C``, compiled by ``setup.py`` at install time;
+2. ``jit``: compiled now with ``torch.utils.cpp_extension.load`` from the ``csrc/`` sources of a source
+   checkout (editable installs), cached under ``$MONKEY_KERNELS_CACHE`` or ``~/.cache/monkey_kernels``
+   (the first build takes about a minute; later processes reuse it). ``MONKEY_KERNELS_NO_JIT=1`` skips it.
+
+``MONKEY_KERNELS_NO_NATIVE=1`` disables the extension altogether. Nothing here runs at
+``import monkey_kernels``: the first :func:`load` (or :func:`available`, :func:`ops`) does the work, and
+any failure is recorded (see :func:`status`) instead of raised, so callers fall back to the pure-PyTorch
+path.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import List, Optional
+
+import torch
+
+__all__ = ["load", "available", "status", "ops", "sources", "ENV_NO_NATIVE", "ENV_NO_JIT", "ENV_CACHE"]
+
+ENV_NO_NATIVE = "MONKEY_KERNELS_NO_NATIVE"
+ENV_NO_JIT = "MONKEY_KERNELS_NO_JIT"
+ENV_CACHE = "MONKEY_KERNELS_CACHE"
+OP_NAMESPACE = "monkey_kernels_native"
+JIT_NAME = "monkey_kernels_C"
+
+logger = logging.getLogger("monkey_kernels")
+
+_lock = threading.Lock()
+_module: Optional[ModuleType] = None
+_status: Optional[str] = None  # None: not tried yet
+_fakes_registered = False
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def sources(root: Path = ROOT, with_cuda: bool = False) -> List[str]:
+    """The extension's sources under ``root`` (what ``setup.py`` compiles too): ``csrc/*.cpp``, and with
+    CUDA also ``csrc/cuda/*.cpp`` and ``csrc/cuda/*.cu``."""
+    found = sorted(glob.glob(str(root / "csrc" / "*.cpp")))
+    if with_cuda:
+        found += sorted(glob.glob(str(root / "csrc" / "cuda" / "*.cpp")))
+        found += sorted(glob.glob(str(root / "csrc" / "cuda" / "*.cu")))
+    return found
+
+
+def _cuda_toolkit() -> bool:
+    """A CUDA build of torch with a CUDA toolkit (nvcc) to compile the ``.cu`` sources."""
+    if torch.version.cuda is None:
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME  # noqa: PLC0415 (imports setuptools: keep it lazy)
+
+    return CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "monkey_kernels")
+    # One build per torch/Python/CUDA combination: a torch upgrade must never load a stale binary.
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-" + (
+        f"cu{torch.version.cuda}" if torch.version.cuda else "cpu")
+    return base / tag.replace("+", "_")
+
+
+def _jit_build() -> ModuleType:
+    from torch.utils import cpp_extension  # noqa: PLC0415
+
+    with_cuda = _cuda_toolkit()
+    srcs = sources(ROOT, with_cuda)
+    if not srcs:
+        raise RuntimeError(f"no C++ sources under {ROOT / 'csrc'} (not a source checkout)")
+    build_dir = _cache_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("monkey-kernels: compiling the native extension (first use; cached in %s)", build_dir)
+    cflags = ["-O3", "-fopenmp"] + (["-DMONKEY_WITH_CUDA"] if with_cuda else [])
+    return cpp_extension.load(
+        name=JIT_NAME, sources=srcs, build_directory=str(build_dir), extra_cflags=cflags,
+        extra_cuda_cflags=["-O3", "-DMONKEY_WITH_CUDA"] if with_cuda else None, extra_ldflags=["-fopenmp"],
+        with_cuda=with_cuda, verbose=False,
+    )
+
+
+def _load_locked() -> Optional[ModuleType]:
+    global _module, _status
+    if _flag(ENV_NO_NATIVE):
+        _status = f"disabled: {ENV_NO_NATIVE}=1"
+        return None
+    try:
+        _module = importlib.import_module("monkey_kernels._C")
+        _status = "prebuilt"
+    except Exception as error:  # noqa: BLE001 (a missing or broken .so, whatever the reason)
+        prebuilt_error = f"{type(error).__name__}: {error}".strip()
+        if _flag(ENV_NO_JIT):
+            _status = f"disabled: no prebuilt extension ({prebuilt_error}) and {ENV_NO_JIT}=1"
+            return None
+        try:
+            _module = _jit_build()
+            _status = "jit"
+        except Exception as jit_error:  # noqa: BLE001 (no compiler, no ninja, a compile error, ...)
+            message = " ".join(f"{type(jit_error).__name__}: {jit_error}".split())
+            _status = f"unavailable: no prebuilt extension ({prebuilt_error}); JIT build failed ({message[:800]})"
+            return None
+    _register_fakes()
+    return _module
+
+
+def load() -> Optional[ModuleType]:
+    """The extension module (cached; loads or JIT-builds it on the first call), or ``None`` when it is
+    unavailable; :func:`status` says why."""
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _load_locked()
+    return _module
+
+
+def available() -> bool:
+    """Whether the native ops can run (loads the extension on first call)."""
+    return load() is not None
+
+
+def status() -> str:
+    """``"prebuilt"`` or ``"jit"`` (where the loaded extension came from), else ``"disabled: ..."`` or
+    ``"unavailable: ..."`` with the reason. Loads the extension on first call."""
+    load()
+    return _status  # type: ignore[return-value]
+
+
+def ops():
+    """``torch.ops.monkey_kernels_native``; raises ``RuntimeError`` with :func:`status` when unavailable."""
+    if not available():
+        raise RuntimeError(f"the native extension is not available: {status()}")
+    return getattr(torch.ops, OP_NAMESPACE)
+
+
+def _reset_for_tests() -> None:
+    """Forget a failed or disabled load so the next call tries again (tests only; a loaded library stays
+    loaded: its ops are registered with the dispatcher for the life of the process)."""
+    global _status
+    with _lock:
+        if _module is None:
+            _status = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes of the outputs, so torch.compile traces the ops without
+# running them. Registered once, right after the library is loaded.
+# ---------------------------------------------------------------------------------------------------------
+def _register_fakes() -> None:
+    global _fakes_registered
+    if _fakes_registered:
+        return
+    _register_multi_lora_fakes()
+    slp_fakes = globals().get("_register_slp_fakes")
+    if slp_fakes is not None:
+        slp_fakes()
+    _fakes_registered = True
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_multi_lora_fakes() -> None:
+    @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_shrink")
+    def _shrink_fake(x, weight, seg_indptr, adapter_ids, ranks, r_block, keep, dropout_p):
+        return x.new_empty((x.shape[0], r_block), dtype=_accumulation_dtype(x.dtype))
+
+    @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_fused_gemm")
+    def _fused_gemm_fake(x, weight, bias, h, expand, scale, residual, seg_indptr, adapter_ids, ranks, num_rows,
+                         out_features, out_dtype, lora_keep, lora_dropout_p):
+        return seg_indptr.new_empty((num_rows, out_features), dtype=out_dtype)
+
+    @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_merged_gemm")
+    def _merged_gemm_fake(x, weight, bias, down, up, scale, residual, seg_indptr, adapter_ids, ranks, out_dtype):
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_outer")
+    def _outer_fake(x, y, seg_indptr, adapter_ids, scale, keep, dropout_p, num_adapters, rank, out_dtype):
+        return x.new_empty((num_adapters, x.shape[1], rank), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SLP embedding ops (csrc/slp_cpu.cpp, csrc/cuda/slp_cuda.cpp): fake implementations.
+# ---------------------------------------------------------------------------------------------------------
+def _register_slp_fakes() -> None:
+    """Shapes and dtypes of ``slp_embed_forward`` (and ``.out``) and ``slp_embed_backward`` (schemas in
+    ``csrc/slp_cpu.cpp``); the backward's outputs that ``output_mask`` does not ask for are ``None``."""
+
+    @torch.library.register_fake(f"{OP_NAMESPACE}::slp_embed_forward")
+    def _slp_forward_fake(kind, src, table, boxes, page_sizes, weight, bias, image_features):
+        return table.new_empty((kind.shape[0], table.shape[1]))
+
+    @torch.library.register_fake(f"{OP_NAMESPACE}::slp_embed_forward.out")
+    def _slp_forward_out_fake(kind, src, table, boxes, page_sizes, weight, bias, image_features, *, out):
+        return None  # writes into out, returns nothing
+
+    @torch.library.register_fake(f"{OP_NAMESPACE}::slp_embed_backward")
+    def _slp_backward_fake(grad_out, kind, src, boxes, page_sizes, weight, num_embeddings, padding_idx, n_image,
+                           output_mask):
+        H = grad_out.shape[1]
+        B, N, _ = boxes.shape
+        shapes = [
+            ((num_embeddings, H), grad_out.dtype), ((H, 4), weight.dtype), ((H,), weight.dtype),
+            ((B, N, 4), boxes.dtype), ((B, 2), page_sizes.dtype if page_sizes is not None else boxes.dtype),
+            ((B * n_image, H), grad_out.dtype),
+        ]
+        return tuple(grad_out.new_empty(shape, dtype=dtype) if wanted else None
+                     for wanted, (shape, dtype) in zip(output_mask, shapes))

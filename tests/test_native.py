@@ -1,0 +1,334 @@
+"""The native C++ extension: build and loader, backend dispatch and its log line, the ops under
+``torch.compile``, determinism and argument checks. (Accuracy of the native backend against float64 runs in
+the shared matrices of test_multi_lora.py, test_segments_fuzz.py and test_modules.py.)
+
+Without the extension these tests FAIL (CI builds it); ``MONKEY_KERNELS_ALLOW_NO_NATIVE=1`` skips them.
+"""
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ALLOW_NO_NATIVE
+from monkey_kernels import SegmentInfo, _native, backends, multi_lora_linear, multi_lora_linear_ref
+from monkey_kernels.backends import NativePrimitives, TorchPrimitives, resolve_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def need_native():
+    if not _native.available():
+        if os.environ.get(ALLOW_NO_NATIVE, "0") not in ("", "0"):
+            pytest.skip(f"native extension unavailable: {_native.status()}")
+        pytest.fail(f"native extension unavailable: {_native.status()} (set {ALLOW_NO_NATIVE}=1 to skip)")
+
+
+def _run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, cwd=ROOT,
+                          timeout=300)
+
+
+def _problem(num_rows_per_segment=(7, 0, 40, 13), ids=(1, -1, 0, 1), k=24, n=20, num_adapters=3, r_max=5,
+             dtype=torch.float32):
+    indptr = [0]
+    for length in num_rows_per_segment:
+        indptr.append(indptr[-1] + length)
+    segments = SegmentInfo.from_indptr(indptr, list(ids))
+    m = segments.num_rows
+    g = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+    t = {
+        "x": torch.randn(m, k, generator=g, dtype=dtype),
+        "weight": torch.randn(n, k, generator=g, dtype=dtype),
+        "bias": torch.randn(n, generator=g, dtype=dtype),
+        "lora_a": torch.randn(num_adapters, r_max, k, generator=g, dtype=dtype),
+        "lora_b": torch.randn(num_adapters, n, r_max, generator=g, dtype=dtype),
+        "scale": torch.rand(num_adapters, generator=g, dtype=dtype) + 0.5,
+        "residual": torch.randn(m, n, generator=g, dtype=dtype),
+        "dy": torch.randn(m, n, generator=g, dtype=dtype),
+        "ranks": torch.tensor([r_max, 2, 1][:num_adapters], dtype=torch.int32),
+    }
+    return t, segments
+
+
+def test_extension_module_reports_its_build():
+    module = _native.load()
+    assert _native.status() in ("prebuilt", "jit")
+    assert module.built_with_openmp(), "at::parallel_for would run single-threaded"
+    assert module.built_with_cuda() in (True, False)
+    assert module.num_threads() == torch.get_num_threads()
+    for op in ("multi_lora_shrink", "multi_lora_fused_gemm", "multi_lora_outer"):
+        assert hasattr(_native.ops(), op)
+
+
+def test_import_does_not_load_or_build_the_extension_and_disabling_it_logs_at_info():
+    code = (
+        "import logging, sys, torch, monkey_kernels\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+        "from monkey_kernels import _native, resolve_backend\n"
+        "def loaded():\n"
+        "    maps = open('/proc/self/maps').read()\n"
+        "    return ('monkey_kernels._C' in sys.modules or 'monkey_kernels/_C.' in maps or 'monkey_kernels_C' in maps)\n"
+        "print('IMPORT', _native._status is None, loaded())\n"
+        "print('CHOICE', resolve_backend(None, torch.device('cpu')), loaded())\n"
+    )
+    proc = _run_python(code, TRITON_INTERPRET="0", MONKEY_KERNELS_NO_NATIVE="1", MONKEY_KERNELS_BACKEND="")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "IMPORT True False" in proc.stdout and "CHOICE torch False" in proc.stdout, proc.stdout
+    assert "INFO monkey-kernels: CPU tensors use the pure-PyTorch backend (native extension unavailable: " \
+           "disabled: MONKEY_KERNELS_NO_NATIVE=1)" in proc.stderr
+
+
+def test_failed_build_falls_back_to_torch_and_logs_the_reason_once(tmp_path):
+    """A real failure: the prebuilt module is hidden and the JIT build runs with a compiler that fails."""
+    code = (
+        "import logging, sys, torch\n"
+        "sys.modules['monkey_kernels._C'] = None  # import of the prebuilt module now raises ImportError\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s %(message)s')\n"
+        "from monkey_kernels import resolve_backend, _native\n"
+        "cpu = torch.device('cpu')\n"
+        "print('CHOICE', resolve_backend(None, cpu), resolve_backend(None, cpu))\n"
+        "try:\n"
+        "    resolve_backend('native', cpu)\n"
+        "except ValueError as error:\n"
+        "    print('EXPLICIT', error)\n"
+    )
+    proc = _run_python(code, TRITON_INTERPRET="0", CXX="/bin/false", MONKEY_KERNELS_CACHE=str(tmp_path),
+                       MONKEY_KERNELS_BACKEND="")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CHOICE torch torch" in proc.stdout
+    assert "EXPLICIT backend='native' is unavailable: unavailable: no prebuilt extension" in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if "tensors use" in line]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("WARNING monkey_kernels monkey-kernels: CPU tensors use the pure-PyTorch backend")
+    assert "native extension unavailable" in lines[0] and "JIT build failed" in lines[0]
+
+
+def test_auto_picks_native_for_cpu_and_logs_one_line(monkeypatch, caplog):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("MONKEY_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_logged_device_types", set())
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="monkey_kernels"):
+        assert resolve_backend(None, cpu) == "native"
+        assert resolve_backend("auto", cpu) == "native"
+    records = [r for r in caplog.records if "tensors use" in r.getMessage()]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    assert records[0].getMessage().startswith("monkey-kernels: CPU tensors use the native C++ backend (")
+    # Under the interpreter auto keeps picking triton (the test suite relies on it); native stays explicit.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend(None, cpu) == "triton"
+    assert resolve_backend("native", cpu) == "native"
+    with pytest.raises(ValueError, match="native.*cpu"):
+        resolve_backend("native", torch.device("meta"))
+
+
+def test_monkeypatched_failed_load_falls_back_in_process(monkeypatch, caplog):
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_status", "unavailable: simulated compiler failure")
+    monkeypatch.setattr(backends, "_logged_device_types", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("MONKEY_KERNELS_BACKEND", raising=False)
+    with caplog.at_level(logging.INFO, logger="monkey_kernels"):
+        assert resolve_backend(None, torch.device("cpu")) == "torch"
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "simulated compiler failure" in caplog.records[0].getMessage()
+    with pytest.raises(ValueError, match="simulated compiler failure"):
+        resolve_backend("native", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="simulated compiler failure"):
+        _native.ops()
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_primitives_match_the_torch_backend(dropout_p):
+    """Same masks for a seed (the torch backend's generator), so the two CPU paths agree on every primitive."""
+    t, segments = _problem()
+    r_block = 16
+    args = (t["x"], t["lora_a"], segments, t["ranks"])
+    h = NativePrimitives.shrink(*args, r_block, dropout_p=dropout_p, seed=5)
+    torch.testing.assert_close(h, TorchPrimitives.shrink(*args, r_block, dropout_p=dropout_p, seed=5))
+    assert h.dtype == torch.float32 and h.shape == (segments.num_rows, r_block)
+    kwargs = dict(out_features=t["x"].shape[1], out_dtype=torch.float32, lora_dropout_p=dropout_p, seed=9)
+    dx_args = (t["dy"], t["weight"].t(), None, h, t["lora_a"].transpose(1, 2), t["scale"], None, segments, t["ranks"])
+    torch.testing.assert_close(NativePrimitives.fused_gemm(*dx_args, **kwargs),
+                               TorchPrimitives.fused_gemm(*dx_args, **kwargs))
+    out_native = torch.full((3, t["x"].shape[1], 5), float("nan")).transpose(1, 2).contiguous().transpose(1, 2)
+    out_torch = torch.empty_like(out_native)
+    for prims, out in ((NativePrimitives, out_native), (TorchPrimitives, out_torch)):
+        prims.outer(t["x"], h, segments, out, scale=t["scale"], dropout_p=dropout_p, seed=3)
+    torch.testing.assert_close(out_native, out_torch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_op_in_float64_and_bfloat16_with_residual(dtype):
+    t, segments = _problem(dtype=dtype)
+    out = multi_lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], segments,
+                            ranks=t["ranks"], residual=t["residual"], backend="native")
+    expected = multi_lora_linear_ref(*(t[n].double() for n in ("x", "weight", "bias", "lora_a", "lora_b", "scale")),
+                                     segments, ranks=t["ranks"].tolist(), residual=t["residual"].double())
+    assert out.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-2
+    assert ((out.double() - expected).norm() / expected.norm()).item() < tolerance
+
+
+def test_outer_is_bitwise_deterministic_across_runs_and_thread_counts():
+    t, segments = _problem(num_rows_per_segment=(300, 0, 517, 9, 260), ids=(1, -1, 0, 1, 2), k=300, n=20)
+    h = NativePrimitives.shrink(t["x"], t["lora_a"], segments, t["ranks"], 16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (threads, threads, 1):
+            torch.set_num_threads(count)
+            out = torch.empty(3, 300, 5)
+            results.append(NativePrimitives.outer(t["x"], h, segments, out, scale=t["scale"]).clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert results[0][2].abs().sum() > 0  # adapter 2 owns rows: a real sum, not zeros
+
+
+def test_native_ops_under_torch_compile_fullgraph():
+    t, segments = _problem()
+    ops = _native.ops()
+
+    def step(x, lora_a, lora_b, weight, bias, scale, ranks, indptr, ids):
+        h = ops.multi_lora_shrink(x, lora_a, indptr, ids, ranks, 16, None, 0.0)
+        y = ops.multi_lora_fused_gemm(x, weight, bias, h, lora_b, scale, None, indptr, ids, ranks, x.shape[0],
+                                      weight.shape[0], torch.float32, None, 0.0)
+        grad_b = ops.multi_lora_outer(y, h, indptr, ids, scale, None, 0.0, lora_b.shape[0], lora_b.shape[2],
+                                      torch.float32)
+        return torch.relu(y) * 2.0, grad_b
+
+    args = (t["x"], t["lora_a"], t["lora_b"], t["weight"], t["bias"], t["scale"], t["ranks"], segments.seg_indptr,
+            segments.adapter_ids)
+    eager = step(*args)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+def test_module_with_native_backend_under_torch_compile_fullgraph():
+    from monkey_kernels import MultiLoRALinear
+
+    layer = MultiLoRALinear(16, 12, 3, [4, 2, 3], backend="native")
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    segments = SegmentInfo.from_batch([2, -1, 0], 5)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda inp: layer(inp, segments), fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, layer(x, segments))
+    out.square().sum().backward()
+    assert x.grad is not None and layer.lora_a.grad is not None and layer.lora_a.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda t, s: _native.ops().multi_lora_shrink(t["x"], t["lora_a"][:, :, :3], s.seg_indptr, s.adapter_ids,
+                                                      t["ranks"], 16, None, 0.0), "weight must be"),
+        (lambda t, s: _native.ops().multi_lora_shrink(t["x"], t["lora_a"], s.seg_indptr, s.adapter_ids,
+                                                      torch.tensor([9, 1, 1], dtype=torch.int32), 16, None, 0.0),
+         "ranks\\[0\\] = 9"),
+        (lambda t, s: _native.ops().multi_lora_shrink(t["x"], t["lora_a"], s.seg_indptr, s.adapter_ids, t["ranks"],
+                                                      16, torch.ones(2, 2, dtype=torch.bool), 0.5), "keep must be"),
+        (lambda t, s: _native.ops().multi_lora_shrink(t["x"], t["lora_a"], s.seg_indptr,
+                                                      torch.tensor([1, 5, 0, 1], dtype=torch.int32), t["ranks"], 16,
+                                                      None, 0.0), "adapter_ids\\[1\\] = 5"),
+        (lambda t, s: _native.ops().multi_lora_fused_gemm(t["x"], t["weight"][:, :3], None, None, None, None, None,
+                                                          s.seg_indptr, s.adapter_ids, t["ranks"], t["x"].shape[0],
+                                                          20, torch.float32, None, 0.0), "weight must be"),
+        (lambda t, s: _native.ops().multi_lora_outer(t["x"], t["x"][:3], s.seg_indptr, s.adapter_ids, None, None,
+                                                     0.0, 3, 5, torch.float32), "y must be"),
+    ],
+)
+def test_ops_check_their_arguments(call, message):
+    t, segments = _problem()
+    with pytest.raises(RuntimeError, match=message):
+        call(t, segments)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float64", "float32", "bfloat16", "float16"])
+def test_merged_gemm_matches_float64_with_merged_and_unmerged_adapters(dtype):
+    """``multi_lora_merged_gemm``: adapter 0 (60 rows) and 1 (45 rows) are worth merging at K=24, N=20
+    (rows (N + K) >= N K), adapter 2 (4 rows) is not; the forward and the input-gradient form both match the
+    float64 loop, and adapter 0's merged weight leaves the base-only rows untouched."""
+    t, segments = _problem(num_rows_per_segment=(60, 7, 45, 4, 0), ids=(0, -1, 1, 2, 1), dtype=dtype)
+    ranks = torch.tensor([5, 2, 3], dtype=torch.int32)
+    ops = _native.ops()
+    out = ops.multi_lora_merged_gemm(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"],
+                                     t["residual"], segments.seg_indptr, segments.adapter_ids, ranks, dtype)
+    d = {n: t[n].double() for n in ("x", "weight", "bias", "lora_a", "lora_b", "scale", "residual", "dy")}
+    expected = multi_lora_linear_ref(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], d["scale"], segments,
+                                     ranks=ranks.tolist(), residual=d["residual"])
+    tolerance = {torch.float64: 1e-13, torch.float32: 1e-6}.get(dtype, 1e-2)
+    assert out.dtype == dtype
+    assert ((out.double() - expected).norm() / expected.norm()).item() < tolerance
+    base_rows = slice(60, 67)
+    torch.testing.assert_close(out[base_rows].double(), (d["x"] @ d["weight"].t() + d["bias"] + d["residual"])[base_rows],
+                               rtol=tolerance, atol=tolerance)
+    # dX = dY (W + s B A): the forward's op with W^T, B^T, A^T as strided views
+    grad = ops.multi_lora_merged_gemm(t["dy"], t["weight"].t(), None, t["lora_b"].transpose(1, 2),
+                                      t["lora_a"].transpose(1, 2), t["scale"], None, segments.seg_indptr,
+                                      segments.adapter_ids, ranks, dtype)
+    x = d["x"].clone().requires_grad_(True)
+    multi_lora_linear_ref(x, d["weight"], None, d["lora_a"], d["lora_b"], d["scale"], segments,
+                          ranks=ranks.tolist()).backward(d["dy"])
+    assert ((grad.double() - x.grad).norm() / x.grad.norm()).item() < tolerance
+
+
+def test_op_uses_merged_weights_only_where_they_apply(monkeypatch):
+    """Long segments without dropout and with V = U go through merged_linear (forward and dX); dropout, a separate
+    LoRA input or short segments keep the shrink + fused GEMM path. Both give the float64 result."""
+    calls = []
+    original = NativePrimitives.merged_linear
+    monkeypatch.setattr(NativePrimitives, "merged_linear",
+                        staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k)))
+    t, segments = _problem(num_rows_per_segment=(60, 7, 45, 20), ids=(0, -1, 1, 2), dtype=torch.float64)
+    x = t["x"].clone().requires_grad_(True)
+    out = multi_lora_linear(x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], segments,
+                            ranks=t["ranks"], backend="native")
+    out.backward(t["dy"])
+    assert len(calls) == 2, "forward and input gradient should both use the merged weights"
+    x_ref = t["x"].clone().requires_grad_(True)
+    ref = multi_lora_linear_ref(x_ref, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], segments,
+                                ranks=t["ranks"].tolist())
+    ref.backward(t["dy"])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    multi_lora_linear(x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], segments, ranks=t["ranks"],
+                      dropout_p=0.1, seed=3, backend="native").sum().backward()
+    multi_lora_linear(x, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], segments, ranks=t["ranks"],
+                      lora_input=x * 2, backend="native").sum().backward()
+    short, short_segments = _problem(dtype=torch.float64)  # 60 rows in 4 segments: 15 rows on average
+    multi_lora_linear(short["x"], short["weight"], short["bias"], short["lora_a"], short["lora_b"], short["scale"],
+                      short_segments, ranks=short["ranks"], backend="native")
+    assert calls == []
+
+
+def test_inference_skips_h_and_training_keeps_it():
+    """H feeds dB and dscale only: without grad (or with B and scale frozen) the forward returns an empty H."""
+    from monkey_kernels import multi_lora_linear_fwd
+
+    t, segments = _problem(num_rows_per_segment=(60, 7, 45, 4), ids=(0, -1, 1, 2))
+    args = lambda need_h: (t["x"], None, t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], None,
+                           t["ranks"], segments.seg_indptr, segments.adapter_ids, segments.row_segment,
+                           segments.row_adapter, -1, 16, 0.0, torch.tensor(0), "native", need_h)
+    y_full, h_full = multi_lora_linear_fwd(*args(True))
+    y_lean, h_lean = multi_lora_linear_fwd(*args(False))
+    assert h_full.shape == (segments.num_rows, 16) and h_lean.shape == (segments.num_rows, 0)
+    torch.testing.assert_close(y_full, y_lean, rtol=0, atol=0)
+    torch.library.opcheck(multi_lora_linear_fwd, args(False))
+    lora_b = t["lora_b"].clone().requires_grad_(True)
+    out = multi_lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], lora_b, t["scale"], segments,
+                            ranks=t["ranks"], backend="native")
+    out.backward(t["dy"])
+    assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
