@@ -14,7 +14,10 @@ strided view, so ``dY @ W`` and ``dH @ A[a]`` reuse the fused GEMM, and ``dY @ B
 Design (a) of the core issue: a shrink kernel, then the base GEMM with the expand in its epilogue. The
 LoRA update costs one extra read of the LoRA input and no extra pass over ``Y``. A row tile may straddle
 segments (ragged segments of any length); the kernels loop over the segments a tile touches and mask rows
-by ``row_segment``, so no host-side tile map (and no host synchronisation) is needed.
+by ``row_segment``, so no host-side tile map (and no host synchronisation) is needed. Each segment's product
+reaches its own rows (and its adapter's rank) by selection, never through a product with zeros standing in
+for other rows or for the padding past the rank: 0 * NaN = NaN, so a NaN / inf reaches exactly the entries
+it reaches in the per-segment loop.
 
 Dropout keeps element ``(row, col)`` of the LoRA input iff ``tl.rand(seed, row * K + col) >= p``: a pure
 function of the seed, regenerated in backward, never stored.
@@ -78,7 +81,8 @@ def _dropout_keep(seed, rows, cols, row_len, p):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shrink: H[M, R_BLOCK] (fp32) = drop(X)[M, K] @ Wt[a]^T, Wt[a] of shape [R, K] (entries r >= rank[a] = 0)
+# Shrink: H[M, R_BLOCK] (fp32) = drop(X)[M, K] @ Wt[a]^T per segment, Wt[a] of shape [R, K]; H[:, r >= rank[a]]
+# and the rows of base-only segments are exactly 0, whatever X and Wt hold
 # ---------------------------------------------------------------------------------------------------------
 def _shrink_configs():
     if interpreter_active():
@@ -98,6 +102,8 @@ def _segmented_shrink_kernel(
     R_BLOCK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Each segment of the tile gets its own product and writes only its own rows. Dotting other segments'
+    # rows as zeros would not do: 0 * NaN (a NaN of this adapter's A) is NaN, and leaks into their rows.
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -106,30 +112,36 @@ def _segmented_shrink_kernel(
     seg_last = tl.max(row_seg, axis=0)
     r = tl.arange(0, R_BLOCK)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if DROPOUT:
-            keep = _dropout_keep(seed, rows, ks, K, dropout_p)
-            x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
-        for g in range(seg_first, seg_last + 1):
-            adapter = tl.load(adapter_ids_ptr + g)
-            if adapter >= 0:
-                rank = tl.load(ranks_ptr + adapter)
-                w = tl.load(
-                    w_ptr + adapter.to(tl.int64) * stride_wa + r[None, :] * stride_wr + ks[:, None] * stride_wk,
-                    mask=(r[None, :] < rank) & k_ok[:, None],
-                    other=0.0,
-                )
-                x_seg = tl.where((row_seg == g)[:, None], x, 0.0).to(x.dtype)
-                acc = tl.dot(_dot_operand(x_seg, UPCAST), _dot_operand(w, UPCAST), acc, input_precision=PRECISION)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + r[None, :], acc, mask=row_ok[:, None])
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + r[None, :]
+    # Segments outer, K inner: a single-segment tile (the common case) makes one pass over K, accumulating
+    # straight into its tl.dot accumulator; a straddling tile makes one pass per segment, each loading only
+    # that segment's rows of X.
+    for g in range(seg_first, seg_last + 1):
+        in_seg = row_seg == g  # implies row_ok (g >= 0, rows past M read -1)
+        adapter = tl.load(adapter_ids_ptr + g)
+        h = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
+        # base-only segments (and segments with no row here: zero-length ones) store zeros with no pass over K
+        if (adapter >= 0) & (tl.max(in_seg.to(tl.int32), axis=0) > 0):
+            rank = tl.load(ranks_ptr + adapter)
+            w_base = w_ptr + adapter.to(tl.int64) * stride_wa + r[None, :] * stride_wr
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < K
+                x = tl.load(x_rows + ks[None, :] * stride_xk, mask=in_seg[:, None] & k_ok[None, :], other=0.0)
+                if DROPOUT:
+                    keep = _dropout_keep(seed, rows, ks, K, dropout_p)
+                    x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
+                w = tl.load(w_base + ks[:, None] * stride_wk, mask=(r[None, :] < rank) & k_ok[:, None], other=0.0)
+                h = tl.dot(_dot_operand(x, UPCAST), _dot_operand(w, UPCAST), h, input_precision=PRECISION)
+            # Past the rank, A's zero padding times an inf of X is NaN: those columns are selected to 0, not
+            # computed (the fused GEMM would spread such a NaN over the whole output row).
+            h = tl.where(r[None, :] < rank, h, 0.0)
+        tl.store(out_ptrs, h, mask=in_seg[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Fused GEMM: OUT[M, N] = X[M, K] @ W[N, K]^T + bias[N] + drop(sum_g s[a] * H[rows, :] @ E[a][N, R]^T) + RES
+# Fused GEMM: OUT[M, N] = X[M, K] @ W[N, K]^T + bias[N] + drop(s[a] * H[rows of g, :rank] @ E[a][N, :rank]^T) + RES
+# (the LoRA term of each row from its own segment g only, rank = rank[a]; nothing for base-only segments)
 # ---------------------------------------------------------------------------------------------------------
 def _gemm_configs():
     if interpreter_active():
@@ -228,20 +240,37 @@ def _fused_lora_gemm_kernel(
             lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
             lora = acc
+        # In a tile that straddles segments, the rows of h outside segment g are zeros, and 0 * a NaN/inf of
+        # E[a] (or of an infinite scale) is NaN: each segment's product is selected into its own rows. A
+        # single-segment tile has no other rows to protect (rows past M are never stored) and accumulates
+        # straight into the accumulator, without the second [BLOCK_M, BLOCK_N] tile a selection keeps live.
+        single_segment = seg_first == seg_last
         for g in range(seg_first, seg_last + 1):
             adapter = tl.load(adapter_ids_ptr + g)
-            if adapter >= 0:
+            in_seg = (row_seg == g) & row_ok
+            if (adapter >= 0) & (tl.max(in_seg.to(tl.int32), axis=0) > 0):
                 rank = tl.load(ranks_ptr + adapter)
-                in_seg = (row_seg == g) & row_ok
-                h = tl.load(h_ptr + rows64[:, None] * stride_hm + r[None, :], mask=in_seg[:, None], other=0.0)
-                if HAS_SCALE:
-                    h = h * tl.load(scale_ptr + adapter).to(tl.float32)
-                e = tl.load(
-                    e_ptr + adapter.to(tl.int64) * stride_ea + cols[None, :] * stride_en + r[:, None] * stride_er,
-                    mask=(r[:, None] < rank) & col_ok[None, :],
+                in_rank = r < rank
+                # only this segment's rows and the adapter's rank: whatever H holds elsewhere is never read
+                h = tl.load(
+                    h_ptr + rows64[:, None] * stride_hm + r[None, :],
+                    mask=in_seg[:, None] & in_rank[None, :],
                     other=0.0,
                 )
-                lora = tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION)
+                if HAS_SCALE:
+                    # selected, not multiplied: 0 * an infinite scale past the rank would be NaN
+                    h = tl.where(in_rank[None, :], h * tl.load(scale_ptr + adapter).to(tl.float32), 0.0)
+                e = tl.load(
+                    e_ptr + adapter.to(tl.int64) * stride_ea + cols[None, :] * stride_en + r[:, None] * stride_er,
+                    mask=in_rank[:, None] & col_ok[None, :],
+                    other=0.0,
+                )
+                if single_segment:
+                    lora = tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION)
+                else:
+                    lora = tl.where(
+                        in_seg[:, None], tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION), lora
+                    )
         if LORA_DROPOUT:
             keep = _dropout_keep(seed, rows, cols, N, dropout_p)
             acc += tl.where(keep, lora / (1.0 - dropout_p), 0.0)

@@ -27,7 +27,9 @@ def _check_int32_range(name: str, tensor: torch.Tensor) -> None:
             raise ValueError(f"{name} must fit in int32, got values in [{low}, {high}]")
 
 
-def _as_index_tensor(value: IdsLike, name: str, device: Optional[torch.device], check_values: bool = True) -> torch.Tensor:
+def _as_index_tensor(
+    value: IdsLike, name: str, device: Optional[torch.device], check_values: bool = True
+) -> torch.Tensor:
     """``value`` as a contiguous int32 1-D tensor (on ``device`` when given). ``check_values``: also read the
     values back to check they fit int32 (skipped for device tensors when host checks are off)."""
     if isinstance(value, torch.Tensor):
@@ -148,7 +150,8 @@ class SegmentInfo:
         dev = torch.device(device) if device else None
 
         def host_checks(value) -> bool:
-            return _host_checks_wanted(validate, value.device if isinstance(value, torch.Tensor) else torch.device("cpu"))
+            source = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+            return _host_checks_wanted(validate, source)
 
         indptr = _as_index_tensor(seg_indptr, "seg_indptr", dev, host_checks(seg_indptr))
         ids = _as_index_tensor(adapter_ids, "adapter_ids", indptr.device, host_checks(adapter_ids))
@@ -158,6 +161,8 @@ class SegmentInfo:
             )
         if num_rows is None:
             num_rows = int(indptr[-1].item())
+            if num_rows < 0:  # named as the offset it is, not as a num_rows the caller never passed
+                raise ValueError(f"seg_indptr must be non-negative, got seg_indptr[-1]={num_rows}")
         if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
             raise ValueError(f"num_rows must be a non-negative int, got {num_rows!r}")
         lengths = (indptr[1:] - indptr[:-1]).to(torch.int64)
