@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from .backends import BACKENDS
 from .fused_monkey import FusedMonkeyBlock, InstanceForward, batched_model_forward, fused_transformer_forward
 
 __all__ = ["PatchRule", "PatchOptions", "PatchReport", "register_rule", "registered_rules", "patch_model",
@@ -254,6 +255,9 @@ def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS + ("auto",)):
+        # Checked here, not at the first forward: a typo would otherwise patch the model and fail later.
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)} or None, got {backend!r}")
     if is_patched(model):
         warnings.warn(f"patch_model: {type(model).__name__} is already patched; nothing done "
                       "(call unpatch_model first to re-patch with other options)", UserWarning, stacklevel=2)
@@ -292,6 +296,8 @@ def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool
 def unpatch_model(model: nn.Module) -> PatchReport:
     """Restores the reference modules (with the current Parameters) everywhere ``patch_model`` put fused ones;
     returns a report of what was restored. Warns and does nothing on a model that is not patched."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if not is_patched(model):
         warnings.warn(f"unpatch_model: {type(model).__name__} is not patched; nothing done", UserWarning,
                       stacklevel=2)

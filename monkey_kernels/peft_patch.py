@@ -187,6 +187,8 @@ class AdapterRows:
             if rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
                 raise ValueError(f"{argument} as a tensor must be 1-D integer ids, got {rows.dtype} "
                                  f"{tuple(rows.shape)}")
+            if rows.is_meta:
+                raise ValueError(f"{argument} is a tensor on the meta device (no values); pass ids on the CPU")
             rows = rows.tolist()
         if isinstance(rows, str) or not isinstance(rows, Sequence):
             raise ValueError(f"{argument} must be a sequence with one adapter name or id per batch row, "
@@ -279,6 +281,8 @@ def clear_adapter_rows(model: nn.Module) -> None:
 def adapter_selection(model: nn.Module, rows: RowsLike) -> Iterator[AdapterRows]:
     """``with adapter_selection(model, ["a", "__base__", 1]): model(x)`` -- per-row adapters for the calls in
     the block (training or eval); the previous selection, if any, is restored afterwards."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     previous = model.__dict__.get(_SELECTION_ATTR)
     selection = set_adapter_rows(model, rows)
     try:

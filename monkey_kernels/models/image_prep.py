@@ -75,6 +75,15 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
+def _config_value(config, name: str, default):
+    """``config.<name>``, or ``default`` without a config; a config lacking it is named in the error."""
+    if config is None:
+        return default
+    if not hasattr(config, name):
+        raise ValueError(f"config must be a MonkeyVisionConfig (with {name}), got {type(config).__name__}")
+    return getattr(config, name)
+
+
 def _tiles_along(pixels: int, tile: int) -> int:
     return max(1, math.floor(pixels / tile + 0.5))
 
@@ -88,9 +97,9 @@ def tile_grid(width: int, height: int, config=None, *, tile_size: Optional[int] 
     _positive_int("width", width)
     _positive_int("height", height)
     if tile_size is None:
-        tile_size = config.tile_size if config is not None else 448
+        tile_size = _config_value(config, "tile_size", 448)
     if tokens_per_view is None:
-        tokens_per_view = config.n_queries if config is not None else 256
+        tokens_per_view = _config_value(config, "n_queries", 256)
     _positive_int("tile_size", tile_size)
     _positive_int("tokens_per_view", tokens_per_view)
     return TileGrid(_tiles_along(width, tile_size), _tiles_along(height, tile_size), tile_size, tokens_per_view)
@@ -123,10 +132,11 @@ def prepare_images(
     Raises:
         ValueError: naming the argument, for a wrong channel count, non-float or empty images, bad sizes.
     """
-    tile = tile_size if tile_size is not None else (config.tile_size if config is not None else 448)
-    channels = num_channels if num_channels is not None else (config.num_channels if config is not None else 3)
+    tile = tile_size if tile_size is not None else _config_value(config, "tile_size", 448)
+    channels = num_channels if num_channels is not None else _config_value(config, "num_channels", 3)
+    _positive_int("num_channels", channels)
     if resolution is None:
-        side = config.image_size if config is not None else 896
+        side = _config_value(config, "image_size", 896)
         resolution = (side, side)
     if not (isinstance(resolution, (tuple, list)) and len(resolution) == 2):
         raise ValueError(f"resolution must be a (width, height) pair, got {resolution!r}")
@@ -136,8 +146,17 @@ def prepare_images(
         batch = [images] if images.dim() == 3 else list(images) if images.dim() == 4 else None
         if batch is None:
             raise ValueError(f"images must be [B, C, H, W] or [C, H, W], got shape {tuple(images.shape)}")
-    else:
+    elif isinstance(images, (list, tuple)):
         batch = list(images)
+    else:
+        raise ValueError(f"images must be a [B, C, H, W] or [C, H, W] tensor or a sequence of [C, H, W] tensors, "
+                         f"got {type(images).__name__}")
+    mean_t, std_t = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    if normalize and (mean_t.shape != (channels,) or std_t.shape != (channels,)):
+        raise ValueError(f"mean and std must have {channels} entries, got {len(mean)} and {len(std)}")
+    if normalize and not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all() and (std_t != 0).all()):
+        # (x - mean) / 0 would turn every pixel of that channel into +-inf or NaN without a word.
+        raise ValueError(f"mean must be finite and std finite and non-zero, got mean={list(mean)}, std={list(std)}")
     if not batch:
         raise ValueError("images must hold at least one image")
     width, height = grid.resized_size
@@ -161,8 +180,6 @@ def prepare_images(
         if normalize:
             m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            if m.shape[1] != channels or s.shape[1] != channels:
-                raise ValueError(f"mean and std must have {channels} entries, got {len(mean)} and {len(std)}")
             x = (x - m) / s
         # [1, C, rows*T, cols*T] -> [rows*cols, C, T, T], row-major over tiles
         tiles = x.reshape(channels, grid.n_rows, tile, grid.n_cols, tile).permute(1, 3, 0, 2, 4)

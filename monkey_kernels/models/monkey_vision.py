@@ -396,6 +396,10 @@ class MonkeyVisionModel(MonkeyVisionPreTrainedModel):
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != dims:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"{name} must be a {dims}-D tensor, got {shape}")
+        if pixel_values.shape[0] == 0:  # the encoder's reshapes cannot infer sizes of an empty batch
+            raise ValueError(f"{name} must hold at least one image, got shape {tuple(pixel_values.shape)}")
+        if pixel_values.is_meta and not self.conv1.weight.is_meta:
+            raise ValueError(f"{name} is on meta (no data), expected the model's device {self.conv1.weight.device}")
         if pixel_values.shape[-3] != cfg.num_channels:
             raise ValueError(f"{name} must have {cfg.num_channels} channels (dim -3), got {pixel_values.shape[-3]}")
         if tuple(pixel_values.shape[-2:]) != (cfg.tile_size, cfg.tile_size):
@@ -410,7 +414,9 @@ class MonkeyVisionModel(MonkeyVisionPreTrainedModel):
         ``idx`` is handed to ``transformer``: an adapter index or ``None`` in the reference; once patched, also
         one adapter id per view (``-1`` = none)."""
         self._check_views(x, "x", 4)
-        x = x.to(dtype=self.transformer.get_cast_dtype(), device=self.transformer.get_cast_device())
+        # conv1's dtype (the release reads resblocks[0]'s, equal in an unsharded model): under FSDP2 mixed
+        # precision only the running unit's weights are gathered in the compute dtype, not resblocks[0]'s.
+        x = x.to(dtype=self.conv1.weight.dtype, device=self.conv1.weight.device)
         x = self.conv1(x)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [N, grid**2, width]
         x = x + get_abs_pos(self.positional_embedding, x.size(1))
