@@ -408,6 +408,7 @@ Tensor multi_lora_merged_gemm(const Tensor& x, const Tensor& weight, const OptTe
   if (M == 0 || N == 0) return out;
 
   const Tensor w = weight.to(acc);
+  const bool transposed = !w.is_contiguous() && w.t().is_contiguous();
   const Tensor b = bias.has_value() ? bias->to(acc) : Tensor();
   const bool direct = out_dtype == acc;
   std::vector<int64_t> rows_of(A, 0);
@@ -421,6 +422,7 @@ Tensor multi_lora_merged_gemm(const Tensor& x, const Tensor& weight, const OptTe
 
   int64_t current = -2;
   Tensor w_eff, down_a, up_a;
+  Tensor merged_buffer;  // one [N, K] buffer for every merged adapter: allocated (and page-faulted) once
   bool merged = false;
   for (int64_t g : order) {
     const int64_t s0 = segs.indptr[g], s1 = segs.indptr[g + 1];
@@ -434,7 +436,15 @@ Tensor multi_lora_merged_gemm(const Tensor& x, const Tensor& weight, const OptTe
       if (lora) {
         down_a = down[a].slice(0, 0, rank[a]).to(acc);  // [rank, K]
         up_a = up[a].slice(1, 0, rank[a]).to(acc);      // [N, rank]
-        if (merged) w_eff = at::addmm(w, up_a, down_a, /*beta=*/1.0, /*alpha=*/scales[a]);
+        if (merged && transposed) {
+          // weight is W^T of a row-major W (the input gradient): merge in W's own layout, W_eff^T = W + s
+          // down^T up^T, never reading W column-wise once per adapter.
+          if (!merged_buffer.defined()) merged_buffer = at::empty({K, N}, opts);
+          w_eff = at::addmm_out(merged_buffer, w.t(), down_a.t(), up_a.t(), /*beta=*/1.0, /*alpha=*/scales[a]).t();
+        } else if (merged) {
+          if (!merged_buffer.defined()) merged_buffer = at::empty({N, K}, opts);
+          w_eff = at::addmm_out(merged_buffer, w, up_a, down_a, /*beta=*/1.0, /*alpha=*/scales[a]);
+        }
       }
     }
     const Tensor xs = x.slice(0, s0, s1).to(acc);

@@ -420,7 +420,7 @@ def _plot_native_cpu(results: dict, path: Path, plt) -> None:
     rows = [dict(method=method, width=str(r["width"]), batch=r["mode"], ratio=ratio)
             for r in results["results"] for method, ratio in r["ratio_to_base"].items() if method != "base"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 0.9 * len(methods) * len(results["results"])), 4.5),
+    fig, axes = plt.subplots(1, 2, figsize=(min(14.0, max(6.0, 0.9 * len(methods) * len(results["results"]))), 4.5),
                              squeeze=False)
     for ax, mode, title in ((axes[0][0], "fwd", "forward / F.linear"), (axes[0][1], "fwd_bwd", "fwd+bwd / F.linear fwd+dX")):
         mode_rows = [dict(r, batch=1) for r in rows if r["batch"] == mode]
