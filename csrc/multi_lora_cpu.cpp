@@ -120,11 +120,31 @@ void parallel_row_chunks(int64_t num_rows, const F& body) {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+bool supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 void check_float(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kHalf ||
-                  t.scalar_type() == at::kBFloat16,
-              name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(supported_float(t.scalar_type()), name, " must be float32, float64, float16 or bfloat16, got ",
+              t.scalar_type());
+}
+
+// out_dtype, and the optional epilogue operands bias [N] and residual [M, N] of the two GEMM ops.
+void check_epilogue(at::ScalarType out_dtype, const OptTensor& bias, const OptTensor& residual, int64_t M,
+                    int64_t N) {
+  TORCH_CHECK(supported_float(out_dtype), "out_dtype must be float32, float64, float16 or bfloat16, got ",
+              out_dtype);
+  if (bias.has_value()) {
+    check_float(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [out_features = ", N, "], got ",
+                bias->sizes());
+  }
+  if (residual.has_value()) {
+    check_float(*residual, "residual");
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N,
+                "residual must be [num_rows = ", M, ", out_features = ", N, "], got ", residual->sizes());
+  }
 }
 
 std::vector<int64_t> read_ranks(const Tensor& ranks, int64_t num_adapters, int64_t r_max) {
@@ -213,9 +233,7 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
                              const OptTensor& lora_keep, double lora_dropout_p) {
   const int64_t M = num_rows, N = out_features;
   TORCH_CHECK(M >= 0 && N >= 0, "num_rows and out_features must be >= 0, got ", M, " and ", N);
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kDouble || out_dtype == at::kHalf ||
-                  out_dtype == at::kBFloat16,
-              "out_dtype must be float32, float64, float16 or bfloat16, got ", out_dtype);
+  check_epilogue(out_dtype, bias, residual, M, N);
   const at::ScalarType acc = acc_type(out_dtype);
   const bool has_base = x.has_value() && x->size(1) > 0;
   if (x.has_value()) {
@@ -227,16 +245,6 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
                 "weight must be [out_features = ", N, ", K = ", x->size(1), "], got ", weight->sizes());
     TORCH_CHECK(weight->scalar_type() == x->scalar_type(), "weight has dtype ", weight->scalar_type(),
                 ", expected ", x->scalar_type(), " (the dtype of x)");
-  }
-  if (bias.has_value()) {
-    check_float(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [out_features = ", N, "], got ",
-                bias->sizes());
-  }
-  if (residual.has_value()) {
-    check_float(*residual, "residual");
-    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N,
-                "residual must be [num_rows = ", M, ", out_features = ", N, "], got ", residual->sizes());
   }
   const bool has_lora = h.has_value();
   int64_t A = 0, R = 0;
@@ -387,18 +395,7 @@ Tensor multi_lora_merged_gemm(const Tensor& x, const Tensor& weight, const OptTe
   for (const Tensor* t : {&weight, &down, &up})
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "weight, down and up must have the dtype of x (",
                 x.scalar_type(), "), got ", t->scalar_type());
-  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kDouble || out_dtype == at::kHalf ||
-                  out_dtype == at::kBFloat16,
-              "out_dtype must be float32, float64, float16 or bfloat16, got ", out_dtype);
-  if (bias.has_value()) {
-    check_float(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be [N = ", N, "], got ", bias->sizes());
-  }
-  if (residual.has_value()) {
-    check_float(*residual, "residual");
-    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N, "residual must be [M = ",
-                M, ", N = ", N, "], got ", residual->sizes());
-  }
+  check_epilogue(out_dtype, bias, residual, M, N);
   const Segments segs = read_segments(seg_indptr, adapter_ids, M, A);
   const std::vector<int64_t> rank = read_ranks(ranks, A, R);
   const std::vector<double> scales = read_scale(scale, A);

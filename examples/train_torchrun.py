@@ -109,7 +109,28 @@ def build_model(config: MonkeyVisionConfig, *, seed: int = 0, dtype: torch.dtype
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
-class SyntheticImages(Dataset):
+class SeededImageDataset(Dataset):
+    """``length`` synthetic items for a Monkey encoder of ``config``, item ``i`` a pure function of ``(seed, i)``
+    (the same on every rank and every epoch): subclasses build it in ``make_item`` from the generator seeded here."""
+
+    def __init__(self, config: MonkeyVisionConfig, length: int, seed: int, dtype: torch.dtype) -> None:
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        self.config, self.length, self.seed, self.dtype = config, length, seed, dtype
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} images")
+        return self.make_item(index, torch.Generator().manual_seed(self.seed * 1_000_003 + index))
+
+    def make_item(self, index: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class SyntheticImages(SeededImageDataset):
     """``length`` synthetic images, each a pure function of ``(seed, index)``, prepared for the encoder.
 
     Item ``i`` is ``{"pixel_values": [V, 3, T, T], "target": [output_dim]}`` where ``V = tiles + 1`` views of a
@@ -118,19 +139,11 @@ class SyntheticImages(Dataset):
 
     def __init__(self, config: MonkeyVisionConfig, length: int, resolution: Optional[Sequence[int]] = None,
                  seed: int = 1234, dtype: torch.dtype = torch.float32) -> None:
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        self.config, self.length, self.seed, self.dtype = config, length, seed, dtype
+        super().__init__(config, length, seed, dtype)
         side = config.image_size
         self.resolution = tuple(resolution) if resolution is not None else (side, side)
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} images")
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+    def make_item(self, index: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         width, height = self.resolution
         # A smooth random image (low-resolution noise upsampled) rather than white noise: closer to real images.
         coarse = torch.rand(1, 3, max(1, height // 8), max(1, width // 8), generator=generator)

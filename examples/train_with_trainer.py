@@ -73,7 +73,7 @@ def build_classifier(config: MonkeyVisionConfig, *, seed: int = 0, dtype: torch.
     return model, report
 
 
-class TintedImages(Dataset):
+class TintedImages(tr.SeededImageDataset):
     """``length`` synthetic images; image ``i`` has label ``i % num_labels`` and is tinted towards colour channel
     ``label`` (``num_labels <= 3``). Items: ``{"pixel_values": [V, 3, T, T], "labels": int64 []}``."""
 
@@ -81,17 +81,9 @@ class TintedImages(Dataset):
                  dtype: torch.dtype = torch.float32) -> None:
         if not 1 <= config.num_labels <= config.num_channels:
             raise ValueError(f"config.num_labels must be in [1, {config.num_channels}], got {config.num_labels}")
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        self.config, self.length, self.seed, self.dtype = config, length, seed, dtype
+        super().__init__(config, length, seed, dtype)
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} images")
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+    def make_item(self, index: int, generator: torch.Generator) -> Dict[str, torch.Tensor]:
         side = self.config.image_size
         label = index % self.config.num_labels
         image = 0.6 * torch.rand(3, side, side, generator=generator)

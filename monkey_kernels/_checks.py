@@ -1,4 +1,5 @@
-"""Argument checks shared by the public ops: each failure is a ``ValueError`` that names the argument."""
+"""Argument checks shared by the public ops (each failure is a ``ValueError`` that names the argument), and the
+one accumulation-dtype rule of every backend."""
 from __future__ import annotations
 
 from typing import Optional
@@ -18,6 +19,12 @@ def check_device(name: str, tensor: torch.Tensor, device: torch.device, referenc
     """``tensor`` lives on ``device``, the device of the argument named ``reference``."""
     if tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device}, expected {device} (the device of {reference})")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the ops accumulate (GEMMs, H, the SLP box projection) for inputs / outputs of ``dtype``: float64 for
+    float64 (the CPU backends), float32 for everything else (half types round once, at the end)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype, reference: str) -> None:

@@ -28,6 +28,8 @@ from typing import List, Optional
 
 import torch
 
+from ._checks import accumulation_dtype
+
 __all__ = ["load", "available", "status", "ops", "sources", "ENV_NO_NATIVE", "ENV_NO_JIT", "ENV_CACHE"]
 
 ENV_NO_NATIVE = "MONKEY_KERNELS_NO_NATIVE"
@@ -172,14 +174,10 @@ def _register_fakes() -> None:
     _fakes_registered = True
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _register_multi_lora_fakes() -> None:
     @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_shrink")
     def _shrink_fake(x, weight, seg_indptr, adapter_ids, ranks, r_block, keep, dropout_p):
-        return x.new_empty((x.shape[0], r_block), dtype=_accumulation_dtype(x.dtype))
+        return x.new_empty((x.shape[0], r_block), dtype=accumulation_dtype(x.dtype))
 
     @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_fused_gemm")
     def _fused_gemm_fake(x, weight, bias, h, expand, scale, residual, seg_indptr, adapter_ids, ranks, num_rows,

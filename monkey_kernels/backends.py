@@ -30,6 +30,9 @@ import torch
 from triton_kernels.env import interpreter_active
 from triton_kernels.segments import SegmentInfo
 
+from . import _native  # the loader only: the extension itself loads on first use
+from ._checks import accumulation_dtype
+
 BACKENDS = ("triton", "native", "torch")
 ENV_BACKEND = "MONKEY_KERNELS_BACKEND"
 
@@ -42,12 +45,6 @@ def _triton_module():
     import triton_kernels.multi_lora as kernels  # imported lazily: a CPU user without Triton still works
 
     return kernels
-
-
-def _native_module():
-    from . import _native  # noqa: PLC0415 (the loader itself is cheap; loading the .so happens on first use)
-
-    return _native
 
 
 def _log_choice_once(device_type: str, backend: str, why: str, level: int = logging.INFO) -> None:
@@ -68,12 +65,11 @@ def _auto_backend(device: torch.device) -> str:
         _log_choice_once(device.type, "triton", "TRITON_INTERPRET=1: the kernels run in Triton's interpreter")
         return "triton"
     if device.type == "cpu":
-        native = _native_module()
-        if native.available():
+        if _native.available():
             origin = {"prebuilt": "prebuilt extension", "jit": "extension JIT-built from csrc/"}
-            _log_choice_once("cpu", "native", origin.get(native.status(), native.status()))
+            _log_choice_once("cpu", "native", origin.get(_native.status(), _native.status()))
             return "native"
-        reason = native.status()
+        reason = _native.status()
         # A user who switched the extension off chose this; anything else is a build problem worth a warning.
         level = logging.INFO if reason.startswith("disabled") else logging.WARNING
         _log_choice_once("cpu", "torch", f"native extension unavailable: {reason}", level)
@@ -108,9 +104,8 @@ def resolve_backend(backend: Optional[str], device: torch.device,
     if chosen == "native":
         if device.type not in native_device_types:
             raise ValueError(f"{source}='native' runs on {'/'.join(native_device_types)} tensors, got {device.type} tensors")
-        native = _native_module()
-        if not native.available():
-            raise ValueError(f"{source}='native' is unavailable: {native.status()}")
+        if not _native.available():
+            raise ValueError(f"{source}='native' is unavailable: {_native.status()}")
     return chosen
 
 
@@ -185,10 +180,6 @@ def _adapter_rows(segments: SegmentInfo):
     return groups
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class TorchPrimitives:
     """The primitives in vectorized PyTorch (any device). Equal-length segments (``segment_length`` known):
     batched GEMMs over segments, no host read. Ragged segments: one GEMM per adapter on its rows
@@ -201,7 +192,7 @@ class TorchPrimitives:
     def shrink(x, weight, segments, ranks, r_block, dropout_p=0.0, seed=0):
         num_adapters, R, K = weight.shape
         M = x.shape[0]
-        dtype = _compute_dtype(x.dtype)
+        dtype = accumulation_dtype(x.dtype)
         x = _dropout(x, dropout_p, seed, _torch_keep_mask)
         uniform = _uniform_split(segments)
         if uniform is not None:
@@ -225,7 +216,7 @@ class TorchPrimitives:
         M, N = segments.num_rows, int(out_features)
         # fp32/fp64 accumulate in place in the output (no extra [M, N] buffers); half dtypes accumulate
         # in an fp32 copy and round once, like the kernels.
-        acc_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
+        acc_dtype = accumulation_dtype(out_dtype)
         uniform = _uniform_split(segments)
         if x is not None and x.shape[1] > 0:
             acc = torch.nn.functional.linear(x, weight, bias)
@@ -268,7 +259,7 @@ class TorchPrimitives:
     @staticmethod
     def outer(x, y, segments, out, scale=None, dropout_p=0.0, seed=0):
         num_adapters, N, R = out.shape
-        dtype = _compute_dtype(x.dtype)
+        dtype = accumulation_dtype(x.dtype)
         x = _dropout(x, dropout_p, seed, _torch_keep_mask)
         uniform = _uniform_split(segments)
         result = torch.zeros((num_adapters, N, R), device=x.device, dtype=dtype)
@@ -328,7 +319,7 @@ class NativePrimitives:
         """fp32 (fp64 for fp64 ``x``) ``[M, r_block]``: ``drop(x) @ weight[a][:rank]^T`` per row, zeros past
         the rank and on base-only rows. ``x [M, K]``, ``weight [A, R, K]`` (any strides)."""
         keep = _optional_keep(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-        return _native_module().ops().multi_lora_shrink(
+        return _native.ops().multi_lora_shrink(
             x, weight, segments.seg_indptr, segments.adapter_ids, ranks, int(r_block), keep, float(dropout_p))
 
     @staticmethod
@@ -338,7 +329,7 @@ class NativePrimitives:
         expand[a]^T) + residual``; any of them may be ``None`` (see :class:`TorchPrimitives`)."""
         M = segments.num_rows
         keep = _optional_keep(seed, M, int(out_features), lora_dropout_p, segments.device) if h is not None else None
-        return _native_module().ops().multi_lora_fused_gemm(
+        return _native.ops().multi_lora_fused_gemm(
             x, weight, bias, h, expand, scale, residual, segments.seg_indptr, segments.adapter_ids, ranks,
             M, int(out_features), out_dtype, keep, float(lora_dropout_p))
 
@@ -356,7 +347,7 @@ class NativePrimitives:
         (no dropout, the LoRA reads ``x``): an adapter with enough rows gets its merged weight and ONE GEMM
         (``csrc/multi_lora_cpu.cpp``, ``multi_lora_merged_gemm``). ``x [M, K]``, ``weight [N, K]``,
         ``down [A, R, K]``, ``up [A, N, R]`` (any strides)."""
-        return _native_module().ops().multi_lora_merged_gemm(
+        return _native.ops().multi_lora_merged_gemm(
             x, weight, bias, down, up, scale, residual, segments.seg_indptr, segments.adapter_ids, ranks, out_dtype)
 
     @staticmethod
@@ -365,7 +356,7 @@ class NativePrimitives:
         (any strides); deterministic (a fixed work split and summation order)."""
         num_adapters, _, R = out.shape
         keep = _optional_keep(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-        result = _native_module().ops().multi_lora_outer(
+        result = _native.ops().multi_lora_outer(
             x, y, segments.seg_indptr, segments.adapter_ids, scale, keep, float(dropout_p), num_adapters, R,
             out.dtype)
         out.copy_(result)

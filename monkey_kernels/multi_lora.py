@@ -9,7 +9,7 @@ import torch
 from triton_kernels import alloc
 from triton_kernels.segments import SegmentInfo
 
-from ._checks import check_device, check_dtype, check_tensor
+from ._checks import accumulation_dtype, check_device, check_dtype, check_tensor
 from .backends import get_primitives, resolve_backend
 
 __all__ = [
@@ -63,7 +63,7 @@ def _linear_forward(
     prims = get_primitives(backend)
     seed = int(seed)
     lora_in = u if v is None else v
-    if v is None and dropout_p == 0.0 and _merges(prims, segments):
+    if _merged_path(prims, segments, v, dropout_p):
         h = prims.shrink(u, lora_a, segments, ranks, r_block) if need_h else None
         y = prims.merged_linear(u, weight, bias, lora_a, lora_b, scale, residual, segments, ranks, out_dtype=u.dtype)
     else:
@@ -73,7 +73,7 @@ def _linear_forward(
             out_features=weight.shape[0], out_dtype=u.dtype,
         )
     if not need_h:
-        h = u.new_empty((u.shape[0], 0), dtype=_h_dtype(u.dtype))
+        h = u.new_empty((u.shape[0], 0), dtype=accumulation_dtype(u.dtype))
     return y, h
 
 
@@ -81,21 +81,19 @@ multi_lora_linear_fwd = torch.library.custom_op("monkey_kernels::multi_lora_line
     _linear_forward)
 
 
-def _merges(prims, segments: SegmentInfo) -> bool:
-    """Whether ``prims`` computes the LoRA linear through merged weights for this layout."""
-    return hasattr(prims, "merged_linear") and prims.merge_worthwhile(segments)
-
-
-def _h_dtype(dtype: torch.dtype) -> torch.dtype:
-    # H accumulates in fp32, in fp64 for fp64 inputs (the CPU backends; Triton has no fp64)
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _merged_path(prims, segments: SegmentInfo, v: Optional[torch.Tensor], dropout_p: float) -> bool:
+    """Whether ``Y`` (and ``dU``) go through each adapter's merged weight ``W + s B A``: possible only when the
+    LoRA reads the GEMM input (``V = U``) undropped, and done by backends with ``merged_linear`` on layouts
+    where it pays off."""
+    return (v is None and dropout_p == 0.0 and hasattr(prims, "merged_linear")
+            and prims.merge_worthwhile(segments))
 
 
 @multi_lora_linear_fwd.register_fake
 def _(u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, seg_indptr, adapter_ids, row_segment,
       row_adapter, segment_length, r_block, dropout_p, seed, backend, need_h=True):
     y = u.new_empty((u.shape[0], weight.shape[0]))
-    h = u.new_empty((u.shape[0], r_block if need_h else 0), dtype=_h_dtype(u.dtype))
+    h = u.new_empty((u.shape[0], r_block if need_h else 0), dtype=accumulation_dtype(u.dtype))
     return y, h
 
 
@@ -139,7 +137,7 @@ def _linear_backward(
     # one placeholder each: outputs of a custom op may not alias one another
     grad_u, grad_v, grad_a, grad_b, grad_scale = (dy.new_empty(0) for _ in range(5))
 
-    merged_du = v is None and need_u and dropout_p == 0.0 and _merges(prims, segments)
+    merged_du = need_u and _merged_path(prims, segments, v, dropout_p)
     if (need_b or need_scale) and h.shape[1] == 0:
         raise RuntimeError("multi_lora_linear_bwd: dB / dscale wanted but the forward ran with need_h=False")
     need_dh = need_a or need_v or (need_u and not merged_du)

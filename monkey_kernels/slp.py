@@ -31,7 +31,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._checks import check_device, check_tensor
+from . import _native
+from ._checks import accumulation_dtype, check_device, check_tensor
 from .backends import resolve_backend
 from .models.slp import PAD_TOKEN_ID, SLPEmbeddingRef, SpatialLayoutProjector
 
@@ -130,11 +131,6 @@ def build_token_index(
 # ---------------------------------------------------------------------------------------------------------
 # Forward primitives
 # ---------------------------------------------------------------------------------------------------------
-def _box_compute_dtype(out_dtype: torch.dtype) -> torch.dtype:
-    """Compute dtype of the box projection and its gradients: float64 for a float64 table (output), else fp32."""
-    return torch.float64 if out_dtype == torch.float64 else torch.float32
-
-
 def _normalized_boxes(boxes: torch.Tensor, page_sizes: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``boxes / (w, h, w, h)`` (or ``boxes`` when ``page_sizes`` is None) in ``dtype``."""
     c = boxes.to(dtype)
@@ -179,7 +175,7 @@ def _torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_feat
     out = torch.where(torch.cat([is_text, is_text.new_zeros(1)])[:, None], out,
                       torch.zeros((), dtype=table.dtype, device=table.device))
     B, N, _ = boxes.shape
-    acc = _box_compute_dtype(table.dtype)  # fp32 (fp64 for a float64 table), one rounding to the table's dtype
+    acc = accumulation_dtype(table.dtype)  # fp32 (fp64 for a float64 table), one rounding to the table's dtype
     z = torch.nn.functional.linear(_normalized_boxes(boxes, page_sizes, acc).reshape(B * N, 4), weight.to(acc),
                                    None if bias is None else bias.to(acc))
     out.index_copy_(0, _source_rows(kind, src, KIND_BOX, B * N), z.to(table.dtype))
@@ -190,15 +186,9 @@ def _torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_feat
     return out[:T]
 
 
-def _native_ops():
-    from . import _native  # noqa: PLC0415 (loads the extension on first use only)
-
-    return _native.ops()
-
-
 def _native_has_cuda_kernel() -> bool:
     """Whether the loaded extension registered the CUDA kernel of ``slp_embed_forward`` (CUDA builds)."""
-    _native_ops()
+    _native.ops()
     return torch._C._dispatch_has_kernel_for_dispatch_key("monkey_kernels_native::slp_embed_forward", "CUDA")
 
 
@@ -244,7 +234,7 @@ class SLPEmbedFunction(torch.autograd.Function):
             from triton_kernels import alloc  # noqa: PLC0415 (NaN-poisoned under the tests, like Triton's)
 
             out = alloc.empty((kind.shape[0], table.shape[1]), device=table.device, dtype=table.dtype)
-            _native_ops().slp_embed_forward.out(kind, src, table, boxes, page_sizes, weight, bias, image_features,
+            _native.ops().slp_embed_forward.out(kind, src, table, boxes, page_sizes, weight, bias, image_features,
                                                 out=out)
         else:
             out = _torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_features)
@@ -268,7 +258,7 @@ class SLPEmbedFunction(torch.autograd.Function):
             # One C++ op for all six gradients (csrc/slp_cpu.cpp): the same math, deterministic, the table
             # gradient by a counting sort of the text tokens instead of embedding_dense_backward.
             n_image = 0 if ctx.image_shape is None else ctx.image_shape[1]
-            grad_table, grad_w, grad_bias, grad_boxes, grad_sizes, grad_image = _native_ops().slp_embed_backward(
+            grad_table, grad_w, grad_bias, grad_boxes, grad_sizes, grad_image = _native.ops().slp_embed_backward(
                 dy, kind, src, boxes, page_sizes, weight, ctx.num_embeddings, ctx.padding_idx, n_image,
                 [need_table, need_w, need_bias, need_boxes, need_sizes, need_image],
             )
@@ -286,7 +276,7 @@ class SLPEmbedFunction(torch.autograd.Function):
 
         if need_w or need_bias or need_boxes or need_sizes:
             B, N, _ = boxes.shape
-            acc = _box_compute_dtype(dy.dtype)  # dY has the table's (output's) dtype: as in the forward
+            acc = accumulation_dtype(dy.dtype)  # dY has the table's (output's) dtype: as in the forward
             g = _gather_rows(dy, _source_rows(kind, src, KIND_BOX, B * N)).to(acc)  # [B*N, H]
             c = _normalized_boxes(boxes, page_sizes, acc).reshape(B * N, 4)
             if need_w:

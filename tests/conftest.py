@@ -49,8 +49,25 @@ def available_backends() -> list:
     return ["triton", "native", "torch"]
 
 
+def _missing_native_allowed() -> bool:
+    return os.environ.get(ALLOW_NO_NATIVE, "0") not in ("", "0")
+
+
+def require_native():
+    """``torch.ops.monkey_kernels_native`` for a test that needs the extension; without it the test fails with
+    the loader's reason, or is skipped under ``MONKEY_KERNELS_ALLOW_NO_NATIVE=1``."""
+    from monkey_kernels import _native  # noqa: PLC0415 (loads the extension only for tests that need it)
+
+    if not _native.available():
+        reason = f"native extension unavailable: {_native.status()}"
+        if _missing_native_allowed():
+            pytest.skip(f"{reason}; {ALLOW_NO_NATIVE}=1")
+        pytest.fail(f"{reason} (set {ALLOW_NO_NATIVE}=1 to skip)")
+    return _native.ops()
+
+
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get(ALLOW_NO_NATIVE, "0") in ("", "0"):
+    if not _missing_native_allowed():
         return
     native = [item for item in items
               if getattr(item, "callspec", None) is not None and item.callspec.params.get("backend") == "native"]

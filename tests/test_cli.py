@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import require_native
 from monkey_kernels import cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,10 +93,7 @@ def test_bench_rejects_pass_through_for_several_benchmarks(tmp_path, capsys):
 
 def test_bench_native_cpu_writes_json_and_plot(tmp_path):
     """The native CPU benchmark through the CLI at a tiny size: every method timed, errors against float64 tiny."""
-    from monkey_kernels import _native
-
-    if not _native.available():
-        pytest.skip(f"native extension unavailable: {_native.status()}")
+    require_native()
     pytest.importorskip("matplotlib")
     result = cli.run(["bench", "--which", "native_cpu", "--quick", "--out-dir", str(tmp_path), "--widths", "48",
                       "--tokens", "16", "--rounds", "1", "--iters", "1"])

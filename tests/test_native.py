@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ALLOW_NO_NATIVE
+from conftest import require_native
 from monkey_kernels import SegmentInfo, _native, backends, multi_lora_linear, multi_lora_linear_ref
 from monkey_kernels.backends import NativePrimitives, TorchPrimitives, resolve_backend
 
@@ -21,10 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(autouse=True)
 def need_native():
-    if not _native.available():
-        if os.environ.get(ALLOW_NO_NATIVE, "0") not in ("", "0"):
-            pytest.skip(f"native extension unavailable: {_native.status()}")
-        pytest.fail(f"native extension unavailable: {_native.status()} (set {ALLOW_NO_NATIVE}=1 to skip)")
+    require_native()
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:

@@ -546,16 +546,22 @@ def call_slp(inputs, backend, **kwargs):
                      inputs.pop("boxes"), box_token_id=inputs.pop("box_token_id", BOX_ID), backend=backend, **inputs)
 
 
+def slp_reference_modules(inputs):
+    """The reference ``nn.Embedding`` and ``SpatialLayoutProjector`` in float64 holding ``inputs``' weights."""
+    embedding = nn.Embedding(V, H, dtype=torch.float64)
+    projector = SpatialLayoutProjector(H, dtype=torch.float64)
+    with torch.no_grad():
+        embedding.weight.copy_(inputs["embedding_weight"])
+        projector.proj.weight.copy_(inputs["proj_weight"])
+        projector.proj.bias.copy_(inputs["proj_bias"])
+    return embedding, projector
+
+
 def slp_reference(inputs):
     """The reference assembly in float64 on the CPU."""
     t = {k: (v.detach().cpu().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
          for k, v in inputs.items()}
-    embedding = nn.Embedding(V, H, dtype=torch.float64)
-    projector = SpatialLayoutProjector(H, dtype=torch.float64)
-    with torch.no_grad():
-        embedding.weight.copy_(t["embedding_weight"])
-        projector.proj.weight.copy_(t["proj_weight"])
-        projector.proj.bias.copy_(t["proj_bias"])
+    embedding, projector = slp_reference_modules(t)
     return assemble_inputs_embeds_ref(t["input_ids"].cpu(), embedding, projector, t["boxes"], BOX_ID,
                                       image_features=t["image_features"], image_token_id=IMAGE_ID).detach()
 
@@ -695,12 +701,7 @@ def test_slp_embed_float64_box_rows(backend, with_page_sizes):
     leaves = {k: inputs[k].clone().requires_grad_() for k in names}
     out = call_slp(dict(inputs, **leaves), backend)
     assert out.dtype == torch.float64
-    embedding = nn.Embedding(V, H, dtype=torch.float64)
-    projector = SpatialLayoutProjector(H, dtype=torch.float64)
-    with torch.no_grad():
-        embedding.weight.copy_(inputs["embedding_weight"])
-        projector.proj.weight.copy_(inputs["proj_weight"])
-        projector.proj.bias.copy_(inputs["proj_bias"])
+    embedding, projector = slp_reference_modules(inputs)
     boxes = inputs["boxes"].clone().requires_grad_()
     sizes = page_sizes.clone().requires_grad_() if with_page_sizes else None
     features = inputs["image_features"].clone().requires_grad_()

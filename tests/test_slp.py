@@ -13,7 +13,6 @@ compared with the Triton kernel and the float64 reference in ``test_native_cuda_
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from accuracy import assert_within_pytorch_error, rel_err
-from conftest import ALLOW_NO_NATIVE, available_backends, kernel_device
+from conftest import available_backends, kernel_device, require_native
 from monkey_kernels.models.slp import PAD_TOKEN_ID, SLPEmbeddingRef, SpatialLayoutProjector
 from monkey_kernels.slp import FusedSLPEmbedding, slp_embed
 
@@ -433,20 +432,10 @@ def test_patch_model_swaps_the_reference_embedding_and_back(backend):
 # ---------------------------------------------------------------------------------------------------------
 # Native ops: determinism, torch.library checks, the CUDA kernel
 # ---------------------------------------------------------------------------------------------------------
-def _native_ops():
-    """The native ops; without the extension a failure (RuntimeError with the loader's reason), or a skip
-    under MONKEY_KERNELS_ALLOW_NO_NATIVE=1 as for the matrix's native cases."""
-    from monkey_kernels import _native
-
-    if not _native.available() and os.environ.get(ALLOW_NO_NATIVE, "0") not in ("", "0"):
-        pytest.skip(f"native extension unavailable ({_native.status()}); {ALLOW_NO_NATIVE}=1")
-    return _native.ops()
-
-
 def test_native_backward_is_deterministic():
     """Two backward passes give bitwise-identical gradients (no atomics, fixed summation orders), with
     frequent repeated tokens so that table rows sum many token rows."""
-    _native_ops()
+    require_native()
     case = CASES["normalized_with_images"]
     tensors, extra = make_inputs(case, torch.float32, torch.device("cpu"))
     ids = extra["input_ids"]
@@ -460,7 +449,7 @@ def test_native_backward_is_deterministic():
 
 def test_native_ops_pass_torch_library_opcheck():
     """Schemas, fake (meta) implementations and AOT dispatch of the three op overloads (torch.compile)."""
-    ops = _native_ops()
+    ops = require_native()
     kind = torch.tensor([1, 2, 0, 3, 1, 2], dtype=torch.int32)
     src = torch.tensor([3, 1, 0, 2, 6, 4])
     table, boxes, weight = torch.randn(7, 5), torch.rand(2, 3, 4) * 50, torch.randn(5, 4)
@@ -476,7 +465,7 @@ def test_native_ops_pass_torch_library_opcheck():
 
 
 def test_native_op_errors_name_the_argument():
-    ops = _native_ops()
+    ops = require_native()
     kind, src = torch.ones(4, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)
     table, boxes, weight = torch.randn(5, 6), torch.rand(1, 2, 4), torch.randn(6, 4)
     with pytest.raises(ValueError, match="weight must be"):
@@ -553,7 +542,7 @@ def _bench_slp():
 
 def test_bench_measures_the_native_cpu_ops(tmp_path):
     """The benchmark's native methods run (and are validated against the reference) on CPU."""
-    _native_ops()
+    require_native()
     bench = _bench_slp()
     out = tmp_path / "slp.json"
     threads = torch.get_num_threads()  # the benchmark sets its own CPU thread count
