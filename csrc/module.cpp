@@ -6,6 +6,8 @@
 // pybind11 alone (not torch/extension.h): nothing here needs the torch C++ API, and the build is faster.
 #include <pybind11/pybind11.h>
 
+#include "outputs.h"
+
 namespace {
 
 bool built_with_cuda() {
@@ -32,4 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("built_with_openmp", &built_with_openmp,
         "True when compiled with OpenMP, i.e. at::parallel_for in the native ops runs on several threads");
   m.def("num_threads", []() { return at::get_num_threads(); }, "ATen's intra-op thread count (at::get_num_threads)");
+  m.def("poison_outputs", &monkey_kernels::poison_outputs,
+        "True when MONKEY_KERNELS_POISON is set: the ops' fresh outputs start as NaN (csrc/outputs.h)");
 }

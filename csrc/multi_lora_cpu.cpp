@@ -23,6 +23,8 @@
 #include <optional>
 #include <vector>
 
+#include "outputs.h"
+
 namespace monkey_kernels_native {
 namespace {
 
@@ -266,7 +268,7 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
   if (has_lora) check_keep(lora_keep, M, N, lora_dropout_p, "lora_keep");
 
   const at::TensorOptions opts = at::TensorOptions().device(at::kCPU);
-  Tensor out = at::empty({M, N}, opts.dtype(out_dtype));
+  Tensor out = monkey_kernels::fresh_output({M, N}, opts.dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   // Operands converted once, outside the chunks (copies only when a dtype differs from `acc`).
   const Tensor w_t = has_base ? weight->to(acc).t() : Tensor();  // [K, N]; W.t() views stay views
@@ -337,7 +339,7 @@ Tensor multi_lora_outer(const Tensor& x, const Tensor& y, const Tensor& seg_indp
   check_keep(keep, M, N, dropout_p, "keep");
   const at::ScalarType acc = acc_type(out_dtype == at::kDouble || x.scalar_type() == at::kDouble ? at::kDouble
                                                                                                  : at::kFloat);
-  Tensor out = at::empty({A, N, R}, x.options().dtype(out_dtype));
+  Tensor out = monkey_kernels::fresh_output({A, N, R}, x.options().dtype(out_dtype));
   if (out.numel() == 0) return out;
   // Segments of each adapter, in row order: the fixed summation order of its reduction.
   std::vector<std::vector<int64_t>> owned(A);
@@ -401,7 +403,7 @@ Tensor multi_lora_merged_gemm(const Tensor& x, const Tensor& weight, const OptTe
   const std::vector<double> scales = read_scale(scale, A);
   const at::ScalarType acc = acc_type(out_dtype);
   const at::TensorOptions opts = at::TensorOptions().device(at::kCPU).dtype(acc);
-  Tensor out = at::empty({M, N}, opts.dtype(out_dtype));
+  Tensor out = monkey_kernels::fresh_output({M, N}, opts.dtype(out_dtype));
   if (M == 0 || N == 0) return out;
 
   const Tensor w = weight.to(acc);

@@ -43,6 +43,7 @@
 #include <tuple>
 #include <vector>
 
+#include "outputs.h"
 #include "slp_common.h"
 
 namespace monkey_kernels {
@@ -180,7 +181,7 @@ at::Tensor forward_cpu(const at::Tensor& kind, const at::Tensor& src, const at::
                        const at::Tensor& boxes, const std::optional<at::Tensor>& page_sizes, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& image_features) {
   check_forward_args(kind, src, table, boxes, page_sizes, weight, bias, image_features);
-  at::Tensor out = at::empty({kind.size(0), table.size(1)}, table.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = fresh_output({kind.size(0), table.size(1)}, table.options().memory_format(at::MemoryFormat::Contiguous));
   forward_out_cpu(kind, src, table, boxes, page_sizes, weight, bias, image_features, out);
   return out;
 }
@@ -207,7 +208,7 @@ template <typename scalar_t>
 at::Tensor table_grad(const scalar_t* dy, const int32_t* kind, const int64_t* src, int64_t T, int64_t H, int64_t V,
                       int64_t padding_idx, const at::TensorOptions& options) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::Tensor grad = at::empty({V, H}, options);
+  at::Tensor grad = fresh_output({V, H}, options);
   std::vector<int64_t> start(static_cast<size_t>(V) + 1, 0);
   for (int64_t t = 0; t < T; ++t) {
     const int64_t v = src[t];
@@ -267,8 +268,8 @@ void box_grads(const scalar_t* dy, const std::vector<int64_t>& pos, int64_t H, c
       const int64_t b = s / N;
       for (int i = 0; i < 4; ++i) c[4 * s + i] = sz ? bx[4 * s + i] / sz[2 * b + (i & 1)] : bx[4 * s + i];
     }
-    at::Tensor dw = at::empty({H, 4}, boxes.options().dtype(at::kDouble));
-    at::Tensor db = at::empty({H}, boxes.options().dtype(at::kDouble));
+    at::Tensor dw = fresh_output({H, 4}, boxes.options().dtype(at::kDouble));
+    at::Tensor db = fresh_output({H}, boxes.options().dtype(at::kDouble));
     double* dwp = dw.data_ptr<double>();
     double* dbp = db.data_ptr<double>();
     // Each task owns a range of columns h and walks the slots in order: deterministic, no shared writes.
@@ -325,7 +326,7 @@ void box_grads(const scalar_t* dy, const std::vector<int64_t>& pos, int64_t H, c
                        }
                      });
     if (need_boxes) {
-      at::Tensor gb = at::empty({B, N, 4}, boxes.options().dtype(at::kDouble));
+      at::Tensor gb = fresh_output({B, N, 4}, boxes.options().dtype(at::kDouble));
       double* p = gb.data_ptr<double>();
       for (int64_t s = 0; s < S; ++s) {
         const int64_t b = s / N;
@@ -335,7 +336,7 @@ void box_grads(const scalar_t* dy, const std::vector<int64_t>& pos, int64_t H, c
     }
     if (need_sizes) {
       // d/dw of x / w is -x / w^2: dw_b = -sum_k (dc_0 x1 + dc_2 x2) / w^2, dh_b likewise with y1, y2.
-      at::Tensor gs = at::empty({B, 2}, boxes.options().dtype(at::kDouble));
+      at::Tensor gs = fresh_output({B, 2}, boxes.options().dtype(at::kDouble));
       double* p = gs.data_ptr<double>();
       for (int64_t b = 0; b < B; ++b) {
         const double pw = sz[2 * b], ph = sz[2 * b + 1];
@@ -395,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (need_image) {
       const int64_t slots = B * n_image;
       const std::vector<int64_t> pos = slot_tokens(kd, sr, T, KIND_IMAGE, slots);
-      grad_image = at::empty({slots, H}, dy.options());
+      grad_image = fresh_output({slots, H}, dy.options());
       scalar_t* gi = grad_image.data_ptr<scalar_t>();
       at::parallel_for(0, slots, row_grain(H), [&](int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) {

@@ -16,8 +16,10 @@ from triton_kernels import alloc  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def poison_kernel_outputs():
-    """Every buffer a kernel should overwrite starts as NaN for the duration of each test."""
+def poison_kernel_outputs(monkeypatch):
+    """Every buffer a kernel should overwrite starts as NaN for the duration of each test: the Triton launchers'
+    (``triton_kernels.alloc``) and the native ops' (``csrc/outputs.h`` reads the environment variable)."""
+    monkeypatch.setenv("MONKEY_KERNELS_POISON", "1")
     previous = alloc.set_poison(True)
     yield
     alloc.set_poison(previous)

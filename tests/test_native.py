@@ -52,12 +52,15 @@ def _problem(num_rows_per_segment=(7, 0, 40, 13), ids=(1, -1, 0, 1), k=24, n=20,
     return t, segments
 
 
-def test_extension_module_reports_its_build():
+def test_extension_module_reports_its_build(monkeypatch):
     module = _native.load()
     assert _native.status() in ("prebuilt", "jit")
     assert module.built_with_openmp(), "at::parallel_for would run single-threaded"
     assert module.built_with_cuda() in (True, False)
     assert module.num_threads() == torch.get_num_threads()
+    assert module.poison_outputs(), "conftest poisons every test's outputs, the native ops' included"
+    monkeypatch.setenv("MONKEY_KERNELS_POISON", "0")
+    assert not module.poison_outputs()
     for op in ("multi_lora_shrink", "multi_lora_fused_gemm", "multi_lora_outer"):
         assert hasattr(_native.ops(), op)
 

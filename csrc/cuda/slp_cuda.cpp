@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "../outputs.h"
 #include "../slp_common.h"
 #include "slp_embed_kernel.h"
 
@@ -89,7 +90,7 @@ at::Tensor forward_cuda(const at::Tensor& kind, const at::Tensor& src, const at:
                         const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                         const std::optional<at::Tensor>& image_features) {
   check_forward_args(kind, src, table, boxes, page_sizes, weight, bias, image_features);
-  at::Tensor out = at::empty({kind.size(0), table.size(1)}, table.options());
+  at::Tensor out = fresh_output({kind.size(0), table.size(1)}, table.options());
   forward_out_cuda(kind, src, table, boxes, page_sizes, weight, bias, image_features, out);
   return out;
 }
