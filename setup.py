@@ -108,8 +108,8 @@ setup(
     python_requires=">=3.10",
     # A range, never a bare pin: an installed torch (CPU or CUDA build) satisfies it and is left alone.
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.2; platform_system == 'Linux'",
+        "torch>=2.11",
+        "triton>=3.6,<3.10; platform_system == 'Linux'",
         "transformers>=5.0,<6",  # the reference models are PreTrainedModels; patches are tested on 5.x
         "safetensors",
         "tqdm",

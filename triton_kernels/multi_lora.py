@@ -8,7 +8,7 @@ Notation (rows are the flattened tokens, ``M`` of them; segment ``g`` uses adapt
     OUT[a]        = s[a] * sum_{rows of a} drop(X)^T @ Hrows          (grouped outer product, for dA / dB)
 
 The three kernels serve both directions of the multi-LoRA linear (see
-``monkey_kernels.multi_lora.multi_lora_linear_bwd``): every weight is passed as a (possibly transposed)
+``monkey_kernels.ops.multi_lora.op``): every weight is passed as a (possibly transposed)
 strided view, so ``dY @ W`` and ``dH @ A[a]`` reuse the fused GEMM, and ``dY @ B[a]`` reuses the shrink.
 
 Design (a) of the core issue: a shrink kernel, then the base GEMM with the expand in its epilogue. The
@@ -30,25 +30,23 @@ import torch
 import triton
 import triton.language as tl
 
-from . import alloc
-from .env import interpreter_active
+from . import alloc, gemm_choice
+from .layout import rank_block
+from .env import install_interpreter_compat, interpreter_active
 from .segments import SegmentInfo
+
+install_interpreter_compat()
 
 __all__ = [
     "interpreter_active",
     "rank_block",
     "segmented_shrink",
     "fused_lora_gemm",
+    "fused_lora_gemm_cublas",
     "segmented_outer",
     "dropout_keep_mask",
 ]
 
-
-
-def rank_block(r_max: int) -> int:
-    """Width of the fp32 intermediate ``H``: ``r_max`` rounded up to a power of two, at least 16
-    (the smallest ``tl.dot`` operand)."""
-    return max(16, triton.next_power_of_2(int(r_max)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -129,13 +127,17 @@ def _segmented_shrink_kernel(
                 k_ok = ks < K
                 x = tl.load(x_rows + ks[None, :] * stride_xk, mask=in_seg[:, None] & k_ok[None, :], other=0.0)
                 if DROPOUT:
+                    # masked exactly in x's dtype; 1/(1-p) goes on the fp32 accumulator below (rounding the
+                    # scaled input back to bf16 biased every kept element the same way, and dscale sums them)
                     keep = _dropout_keep(seed, rows, ks, K, dropout_p)
-                    x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
+                    x = tl.where(keep, x, tl.zeros_like(x))
                 w = tl.load(w_base + ks[:, None] * stride_wk, mask=(r[None, :] < rank) & k_ok[:, None], other=0.0)
                 h = tl.dot(_dot_operand(x, UPCAST), _dot_operand(w, UPCAST), h, input_precision=PRECISION)
             # Past the rank, A's zero padding times an inf of X is NaN: those columns are selected to 0, not
             # computed (the fused GEMM would spread such a NaN over the whole output row).
             h = tl.where(r[None, :] < rank, h, 0.0)
+            if DROPOUT:
+                h = h / (1.0 - dropout_p)
         tl.store(out_ptrs, h, mask=in_seg[:, None])
 
 
@@ -336,11 +338,13 @@ def _segmented_outer_kernel(
                     mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0,
                 )
-                if DROPOUT:
+                if DROPOUT:  # masked exactly; 1/(1-p) is applied once to the fp32 sum below
                     keep = _dropout_keep(seed, rows, cols, N, dropout_p)
-                    x = tl.where(keep, x.to(tl.float32) / (1.0 - dropout_p), 0.0).to(x.dtype)
+                    x = tl.where(keep, x, tl.zeros_like(x))
                 y = tl.load(y_ptr + rows64[:, None] * stride_ym + r[None, :], mask=row_ok[:, None], other=0.0)
                 acc = tl.dot(tl.trans(x.to(tl.float32)), y, acc, input_precision=PRECISION)
+    if DROPOUT:
+        acc = acc / (1.0 - dropout_p)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + adapter).to(tl.float32)
     tl.store(
@@ -414,7 +418,7 @@ def fused_lora_gemm(
     *,
     out_features: int,
     out_dtype: torch.dtype,
-    lora_dropout_p: float = 0.0,
+    dropout_p: float = 0.0,
     seed: int = 0,
 ) -> torch.Tensor:
     """``OUT = x @ weight^T + bias + drop(s[a] * h @ expand[a]^T) + residual`` in one pass over ``OUT``.
@@ -427,11 +431,50 @@ def fused_lora_gemm(
         expand: ``[num_adapters, N, R]`` (any strides; ``A.transpose(1, 2)`` for ``dH @ A[a]``).
         scale: ``[num_adapters]`` multiplying each adapter's term, or ``None`` for 1.
         residual: ``[M, N]`` or ``None``.
-        lora_dropout_p: when > 0, the LoRA term (not the base) is multiplied by the dropout mask of the
+        dropout_p: when > 0, the LoRA term (not the base) is multiplied by the dropout mask of the
             logical ``[M, N]`` output (used for the input gradient through the LoRA dropout).
     Returns:
         ``[M, N]`` of ``out_dtype``.
+
+    Runs the fused Triton kernel or :func:`fused_lora_gemm_cublas` (same contract), chosen per shape by
+    :mod:`triton_kernels.gemm_choice` (``MONKEY_KERNELS_GEMM=auto|triton|cublas``; ``auto`` times both once
+    per shape on CUDA and is the Triton kernel elsewhere).
     """
+    args = (x, weight, bias, h, expand, scale, residual, segments, ranks)
+    options = dict(out_features=out_features, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+    M, N = segments.num_rows, int(out_features)
+    if M == 0 or N == 0:
+        return _fused_lora_gemm_triton(*args, **options)
+    path = gemm_choice.choose_gemm_path(
+        segments.device, out_dtype, M, N,
+        k=x.shape[1] if x is not None else 0,
+        r_block=h.shape[1] if h is not None else 0,
+        has_lora=h is not None,
+        candidates=lambda: {"triton": lambda: _fused_lora_gemm_triton(*args, **options),
+                            "cublas": lambda: fused_lora_gemm_cublas(*args, **options)},
+    )
+    if path == "cublas":
+        return fused_lora_gemm_cublas(*args, **options)
+    return _fused_lora_gemm_triton(*args, **options)
+
+
+def _fused_lora_gemm_triton(
+    x: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    h: Optional[torch.Tensor],
+    expand: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    segments: SegmentInfo,
+    ranks: torch.Tensor,
+    *,
+    out_features: int,
+    out_dtype: torch.dtype,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """:func:`fused_lora_gemm` by the fused Triton kernel."""
     M = segments.num_rows
     N = int(out_features)
     out = alloc.empty((M, N), device=segments.device, dtype=out_dtype)
@@ -453,16 +496,97 @@ def fused_lora_gemm(
         x_t, w_t, bias if bias is not None else dummy, h_t, e_t,
         scale if scale is not None else dummy, res_t, out,
         segments.row_segment, segments.adapter_ids, ranks,
-        M, N, K, int(seed), float(lora_dropout_p),
+        M, N, K, int(seed), float(dropout_p),
         x_t.stride(0), x_t.stride(1), w_t.stride(0), w_t.stride(1),
         h_t.stride(0), e_t.stride(0), e_t.stride(1), e_t.stride(2),
         res_t.stride(0), res_t.stride(1), out.stride(0), out.stride(1),
         R_BLOCK=h.shape[1] if has_lora else 16,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_SCALE=scale is not None,
-        HAS_RESIDUAL=residual is not None, LORA_DROPOUT=has_lora and lora_dropout_p > 0.0,
+        HAS_RESIDUAL=residual is not None, LORA_DROPOUT=has_lora and dropout_p > 0.0,
         BASE_PRECISION=_dot_precision(out_dtype), LORA_PRECISION=_dot_precision(out_dtype),
         UPCAST=has_base and _interpreter_upcast(x.dtype),
     )
+    return out
+
+
+def fused_lora_gemm_cublas(
+    x: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    h: Optional[torch.Tensor],
+    expand: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    segments: SegmentInfo,
+    ranks: torch.Tensor,
+    *,
+    out_features: int,
+    out_dtype: torch.dtype,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """:func:`fused_lora_gemm` (same arguments, same result up to rounding) by PyTorch GEMMs: cuBLAS on a GPU,
+    any device's matmul elsewhere.
+
+    - Base: ``torch.addmm(bias [+ residual], x, weight^T)`` into the output (one GEMM, fp32 accumulation,
+      bias and residual added in its epilogue, rounded once).
+    - LoRA: the concatenated-K form ``Hs [M, A*R] @ Bcat [N, A*R]^T`` with ``Hs`` holding ``s[a] * h[:, :rank]``
+      of each row in its adapter's column block (zero in every other block and on base-only rows) and
+      ``Bcat = [E_0 | ... | E_{A-1}]`` (columns past each rank zero): one GEMM of inner size ``A * R``
+      for all adapters, no host synchronisation. Added in place into the output (bf16: a bf16 GEMM, ``Hs``
+      rounded to bf16; fp32 and fp16: an fp32 GEMM, fp16's range kept); with ``dropout_p`` the fp32
+      term is masked by :func:`dropout_keep_mask` of the same seed (the fused kernel's mask).
+
+    One difference from the fused kernel: a NaN / inf inside an adapter's rank columns of ``expand``
+    reaches the rows of every segment (0 * inf in the zero blocks of ``Hs``), not only that adapter's rows.
+    """
+    M = segments.num_rows
+    N = int(out_features)
+    device = segments.device
+    out = alloc.empty((M, N), device=device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return out
+    has_base = x is not None and x.shape[1] > 0
+    has_lora = h is not None and expand.shape[0] > 0 and expand.shape[2] > 0
+
+    addend = None  # what the GEMM epilogue adds: bias [N] and / or residual [M, N], in the output dtype
+    if residual is not None:
+        addend = residual.to(out_dtype) if bias is None else residual.to(out_dtype) + bias.to(out_dtype)
+    elif bias is not None:
+        addend = bias.to(out_dtype)
+    if has_base:
+        product = (x.to(out_dtype), weight.to(out_dtype).t())
+        if addend is None:
+            torch.mm(*product, out=out)
+        else:
+            torch.addmm(addend, *product, out=out)
+    elif addend is None:
+        out.zero_()
+    else:
+        out.copy_(addend.expand(M, N))
+
+    if has_lora:
+        num_adapters, _, R = expand.shape
+        row_adapter = segments.row_adapter
+        active = row_adapter >= 0
+        adapter_of_row = row_adapter.clamp(min=0)
+        in_rank = torch.arange(R, device=device)[None, :] < ranks.to(device=device, dtype=torch.int64)[:, None]
+        hs = h[:, :R].to(torch.float32)
+        if scale is not None:
+            hs = hs * scale.to(torch.float32)[adapter_of_row][:, None]
+        # selected, never multiplied by 0: H past the rank (and an inf scale) must not turn into NaN
+        hs = torch.where(in_rank[adapter_of_row] & active[:, None], hs, 0.0)
+        owner = active[:, None] & (adapter_of_row[:, None] == torch.arange(num_adapters, device=device)[None, :])
+        h_cat = torch.where(owner[:, :, None], hs[:, None, :], 0.0).reshape(M, num_adapters * R)
+        b_cat = torch.where(in_rank[:, None, :], expand, 0.0).permute(1, 0, 2).reshape(N, num_adapters * R)
+        if dropout_p > 0.0:
+            term = h_cat @ b_cat.to(torch.float32).t()
+            keep = dropout_keep_mask(seed, M, N, dropout_p, device)
+            out += torch.where(keep, term / (1.0 - dropout_p), 0.0)
+        elif out_dtype in (torch.bfloat16, torch.float32):
+            out.addmm_(h_cat.to(out_dtype), b_cat.to(out_dtype).t())
+        else:
+            out += h_cat @ b_cat.to(torch.float32).t()
     return out
 
 

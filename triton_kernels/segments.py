@@ -55,7 +55,11 @@ def _as_index_tensor(
             raise ValueError(f"{name} must be a 1-D sequence of ints, got {raw.dtype} values {items!r}")
         if raw.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(raw.shape)}")
-        _check_int32_range(name, raw)  # host data: free to check
+        if torch.compiler.is_compiling():  # the list is a constant of the graph: check its Python values
+            if any(not _INT32_MIN <= int(v) <= _INT32_MAX for v in items):
+                raise ValueError(f"{name} must fit in int32, got {items!r}")
+        else:
+            _check_int32_range(name, raw)  # host data: free to check
         tensor = raw
     if device is not None:
         tensor = tensor.to(device)
@@ -123,6 +127,9 @@ class SegmentInfo:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
             raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
         dev = torch.device(device) if device else None
+        if dev is not None and dev.type == "meta" and not isinstance(adapter_ids, torch.Tensor):
+            # host values for meta tensors (shape-only tracing): validated here, then moved
+            return cls.from_batch(adapter_ids, seq_len, validate=validate).to(dev)
         source = adapter_ids.device if isinstance(adapter_ids, torch.Tensor) else torch.device("cpu")
         ids = _as_index_tensor(adapter_ids, "adapter_ids", dev, _host_checks_wanted(validate, source))
         dev = ids.device
@@ -148,6 +155,9 @@ class SegmentInfo:
         device tensors; when omitted it is read from ``seg_indptr``.
         """
         dev = torch.device(device) if device else None
+        if dev is not None and dev.type == "meta" and not isinstance(seg_indptr, torch.Tensor) \
+                and not isinstance(adapter_ids, torch.Tensor):
+            return cls.from_indptr(seg_indptr, adapter_ids, num_rows=num_rows, validate=validate).to(dev)
 
         def host_checks(value) -> bool:
             source = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")

@@ -1,7 +1,7 @@
 """One-pass assembly of ``inputs_embeds`` for LayTextLLM / Monkey style models (Triton kernel + launcher).
 
 Every token ``t`` of the flattened ``[B * S]`` sequence has a kind and a source index, built beforehand
-by ``monkey_kernels.slp.build_token_index`` (cumsums in torch, no host synchronisation):
+by ``monkey_kernels.ops.slp.checks.build_token_index`` (cumsums in torch, no host synchronisation):
 
     kind[t] = ZERO  (0): out[t] = 0                                       (padding id -1, surplus placeholders)
     kind[t] = TEXT  (1): out[t] = table[src[t]]                           (src = the token id)
@@ -21,11 +21,17 @@ import triton
 import triton.language as tl
 
 from . import alloc
-from .env import interpreter_active
+from .layout import KIND_BOX, KIND_IMAGE, KIND_TEXT, KIND_ZERO
+from .env import install_interpreter_compat, interpreter_active
+
+install_interpreter_compat()
 
 __all__ = ["KIND_ZERO", "KIND_TEXT", "KIND_BOX", "KIND_IMAGE", "slp_embed_forward", "interpreter_active"]
 
-KIND_ZERO, KIND_TEXT, KIND_BOX, KIND_IMAGE = 0, 1, 2, 3
+# The kernel compares row kinds against these compile-time constants (Triton reads globals only as constexpr).
+_TEXT: tl.constexpr = tl.constexpr(KIND_TEXT)
+_BOX: tl.constexpr = tl.constexpr(KIND_BOX)
+_IMAGE: tl.constexpr = tl.constexpr(KIND_IMAGE)
 
 
 
@@ -69,14 +75,14 @@ def _slp_embed_kernel(
     tile_ok = row_ok[:, None] & col_ok[None, :]
 
     # Masked-off lanes issue no memory traffic: each row reads only its own source.
-    is_text = (kind == 1) & row_ok
+    is_text = (kind == _TEXT) & row_ok
     acc = tl.load(
         table_ptr + src[:, None] * stride_tv + cols[None, :] * stride_th,
         mask=is_text[:, None] & col_ok[None, :],
         other=0.0,
     ).to(tl.float32)
 
-    is_box = (kind == 2) & row_ok
+    is_box = (kind == _BOX) & row_ok
     box_b = src // N_BOXES
     box_k = src - box_b * N_BOXES
     box_base = boxes_ptr + box_b * stride_bb + box_k * stride_bn
@@ -102,7 +108,7 @@ def _slp_embed_kernel(
     acc = tl.where(is_box[:, None], z, acc)
 
     if HAS_IMAGE:
-        is_image = (kind == 3) & row_ok
+        is_image = (kind == _IMAGE) & row_ok
         img_b = src // N_IMAGE
         img_j = src - img_b * N_IMAGE
         feat = tl.load(
@@ -131,7 +137,7 @@ def slp_embed_forward(
 ) -> torch.Tensor:
     """``inputs_embeds`` rows ``[T, H]`` in the dtype of ``table`` (see the module docstring for the math).
 
-    Args (already validated by ``monkey_kernels.slp.slp_embed``; any strides):
+    Args (already validated by ``monkey_kernels.ops.slp.slp_embed``; any strides):
         kind: int32 ``[T]`` (0 zero, 1 text, 2 box, 3 image).
         src: int32/int64 ``[T]``: token id, ``b * N + k`` or ``b * n_image + j`` by kind.
         table: ``[V, H]``.
