@@ -1,35 +1,53 @@
 """monkey-kernels: fused Triton kernels for per-tile multi-LoRA vision encoders (the Monkey recipe) and the
-Spatial Layout Projector (SLP). ``patch_model(model)`` swaps a model's reference modules for fused ones."""
-from triton_kernels.segments import SegmentInfo
+Spatial Layout Projector (SLP). ``patch_model(model)`` swaps a model's reference modules for fused ones.
 
-from .backends import dropout_keep_mask, resolve_backend
-from .modules import MultiLoRALinear
-from .multi_lora import multi_lora_linear, multi_lora_linear_bwd, multi_lora_linear_fwd, multi_lora_linear_ref
-from .patching import NothingToPatchError, PatchReport, PatchRule, patch_model, register_rule, unpatch_model
-from .slp import FusedSLPEmbedding, slp_embed
-# Importing peft_patch registers the PEFT LoRA rule in the patcher; PEFT itself stays optional.
-from .peft_patch import adapter_selection, clear_adapter_rows, set_adapter_rows
+Every public name is imported on first use (PEP 562 ``__getattr__``): ``import monkey_kernels`` loads neither
+transformers nor PEFT nor Triton, so command-line calls and CPU-only users start fast.
+"""
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SegmentInfo",
-    "MultiLoRALinear",
-    "multi_lora_linear_fwd",
-    "multi_lora_linear_bwd",
-    "multi_lora_linear",
-    "multi_lora_linear_ref",
-    "dropout_keep_mask",
-    "resolve_backend",
-    "patch_model",
-    "unpatch_model",
-    "register_rule",
-    "PatchRule",
-    "PatchReport",
-    "NothingToPatchError",
-    "FusedSLPEmbedding",
-    "slp_embed",
-    "adapter_selection",
-    "set_adapter_rows",
-    "clear_adapter_rows",
-]
+# public name -> submodule that defines it
+_EXPORTS = {
+    "SegmentInfo": "triton_kernels.segments",
+    "multi_lora_linear": "monkey_kernels.ops.multi_lora",
+    "multi_lora_linear_ref": "monkey_kernels.ops.multi_lora",
+    "multi_lora_linear_fwd": "monkey_kernels.ops.multi_lora",
+    "multi_lora_linear_bwd": "monkey_kernels.ops.multi_lora",
+    "dropout_keep_mask": "monkey_kernels.ops.multi_lora",
+    "slp_embed": "monkey_kernels.ops.slp",
+    "resolve_backend": "monkey_kernels.ops.backends",
+    "MultiLoRALinear": "monkey_kernels.modules",
+    "FusedSLPEmbedding": "monkey_kernels.modules",
+    "patch_model": "monkey_kernels.patching",
+    "unpatch_model": "monkey_kernels.patching",
+    "register_rule": "monkey_kernels.patching",
+    "PatchRule": "monkey_kernels.patching",
+    "PatchReport": "monkey_kernels.patching",
+    "NothingToPatchError": "monkey_kernels.patching",
+    "adapter_selection": "monkey_kernels.peft_patch",
+    "set_adapter_rows": "monkey_kernels.peft_patch",
+    "clear_adapter_rows": "monkey_kernels.peft_patch",
+    "grow_tile_adapters": "monkey_kernels.growth",
+    "rebuild_optimizer": "monkey_kernels.growth",
+    "add_new_adapters_to_optimizer": "monkey_kernels.growth",
+    "nearest_tile_sources": "monkey_kernels.growth",
+    "MonkeyImageProcessor": "monkey_kernels.processing",
+    "MonkeyProcessor": "monkey_kernels.processing",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'monkey_kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

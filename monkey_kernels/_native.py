@@ -28,8 +28,6 @@ from typing import List, Optional
 
 import torch
 
-from ._checks import accumulation_dtype
-
 __all__ = ["load", "available", "status", "ops", "sources", "ENV_NO_NATIVE", "ENV_NO_JIT", "ENV_CACHE"]
 
 ENV_NO_NATIVE = "MONKEY_KERNELS_NO_NATIVE"
@@ -43,7 +41,6 @@ logger = logging.getLogger("monkey_kernels")
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _status: Optional[str] = None  # None: not tried yet
-_fakes_registered = False
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +114,6 @@ def _load_locked() -> Optional[ModuleType]:
             message = " ".join(f"{type(jit_error).__name__}: {jit_error}".split())
             _status = f"unavailable: no prebuilt extension ({prebuilt_error}); JIT build failed ({message[:800]})"
             return None
-    _register_fakes()
     return _module
 
 
@@ -157,66 +153,3 @@ def _reset_for_tests() -> None:
     with _lock:
         if _module is None:
             _status = None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Fake (meta) implementations: shapes and dtypes of the outputs, so torch.compile traces the ops without
-# running them. Registered once, right after the library is loaded.
-# ---------------------------------------------------------------------------------------------------------
-def _register_fakes() -> None:
-    global _fakes_registered
-    if _fakes_registered:
-        return
-    _register_multi_lora_fakes()
-    slp_fakes = globals().get("_register_slp_fakes")
-    if slp_fakes is not None:
-        slp_fakes()
-    _fakes_registered = True
-
-
-def _register_multi_lora_fakes() -> None:
-    @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_shrink")
-    def _shrink_fake(x, weight, seg_indptr, adapter_ids, ranks, r_block, keep, dropout_p):
-        return x.new_empty((x.shape[0], r_block), dtype=accumulation_dtype(x.dtype))
-
-    @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_fused_gemm")
-    def _fused_gemm_fake(x, weight, bias, h, expand, scale, residual, seg_indptr, adapter_ids, ranks, num_rows,
-                         out_features, out_dtype, lora_keep, lora_dropout_p):
-        return seg_indptr.new_empty((num_rows, out_features), dtype=out_dtype)
-
-    @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_merged_gemm")
-    def _merged_gemm_fake(x, weight, bias, down, up, scale, residual, seg_indptr, adapter_ids, ranks, out_dtype):
-        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
-
-    @torch.library.register_fake(f"{OP_NAMESPACE}::multi_lora_outer")
-    def _outer_fake(x, y, seg_indptr, adapter_ids, scale, keep, dropout_p, num_adapters, rank, out_dtype):
-        return x.new_empty((num_adapters, x.shape[1], rank), dtype=out_dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# SLP embedding ops (csrc/slp_cpu.cpp, csrc/cuda/slp_cuda.cpp): fake implementations.
-# ---------------------------------------------------------------------------------------------------------
-def _register_slp_fakes() -> None:
-    """Shapes and dtypes of ``slp_embed_forward`` (and ``.out``) and ``slp_embed_backward`` (schemas in
-    ``csrc/slp_cpu.cpp``); the backward's outputs that ``output_mask`` does not ask for are ``None``."""
-
-    @torch.library.register_fake(f"{OP_NAMESPACE}::slp_embed_forward")
-    def _slp_forward_fake(kind, src, table, boxes, page_sizes, weight, bias, image_features):
-        return table.new_empty((kind.shape[0], table.shape[1]))
-
-    @torch.library.register_fake(f"{OP_NAMESPACE}::slp_embed_forward.out")
-    def _slp_forward_out_fake(kind, src, table, boxes, page_sizes, weight, bias, image_features, *, out):
-        return None  # writes into out, returns nothing
-
-    @torch.library.register_fake(f"{OP_NAMESPACE}::slp_embed_backward")
-    def _slp_backward_fake(grad_out, kind, src, boxes, page_sizes, weight, num_embeddings, padding_idx, n_image,
-                           output_mask):
-        H = grad_out.shape[1]
-        B, N, _ = boxes.shape
-        shapes = [
-            ((num_embeddings, H), grad_out.dtype), ((H, 4), weight.dtype), ((H,), weight.dtype),
-            ((B, N, 4), boxes.dtype), ((B, 2), page_sizes.dtype if page_sizes is not None else boxes.dtype),
-            ((B * n_image, H), grad_out.dtype),
-        ]
-        return tuple(grad_out.new_empty(shape, dtype=dtype) if wanted else None
-                     for wanted, (shape, dtype) in zip(output_mask, shapes))

@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from triton_kernels.segments import SegmentInfo
 
-from .multi_lora import multi_lora_linear
+from .ops.multi_lora import multi_lora_linear
 
 __all__ = [
     "StackedAdapters",
@@ -35,6 +35,9 @@ __all__ = [
     "FusedMonkeyBlock",
     "fused_transformer_forward",
     "batched_model_forward",
+    "batched_views_forward",
+    "run_blocks",
+    "used_adapters",
     "adapter_ids_for",
     "InstanceForward",
 ]
@@ -81,11 +84,21 @@ class StackedAdapters:
         return probs.pop()
 
     @staticmethod
-    def stack(adapters: nn.ModuleList):
-        """``(A [n, r, K], B [n, N, r], scale [n])``, differentiable towards the per-adapter Parameters."""
-        lora_a = torch.stack([ad.lora_a.weight for ad in adapters])
-        lora_b = torch.stack([ad.lora_b.weight for ad in adapters])
-        scale = torch.cat([ad.lora_scale.reshape(1) for ad in adapters])
+    def stack(adapters: nn.ModuleList, used: Optional[Sequence[int]] = None):
+        """``(A [n, r, K], B [n, N, r], scale [n])``, differentiable towards the per-adapter Parameters.
+
+        ``used``: the adapters (indices into the list) that rows of the batch use, stacked in that order (the
+        segments' ids then index into ``used``); ``None``: all. Stacking only the used ones keeps the reference's
+        training semantics: an adapter no row used gets no gradient (``.grad`` stays ``None``), so weight decay
+        and momentum do not move it."""
+        chosen = adapters if used is None else [adapters[i] for i in used]
+        if not chosen:  # no row uses an adapter: empty stacks, the op runs the base GEMM alone
+            first = adapters[0]
+            return (first.lora_a.weight.new_empty((0, *first.lora_a.weight.shape)),
+                    first.lora_b.weight.new_empty((0, *first.lora_b.weight.shape)), first.lora_scale.new_empty(0))
+        lora_a = torch.stack([ad.lora_a.weight for ad in chosen])
+        lora_b = torch.stack([ad.lora_b.weight for ad in chosen])
+        scale = torch.cat([ad.lora_scale.reshape(1) for ad in chosen])
         return lora_a, lora_b, scale
 
 
@@ -112,11 +125,13 @@ class FusedMonkeyAttention(nn.Module):
                                                  "attn.out_proj_lora")
 
     def forward(self, x: torch.Tensor, segments: SegmentInfo, attn_mask: Optional[torch.Tensor] = None,
-                seeds: Sequence[Optional[torch.Tensor]] = (None, None)) -> torch.Tensor:
-        """``x [B, S, dim]`` (the ``ln_1`` output) -> ``[B, S, dim]``; ``segments`` cover ``B * S`` rows."""
+                seeds: Sequence[Optional[torch.Tensor]] = (None, None),
+                used: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``x [B, S, dim]`` (the ``ln_1`` output) -> ``[B, S, dim]``; ``segments`` cover ``B * S`` rows, their ids
+        index ``used`` (see :meth:`StackedAdapters.stack`)."""
         b, s, d = x.shape
         heads, hd = self.num_heads, self.head_dim
-        a, bb, sc = StackedAdapters.stack(self.in_proj_lora)
+        a, bb, sc = StackedAdapters.stack(self.in_proj_lora, used)
         qkv = multi_lora_linear(
             x, self.in_proj.weight, self.in_proj.bias, a, bb, sc, segments,
             dropout_p=self.in_dropout if self.training else 0.0, seed=seeds[0], backend=self.backend,
@@ -125,7 +140,7 @@ class FusedMonkeyAttention(nn.Module):
         mask = attn_mask.to(q.dtype) if attn_mask is not None else None
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = context.transpose(1, 2).reshape(b, s, d)
-        a, bb, sc = StackedAdapters.stack(self.out_proj_lora)
+        a, bb, sc = StackedAdapters.stack(self.out_proj_lora, used)
         return multi_lora_linear(
             context, self.out_proj.weight, self.out_proj.bias, a, bb, sc, segments,
             dropout_p=self.out_dropout if self.training else 0.0, seed=seeds[1], backend=self.backend,
@@ -173,14 +188,16 @@ class FusedMonkeyBlock(GradientCheckpointingLayer):
         self.__dict__["_reference_block"] = block  # kept out of the module tree: its children are ours
 
     def forward(self, x: torch.Tensor, segments: SegmentInfo, attn_mask: Optional[torch.Tensor] = None,
-                seeds: Sequence[Optional[torch.Tensor]] = (None, None, None)) -> torch.Tensor:
-        """``x [B, S, dim]`` -> ``[B, S, dim]``; ``seeds``: dropout seeds of in_proj, out_proj, mlp LoRA."""
-        x = x + self.attn(self.ln_1(x), segments, attn_mask=attn_mask, seeds=seeds[:2])
+                seeds: Sequence[Optional[torch.Tensor]] = (None, None, None),
+                used: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """``x [B, S, dim]`` -> ``[B, S, dim]``; ``seeds``: dropout seeds of in_proj, out_proj, mlp LoRA; ``used``:
+        the adapters the segments' ids index (see :meth:`StackedAdapters.stack`; ``None``: all)."""
+        x = x + self.attn(self.ln_1(x), segments, attn_mask=attn_mask, seeds=seeds[:2], used=used)
         c_fc, acts, c_proj = _mlp_parts(self.mlp)
         hidden = c_fc(self.ln_2(x))
         for act in acts:
             hidden = act(hidden)
-        a, b, sc = StackedAdapters.stack(self.mlp_lora)
+        a, b, sc = StackedAdapters.stack(self.mlp_lora, used)
         return multi_lora_linear(
             hidden, c_proj.weight, c_proj.bias, a, b, sc, segments, lora_input=x, residual=x,
             dropout_p=self.mlp_dropout if self.training else 0.0, seed=seeds[2], backend=self.backend,
@@ -225,22 +242,60 @@ def _dropout_seeds(blocks, training: bool) -> Optional[torch.Tensor]:
     return torch.randint(0, 2**31 - 1, (len(blocks), 3), dtype=torch.int64)
 
 
-def fused_transformer_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, idx=None):
+def used_adapters(ids: torch.Tensor, used: Optional[Sequence[int]] = None):
+    """``(used, segment_ids)``: the adapters rows use (sorted host ints) and the ids remapped to positions in
+    ``used`` (``-1`` stays). ``used`` given (known on the host, e.g. a fixed tile grid): no device read; otherwise
+    it is read from ``ids`` (one small read per forward). While compiling or capturing a CUDA graph no host read
+    (nor host-to-device copy) is allowed: then, unless ``used`` is ``0 .. n-1`` (no remap needed), every adapter
+    is stacked (``used = None``) and unused ones get zero gradients instead of none."""
+    capturing = torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing())
+    if used is None:
+        if capturing:
+            return None, ids
+        used = torch.unique(ids).tolist()
+    used = sorted({int(a) for a in used if a >= 0})
+    if used == list(range(len(used))):
+        return used, ids  # the ids already index ``used``
+    if capturing:
+        return None, ids
+    lut = torch.full((used[-1] + 2,), -1, dtype=ids.dtype, device=ids.device)  # slot 0 is id -1
+    lut[torch.tensor(used, device=ids.device) + 1] = torch.arange(len(used), dtype=ids.dtype, device=ids.device)
+    return used, lut[ids + 1]
+
+
+def fused_transformer_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, idx=None,
+                              used: Optional[Sequence[int]] = None):
     """Patched ``transformer.forward`` (installed on the instance): the release's signature and layout.
 
     ``x [S, B, width]`` -> ``[S, B, width]``. ``idx``: ``None``, one adapter for all rows (the release's loop), or
-    one adapter id per batch row (``-1`` = none) for a batched pass. Transposes once to batch-first so each
-    view is a contiguous segment and builds the one :class:`SegmentInfo` every block shares."""
-    seq, batch, _ = x.shape
-    ids = adapter_ids_for(idx, batch, x.device)
-    segments = SegmentInfo.from_batch(ids, seq, device=x.device)
-    blocks = list(self.resblocks)
-    seeds = _dropout_seeds(blocks, self.training)
-    h = x.transpose(0, 1).contiguous()
+    one adapter id per batch row (``-1`` = none) for a batched pass; ``used``: the adapters ``idx`` uses, when
+    the caller knows them (see :func:`used_adapters`)."""
+    return run_blocks(self, x.transpose(0, 1), attn_mask, idx, used).transpose(0, 1)
+
+
+def run_blocks(transformer: nn.Module, h: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, idx=None,
+               used: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The fused blocks of ``transformer.resblocks`` on batch-first rows ``h [B, S, width]`` -> ``[B, S, width]``.
+
+    Each view is a contiguous segment; ONE :class:`SegmentInfo` (built here) serves every block."""
+    batch, seq, _ = h.shape
+    ids = adapter_ids_for(idx, batch, h.device)
+    used, segment_ids = used_adapters(ids, used)
+    segments = SegmentInfo.from_batch(segment_ids, seq, device=h.device)
+    blocks = list(transformer.resblocks)
+    seeds = _dropout_seeds(blocks, transformer.training)
+    h = h.contiguous()
     for i, block in enumerate(blocks):
         block_seeds = (None, None, None) if seeds is None else seeds[i].unbind()
-        h = block(h, segments=segments, attn_mask=attn_mask, seeds=block_seeds)
-    return h.transpose(0, 1)
+        h = block(h, segments=segments, attn_mask=attn_mask, seeds=block_seeds, used=used)
+    return h
+
+
+def _tile_ids(views: int, batch: int, device: torch.device) -> torch.Tensor:
+    """Adapter ids ``[batch * views]`` of images with ``views - 1`` tiles then the global view (``-1``), built
+    with device ops (no host-to-device copy), so the forward can be captured in a CUDA graph."""
+    per_image = torch.arange(views, dtype=torch.int64, device=device)
+    return torch.where(per_image == views - 1, -1, per_image).repeat(batch)
 
 
 def batched_model_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -257,8 +312,21 @@ def batched_model_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             f"pixel_values must hold 2 to lora_repeat_num + 1 = {self.config.lora_repeat_num + 1} views "
             f"(tiles then the global view), got {views}"
         )
-    # built with device ops (no host-to-device copy), so the forward can be captured in a CUDA graph
-    per_image = torch.arange(views, dtype=torch.int64, device=pixel_values.device)
-    ids = torch.where(per_image == num_tiles, -1, per_image).repeat(b)
-    feats = self.encode_views(pixel_values.flatten(0, 1), idx=ids)  # [B * V, Q, D]
+    ids = _tile_ids(views, b, pixel_values.device)
+    h = run_blocks(self.transformer, self.embed_views(pixel_values.flatten(0, 1)), None, ids, range(num_tiles))
+    feats = self.pool_views(h)  # [B * V, Q, D]
     return feats.reshape(b, views * feats.shape[1], feats.shape[2])
+
+
+def batched_views_forward(self, pixel_values: torch.Tensor, adapter_ids, views_per_image=None):
+    """Patched ``MonkeyVisionModel.forward_views``: images of different grids (packed views with one adapter id
+    each, ``-1`` for global views) in ONE encoder pass, with ragged images but equal-length views (one segment
+    per view, metadata built once); returns the per-image features in the order of the reference loop."""
+    self._check_views(pixel_values, "pixel_values", 4)
+    ids, counts = self.check_view_adapters(adapter_ids, views_per_image)
+    if len(ids) != pixel_values.shape[0]:
+        raise ValueError(f"adapter_ids must give one id per view ({pixel_values.shape[0]}), got {len(ids)}")
+    device_ids = torch.tensor(ids, dtype=torch.int64, device=pixel_values.device)
+    used = sorted({a for a in ids if a >= 0})
+    feats = self.pool_views(run_blocks(self.transformer, self.embed_views(pixel_values), None, device_ids, used))
+    return [per_image.flatten(0, 1) for per_image in feats.split(counts)]

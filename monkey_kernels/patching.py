@@ -13,10 +13,11 @@ Built-in rules, found by structure and names (so a user's copy of the public Mon
   instance by :func:`~monkey_kernels.fused_monkey.fused_transformer_forward` (same signature, ``[seq, batch,
   dim]`` layout, ``idx`` may also be one adapter id per batch row).
 - ``monkey_vision_model``: a :class:`~monkey_kernels.models.MonkeyVisionModel` whose transformer was patched;
-  its per-tile loop ``forward`` is replaced on the instance by ONE batched pass over all tiles and global views.
+  its per-tile loop ``forward`` is replaced on the instance by ONE batched pass over all tiles and global views,
+  and ``forward_views`` (packed views of images of different grids) by one pass over every view of the batch.
 - ``slp_embedding``: a LayTextLLM-style embedding layer (``embed_tokens`` + ``projector.proj = Linear(4, hidden)``
-  + ``box_token_id`` / ``image_token_id``, e.g. :class:`~monkey_kernels.models.slp.SLPEmbeddingRef`) ->
-  :class:`~monkey_kernels.slp.FusedSLPEmbedding` over the same (shared) modules, so state-dict keys are unchanged.
+  + ``box_token_id`` / ``image_token_id``, e.g. :class:`~monkey_kernels.ops.slp.SLPEmbeddingRef`) ->
+  :class:`~monkey_kernels.modules.FusedSLPEmbedding` over the same (shared) modules, so state-dict keys are unchanged.
 
 What patching keeps: the fused modules hold the reference Parameter objects under the same names, so
 ``state_dict`` keys and tensors, ``requires_grad`` flags, and optimizers are unaffected. An optimizer built
@@ -26,6 +27,8 @@ needs activations and weights in one dtype (cast the model instead, e.g. ``model
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,8 +36,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-from .backends import BACKENDS
-from .fused_monkey import FusedMonkeyBlock, InstanceForward, batched_model_forward, fused_transformer_forward
+from .ops.backends import BACKENDS
+from .fused_monkey import (FusedMonkeyBlock, InstanceForward, batched_model_forward, batched_views_forward,
+                           fused_transformer_forward)
 
 __all__ = ["PatchRule", "PatchOptions", "PatchReport", "register_rule", "registered_rules", "patch_model",
            "unpatch_model", "is_patched", "NothingToPatchError"]
@@ -100,6 +104,11 @@ _REGISTRY: List[PatchRule] = []
 def register_rule(rule: PatchRule, *, before: Optional[str] = None) -> PatchRule:
     """Adds ``rule`` to the registry (at the end, or before the rule named ``before``); replaces a rule of the
     same name. Rules that need others applied first (a container of fused blocks) go after them."""
+    _load_builtin_rules()  # the built-in rules keep their place ahead of the user's
+    return _register(rule, before)
+
+
+def _register(rule: PatchRule, before: Optional[str] = None) -> PatchRule:
     if not isinstance(rule, PatchRule):
         raise ValueError(f"rule must be a PatchRule, got {type(rule).__name__}")
     _REGISTRY[:] = [r for r in _REGISTRY if r.name != rule.name]
@@ -113,7 +122,23 @@ def register_rule(rule: PatchRule, *, before: Optional[str] = None) -> PatchRule
     return rule
 
 
+# Modules whose import registers a built-in rule; imported on the first patch, so that ``import monkey_kernels``
+# loads neither PEFT nor the VLM support.
+_BUILTIN_RULE_MODULES = ("monkey_kernels.peft_patch", "monkey_kernels.monkey_vlm")
+_builtins_loaded = False
+
+
+def _load_builtin_rules() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in _BUILTIN_RULE_MODULES:
+            if importlib.util.find_spec(module) is not None:
+                importlib.import_module(module)
+
+
 def registered_rules() -> List[PatchRule]:
+    _load_builtin_rules()
     return list(_REGISTRY)
 
 
@@ -183,16 +208,22 @@ def _is_monkey_vision_model(module: nn.Module) -> bool:
 
 def _model_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
     module.forward = InstanceForward(batched_model_forward, module)
+    module.forward_views = InstanceForward(batched_views_forward, module)
     return module
 
 
-register_rule(PatchRule(
+def _model_to_reference(module: nn.Module) -> nn.Module:
+    module.__dict__.pop("forward_views", None)
+    return _drop_instance_forward(module)
+
+
+_register(PatchRule(
     "monkey_block", _is_monkey_block, _block_to_fused, lambda fused: fused.to_reference(),
     kinds={"attn.in_proj": 1, "attn.out_proj": 1, "mlp.c_proj": 1},
 ))
-register_rule(PatchRule("monkey_transformer", _is_monkey_transformer, _transformer_to_fused, _drop_instance_forward,
+_register(PatchRule("monkey_transformer", _is_monkey_transformer, _transformer_to_fused, _drop_instance_forward,
                         kinds={"batched_encoder_forward": 1}))
-register_rule(PatchRule("monkey_vision_model", _is_monkey_vision_model, _model_to_fused, _drop_instance_forward,
+_register(PatchRule("monkey_vision_model", _is_monkey_vision_model, _model_to_fused, _model_to_reference,
                         kinds={"batched_view_loop": 1}))
 
 
@@ -200,7 +231,7 @@ register_rule(PatchRule("monkey_vision_model", _is_monkey_vision_model, _model_t
 # SLP rule: reference projector + embedding assembly -> one fused out-of-place pass
 # ---------------------------------------------------------------------------------------------------------
 def _is_slp_embedding(module: nn.Module) -> bool:
-    from .slp import FusedSLPEmbedding  # noqa: PLC0415
+    from .modules import FusedSLPEmbedding  # noqa: PLC0415
 
     projector = getattr(module, "projector", None)
     proj = getattr(projector, "proj", None)
@@ -215,12 +246,12 @@ def _is_slp_embedding(module: nn.Module) -> bool:
 
 
 def _slp_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
-    from .slp import FusedSLPEmbedding  # noqa: PLC0415
+    from .modules import FusedSLPEmbedding  # noqa: PLC0415
 
     return FusedSLPEmbedding.from_reference(module, backend=options.backend).train(module.training)
 
 
-register_rule(PatchRule("slp_embedding", _is_slp_embedding, _slp_to_fused, lambda fused: fused.to_reference(),
+_register(PatchRule("slp_embedding", _is_slp_embedding, _slp_to_fused, lambda fused: fused.to_reference(),
                         kinds={"slp_embedding": 1}))
 
 
@@ -247,7 +278,8 @@ def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool
     Args:
         model: any ``nn.Module`` containing Monkey-structured blocks (this package's model or a copy of the
             public Monkey code).
-        backend: backend of the fused ops (``"triton"``, ``"torch"``, ``None`` = automatic).
+        backend: backend of the fused ops (``"triton"``, ``"native"``, ``"torch"``, ``None`` = automatic; see
+            :mod:`monkey_kernels.ops.backends`).
         strict: when nothing matches, raise :class:`NothingToPatchError` (``True``) or only warn.
     Returns:
         A :class:`PatchReport` of the replacements. Patching an already patched model changes nothing, warns
@@ -262,22 +294,35 @@ def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool
         warnings.warn(f"patch_model: {type(model).__name__} is already patched; nothing done "
                       "(call unpatch_model first to re-patch with other options)", UserWarning, stacklevel=2)
         return PatchReport(already_patched=True)
+    _load_builtin_rules()
     options = PatchOptions(backend=backend)
     report = PatchReport()
-    for rule in _REGISTRY:
-        for name, module in list(model.named_modules()):
-            if getattr(module, _RULE_ATTR, None) is not None:
-                continue
-            if not rule.matches(module):
-                reason = rule.skip_reason(module) if rule.skip_reason is not None else None
-                if reason is not None:
-                    report.skipped.append((name, rule.name, reason))
-                continue
-            fused = rule.to_fused(module, options)
-            fused.__dict__[_RULE_ATTR] = rule.name
-            _set_child(model, name, fused, module)
-            report.rules[rule.name] += 1
-            report.kinds.update(rule.kinds)
+    done: List[Tuple[str, PatchRule, nn.Module, nn.Module]] = []
+    try:
+        for rule in _REGISTRY:
+            for name, module in list(model.named_modules()):
+                if getattr(module, _RULE_ATTR, None) is not None:
+                    continue
+                if not rule.matches(module):
+                    reason = rule.skip_reason(module) if rule.skip_reason is not None else None
+                    if reason is not None:
+                        report.skipped.append((name, rule.name, reason))
+                    continue
+                fused = rule.to_fused(module, options)
+                fused.__dict__[_RULE_ATTR] = rule.name
+                _set_child(model, name, fused, module)
+                done.append((name, rule, module, fused))
+                report.rules[rule.name] += 1
+                report.kinds.update(rule.kinds)
+    except BaseException:
+        # Atomic: a rule that fails half-way (e.g. adapters of different ranks in one list) leaves the model
+        # exactly as it was, not half-patched.
+        for name, rule, module, fused in reversed(done):
+            reference = rule.to_reference(fused)
+            fused.__dict__.pop(_RULE_ATTR, None)
+            reference.__dict__.pop(_RULE_ATTR, None)
+            _set_child(model, name, reference, fused)
+        raise
     if report.total == 0:
         message = (f"patch_model found nothing to patch in {type(model).__name__}: no module matched the rules "
                    f"{[r.name for r in _REGISTRY]} (a Monkey block needs attn.in_proj + attn.in_proj_lora, "
@@ -302,6 +347,7 @@ def unpatch_model(model: nn.Module) -> PatchReport:
         warnings.warn(f"unpatch_model: {type(model).__name__} is not patched; nothing done", UserWarning,
                       stacklevel=2)
         return PatchReport()
+    _load_builtin_rules()
     rules = {r.name: r for r in _REGISTRY}
     report = PatchReport()
     # Outer modules first (reverse registry order): a container's patch depends on its fused children.

@@ -60,7 +60,8 @@ from torch import nn
 from triton_kernels.segments import SegmentInfo
 
 from .fused_monkey import InstanceForward
-from .multi_lora import multi_lora_linear
+from .ops.checks import FLOAT_DTYPES, accumulation_dtype
+from .ops.multi_lora import multi_lora_linear
 from .patching import _RULE_ATTR, PatchOptions, PatchRule, register_rule
 
 __all__ = ["AdapterRows", "adapter_selection", "set_adapter_rows", "clear_adapter_rows", "peft_adapter_names",
@@ -72,7 +73,6 @@ _ROWS_ATTR = "_monkey_kernels_peft_rows"  # AdapterRows holder on fused layers
 _BACKEND_ATTR = "_monkey_kernels_peft_backend"
 _SELECTION_ATTR = "_monkey_kernels_peft_selection"  # on the model: (rows, hook handles, layers)
 _CONSTS_ATTR = "_monkey_kernels_peft_consts"  # per-layer cache of the scale / rank tensors
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 RowsLike = Union[Sequence[Union[str, int, None]], torch.Tensor]
 
@@ -110,7 +110,7 @@ def _unfusable_reason(module: nn.Module) -> Optional[str]:
     base = module.base_layer
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)"
-    if base.weight.dtype not in _FLOAT_DTYPES or type(base.weight.data) is not torch.Tensor:
+    if base.weight.dtype not in FLOAT_DTYPES or type(base.weight.data) is not torch.Tensor:
         return f"base weight is a {type(base.weight.data).__name__} of {base.weight.dtype} (quantized?)"
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out=True (Conv1D-style transposed base weight)"
@@ -329,22 +329,28 @@ def _dropout_p(layer: nn.Module, name: str) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
+def _padded(weight: torch.Tensor, pad: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    weight = F.pad(weight, pad) if any(pad) else weight
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
 def _stack(layer: nn.Module, used: Tuple[str, ...], dtype: torch.dtype, device: torch.device):
     """``(A [n, r_max, K], B [n, N, r_max], scale [n], ranks [n])`` of the adapters ``used``; ranks are padded
     with zeros to ``r_max`` (the op also masks past ``ranks``), differentiable towards PEFT's Parameters."""
     ranks = [layer.lora_A[a].weight.shape[0] for a in used]
     r_max = max(ranks)
-    lora_a = torch.stack([F.pad(layer.lora_A[a].weight, (0, 0, 0, r_max - r)).to(dtype)
-                          for a, r in zip(used, ranks)])
-    lora_b = torch.stack([F.pad(layer.lora_B[a].weight, (0, r_max - r)).to(dtype) for a, r in zip(used, ranks)])
+    # padded only where a rank is below r_max (a pad call per adapter and layer costs more than the copy)
+    lora_a = torch.stack([_padded(layer.lora_A[a].weight, (0, 0, 0, r_max - r), dtype) for a, r in zip(used, ranks)])
+    lora_b = torch.stack([_padded(layer.lora_B[a].weight, (0, r_max - r), dtype) for a, r in zip(used, ranks)])
     cache = layer.__dict__.setdefault(_CONSTS_ATTR, {})
     scales = tuple(float(layer.scaling[a]) for a in used)
-    key = (scales, tuple(ranks), device)
+    scale_dtype = accumulation_dtype(dtype)  # float64 models keep alpha / r exact (it rarely is in float32)
+    key = (scales, tuple(ranks), device, scale_dtype)
     consts = cache.get(key)
     if consts is None:
         if len(cache) > 32:
             cache.clear()
-        consts = (torch.tensor(scales, dtype=torch.float32, device=device),
+        consts = (torch.tensor(scales, dtype=scale_dtype, device=device),
                   torch.tensor(ranks, dtype=torch.int32, device=device))
         cache[key] = consts
     return lora_a, lora_b, consts[0], consts[1]

@@ -121,8 +121,8 @@ def prepare_images(
     Args:
         images: float ``[B, C, H, W]`` or ``[C, H, W]`` with values in ``[0, 1]`` (what ``ToTensor`` gives), or a
             sequence of ``[C, H_i, W_i]`` images of any sizes (all get the same grid).
-        resolution: requested ``(width, height)`` in pixels; ``None`` = ``config.image_size`` square (896 in the
-            release, which resizes every image to 896x896).
+        resolution: requested ``(width, height)`` in pixels; ``None`` = the config's ``input_resolution``
+            (``image_resolution``, else ``image_size`` square: 896x896 in the release).
         config: a ``MonkeyVisionConfig`` giving ``tile_size``, ``image_size``, ``num_channels``, ``n_queries``.
         tile_size, num_channels: override the config (defaults 448 and 3 without a config).
         normalize: apply ``(x - mean) / std`` per channel (CLIP statistics, as the release).
@@ -136,8 +136,9 @@ def prepare_images(
     channels = num_channels if num_channels is not None else _config_value(config, "num_channels", 3)
     _positive_int("num_channels", channels)
     if resolution is None:
+        own = getattr(config, "input_resolution", None)  # a grown model's (W, H), else image_size square
         side = _config_value(config, "image_size", 896)
-        resolution = (side, side)
+        resolution = tuple(own) if own is not None else (side, side)
     if not (isinstance(resolution, (tuple, list)) and len(resolution) == 2):
         raise ValueError(f"resolution must be a (width, height) pair, got {resolution!r}")
     grid = tile_grid(resolution[0], resolution[1], config, tile_size=tile)

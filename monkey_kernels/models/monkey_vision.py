@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -53,7 +53,12 @@ class MonkeyVisionConfig(PreTrainedConfig):
 
     Args:
         tile_size: side in pixels of one square view (tile or global view); 448 in the release.
-        image_size: default input resolution (side, px) the release resizes every image to; 896.
+        image_size: default input resolution (side, px) the release resizes every image to; 896. Used when
+            ``image_resolution`` is ``None``.
+        image_resolution: optional non-square default input resolution ``[width, height]`` (px), e.g.
+            ``[1344, 896]`` after growing to a 3x2 grid (``monkey_kernels.growth.grow_tile_adapters`` writes it);
+            ``None`` (the default, so older configs load unchanged) means ``[image_size, image_size]``. Stored as a
+            list so ``save_pretrained`` / ``from_pretrained`` (JSON) round-trip it unchanged.
         patch_size: patch conv kernel and stride (px); 14. ``tile_size`` must be a multiple of it.
         num_channels: image channels; 3.
         width: transformer width; 1664.
@@ -75,6 +80,7 @@ class MonkeyVisionConfig(PreTrainedConfig):
 
     tile_size: int = 448
     image_size: int = 896
+    image_resolution: list[int] | tuple[int, ...] | None = None
     patch_size: int = 14
     num_channels: int = 3
     width: int = 1664
@@ -99,6 +105,13 @@ class MonkeyVisionConfig(PreTrainedConfig):
                      "attn_lora_rank", "mlp_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_resolution is not None:
+            resolution = self.image_resolution
+            if len(resolution) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                           for v in resolution):
+                raise ValueError(f"image_resolution must be None or [width, height] of positive ints, "
+                                 f"got {resolution!r}")
+            self.image_resolution = [int(v) for v in resolution]  # a tuple would come back a list from JSON
         if self.tile_size % self.patch_size:
             raise ValueError(f"tile_size={self.tile_size} must be a multiple of patch_size={self.patch_size}")
         if self.width % self.heads:
@@ -116,6 +129,13 @@ class MonkeyVisionConfig(PreTrainedConfig):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         super().__post_init__(**kwargs)
+
+    @property
+    def input_resolution(self) -> tuple:
+        """Default input resolution ``(width, height)`` in px: ``image_resolution``, else ``image_size`` square."""
+        if self.image_resolution is not None:
+            return int(self.image_resolution[0]), int(self.image_resolution[1])
+        return self.image_size, self.image_size
 
     @property
     def mlp_width(self) -> int:
@@ -408,11 +428,8 @@ class MonkeyVisionModel(MonkeyVisionPreTrainedModel):
                 f"got {tuple(pixel_values.shape[-2:])}"
             )
 
-    def encode_views(self, x: torch.Tensor, idx=None) -> torch.Tensor:
-        """One encoder pass (the release's ``VisionTransformer.forward``): ``x [N, C, T, T] -> [N, Q, D]``.
-
-        ``idx`` is handed to ``transformer``: an adapter index or ``None`` in the reference; once patched, also
-        one adapter id per view (``-1`` = none)."""
+    def embed_views(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, positions and ``ln_pre``: ``x [N, C, T, T] -> [N, grid**2, width]`` (batch-first)."""
         self._check_views(x, "x", 4)
         # conv1's dtype (the release reads resblocks[0]'s, equal in an unsharded model): under FSDP2 mixed
         # precision only the running unit's weights are gathered in the compute dtype, not resblocks[0]'s.
@@ -420,13 +437,61 @@ class MonkeyVisionModel(MonkeyVisionPreTrainedModel):
         x = self.conv1(x)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [N, grid**2, width]
         x = x + get_abs_pos(self.positional_embedding, x.size(1))
-        x = self.ln_pre(x)
-        x = x.permute(1, 0, 2)  # NLD -> LND, the release's layout
+        return self.ln_pre(x)
+
+    def pool_views(self, x: torch.Tensor) -> torch.Tensor:
+        """The resampler, ``ln_post`` and ``proj``: ``x [N, grid**2, width] -> [N, Q, D]``."""
+        return self.ln_post(self.attn_pool(x)) @ self.proj
+
+    def encode_views(self, x: torch.Tensor, idx=None) -> torch.Tensor:
+        """One encoder pass (the release's ``VisionTransformer.forward``): ``x [N, C, T, T] -> [N, Q, D]``.
+
+        ``idx`` is handed to ``transformer``: an adapter index or ``None`` in the reference; once patched, also
+        one adapter id per view (``-1`` = none)."""
+        x = self.embed_views(x).permute(1, 0, 2)  # NLD -> LND, the release's layout
         x = self.transformer(x, idx=idx)
-        x = x.permute(1, 0, 2)
-        x = self.attn_pool(x)
-        x = self.ln_post(x)
-        return x @ self.proj
+        return self.pool_views(x.permute(1, 0, 2))
+
+    def check_view_adapters(self, adapter_ids, views_per_image=None):
+        """``(ids, counts)``: the adapter id of every view as a host list (``-1`` = none) and the views per image,
+        checked against this model (``ValueError`` naming the image and the count when an image needs more
+        adapters than ``lora_repeat_num``)."""
+        ids = adapter_ids.tolist() if isinstance(adapter_ids, torch.Tensor) else list(adapter_ids)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise ValueError(f"adapter_ids must be integers (one per view, -1 = no adapter), got {ids!r}")
+        counts = [len(ids)] if views_per_image is None else (
+            views_per_image.tolist() if isinstance(views_per_image, torch.Tensor) else list(views_per_image))
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts) or sum(counts) != len(ids):
+            raise ValueError(f"views_per_image must be positive ints summing to the {len(ids)} views, got {counts!r}")
+        limit = self.config.lora_repeat_num
+        start = 0
+        for image, count in enumerate(counts):
+            own = ids[start:start + count]
+            start += count
+            if any(i < -1 for i in own):
+                raise ValueError(f"adapter_ids of image {image} must be >= -1, got {own}")
+            needed = max(own) + 1
+            if needed > limit:
+                raise ValueError(f"image {image} needs {needed} tile adapters but the model has {limit} "
+                                 f"(config.lora_repeat_num); grow them with monkey_kernels.grow_tile_adapters")
+        return ids, counts
+
+    def forward_views(self, pixel_values: torch.Tensor, adapter_ids, views_per_image=None):
+        """Views of images of any grids, packed: ``pixel_values [total_views, C, T, T]`` with ``adapter_ids
+        [total_views]`` (row-major tile index, ``-1`` for a global view / thumbnail, as
+        :class:`~monkey_kernels.MonkeyImageProcessor` returns them) and ``views_per_image [n]`` -> a list of ``n``
+        per-image features ``[V_i * Q, D]`` (``None``: one image of all views). The reference runs one encoder
+        pass per view, image by image; once patched, ONE pass over all views."""
+        self._check_views(pixel_values, "pixel_values", 4)
+        ids, counts = self.check_view_adapters(adapter_ids, views_per_image)
+        if len(ids) != pixel_values.shape[0]:
+            raise ValueError(f"adapter_ids must give one id per view ({pixel_values.shape[0]}), got {len(ids)}")
+        feats = [self.encode_views(pixel_values[v:v + 1], idx=None if a < 0 else a)[0] for v, a in enumerate(ids)]
+        out, start = [], 0
+        for count in counts:
+            out.append(torch.cat(feats[start:start + count], dim=0))
+            start += count
+        return out
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``pixel_values [B, V, C, T, T]`` (tiles row-major, then the global view) -> ``[B, V * Q, D]``."""
@@ -441,3 +506,9 @@ class MonkeyVisionModel(MonkeyVisionPreTrainedModel):
         feats.append(self.encode_views(pixel_values[:, num_tiles], idx=None))
         return torch.cat(feats, dim=1)
 
+
+
+# The Auto classes resolve a saved folder's ``config.json`` (``model_type: monkey_vision``) to these classes once
+# this module is imported (the processors in ``monkey_kernels.processing`` register against this config).
+AutoConfig.register(MonkeyVisionConfig.model_type, MonkeyVisionConfig, exist_ok=True)
+AutoModel.register(MonkeyVisionConfig, MonkeyVisionModel, exist_ok=True)

@@ -1,10 +1,15 @@
-"""Argument checks shared by the public ops (each failure is a ``ValueError`` that names the argument), and the
-one accumulation-dtype rule of every backend."""
+"""Argument checks and dtype rules shared by the public ops: each failure is a ``ValueError`` that names the
+argument; one accumulation-dtype rule for every backend."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+#: Float dtypes the ops accept (float64 on the CPU backends only).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: Float dtypes the Triton kernels run.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_tensor(name: str, tensor, dims: Optional[int] = None) -> None:

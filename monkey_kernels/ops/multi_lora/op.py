@@ -1,35 +1,41 @@
-"""The segmented multi-LoRA linear: functional op, autograd function, validation and a float64 reference."""
+"""The segmented multi-LoRA linear as a PyTorch custom op pair with fake implementations and a registered
+autograd formula (``torch.ops.monkey_kernels.multi_lora_linear_fwd`` / ``_bwd``), and its eager twin.
+
+Both ops take flattened, validated rows (see :mod:`.checks`) and run the backend's implementation
+(:func:`monkey_kernels.ops.backends.implementation`): ``shrink``, ``fused_gemm``, ``outer`` and, on the native
+backend, ``merged_linear``.
+"""
 from __future__ import annotations
 
-import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 
 from triton_kernels import alloc
 from triton_kernels.segments import SegmentInfo
 
-from ._checks import accumulation_dtype, check_device, check_dtype, check_tensor
-from .backends import get_primitives, resolve_backend
+from ..backends import implementation
+from ..checks import accumulation_dtype
+from ..custom import eager_function
 
-__all__ = [
-    "multi_lora_linear", "multi_lora_linear_ref", "multi_lora_linear_fwd", "multi_lora_linear_bwd", "normalize_ranks",
-]
+__all__ = ["multi_lora_linear_fwd", "multi_lora_linear_bwd", "EagerMultiLoRALinear", "NO_LENGTH"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-_NO_LENGTH = -1  # ``segment_length`` of ragged segments in the op schemas (ints only, no ``None``)
+NO_LENGTH = -1  # ``segment_length`` of ragged segments in the op schemas (ints only, no ``None``)
 
 
 def _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length: int) -> SegmentInfo:
-    """The :class:`SegmentInfo` an op was given as its tensors (validated by the caller before the op)."""
+    """The :class:`SegmentInfo` an op was given as its tensors (validated by the caller before the op): a custom
+    op's schema takes tensors and scalars only, so the metadata crosses it as its four tensors."""
     return SegmentInfo(
         seg_indptr=seg_indptr, adapter_ids=adapter_ids, row_segment=row_segment, row_adapter=row_adapter,
         num_rows=row_segment.shape[0], num_segments=adapter_ids.shape[0], max_adapter_id=None,
-        segment_length=None if segment_length == _NO_LENGTH else segment_length,
+        segment_length=None if segment_length == NO_LENGTH else segment_length,
     )
+
+
+def _has_lora(lora_a: torch.Tensor) -> bool:
+    """Whether there is any LoRA term at all (``num_adapters = 0`` or ``r_max = 0``: the base GEMM only)."""
+    return lora_a.shape[0] > 0 and lora_a.shape[1] > 0
 
 
 def _linear_forward(
@@ -56,13 +62,17 @@ def _linear_forward(
     with ``need_h=False`` (no such gradient wanted) ``H`` is ``[M, 0]``.
 
     A backend with ``merged_linear`` (the native CPU one) computes ``Y`` with each adapter's merged weight
-    ``W + s_a B_a A_a`` when there is no dropout and ``V = U`` (see ``NativePrimitives.merged_linear``); then
+    ``W + s_a B_a A_a`` when there is no dropout and ``V = U`` (see ``native_impl.NativeMultiLoRA.merged_linear``); then
     ``H`` is computed only when it is needed.
     """
     segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
-    prims = get_primitives(backend)
+    prims = implementation("multi_lora", backend)
     seed = int(seed)
     lora_in = u if v is None else v
+    if not _has_lora(lora_a):
+        y = prims.fused_gemm(u, weight, bias, None, None, None, residual, segments, ranks,
+                             out_features=weight.shape[0], out_dtype=u.dtype)
+        return y, u.new_zeros((u.shape[0], r_block if need_h else 0), dtype=accumulation_dtype(u.dtype))
     if _merged_path(prims, segments, v, dropout_p):
         h = prims.shrink(u, lora_a, segments, ranks, r_block) if need_h else None
         y = prims.merged_linear(u, weight, bias, lora_a, lora_b, scale, residual, segments, ranks, out_dtype=u.dtype)
@@ -128,7 +138,7 @@ def _linear_backward(
     """
     need_u, need_v, need_a, need_b, need_scale = needs
     segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
-    prims = get_primitives(backend)
+    prims = implementation("multi_lora", backend)
     seed = int(seed)
     dy = grad_out.contiguous()
     num_adapters = lora_a.shape[0]
@@ -136,6 +146,13 @@ def _linear_backward(
     lora_in = u if v is None else v
     # one placeholder each: outputs of a custom op may not alias one another
     grad_u, grad_v, grad_a, grad_b, grad_scale = (dy.new_empty(0) for _ in range(5))
+    if not _has_lora(lora_a):  # no adapter, or rank 0: the LoRA terms and their gradients are zero
+        if need_u:
+            grad_u = prims.fused_gemm(dy, weight.t(), None, None, None, None, None, segments, ranks,
+                                      out_features=weight.shape[1], out_dtype=u.dtype)
+        zeros = [torch.zeros_like(t) if want and t is not None else dy.new_empty(0)
+                 for want, t in ((need_v, v), (need_a, lora_a), (need_b, lora_b), (need_scale, scale))]
+        return [grad_u] + zeros
 
     merged_du = need_u and _merged_path(prims, segments, v, dropout_p)
     if (need_b or need_scale) and h.shape[1] == 0:
@@ -171,7 +188,7 @@ def _linear_backward(
         if need_u:
             grad_u = prims.fused_gemm(
                 dy, weight.t(), None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
-                out_features=k_lora, out_dtype=u.dtype, lora_dropout_p=dropout_p, seed=seed,
+                out_features=k_lora, out_dtype=u.dtype, dropout_p=dropout_p, seed=seed,
             )
     else:
         if need_u:
@@ -182,7 +199,7 @@ def _linear_backward(
         if need_v:
             grad_v = prims.fused_gemm(
                 None, None, None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
-                out_features=k_lora, out_dtype=v.dtype, lora_dropout_p=dropout_p, seed=seed,
+                out_features=k_lora, out_dtype=v.dtype, dropout_p=dropout_p, seed=seed,
             )
     return [grad_u, grad_v, grad_a, grad_b, grad_scale]
 
@@ -220,7 +237,7 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (segment_length, r_block, dropout_p, backend)
 
 
-def _backward(ctx, grad_out, grad_h, backward_op=None):
+def _gradients(ctx, grad_out, backward_op):
     (u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
      row_adapter, seed) = ctx.saved_tensors
     segment_length, r_block, dropout_p, backend = ctx.options
@@ -229,7 +246,7 @@ def _backward(ctx, grad_out, grad_h, backward_op=None):
     wanted = [need_u, need_v and v is not None, need_a, need_b, need_scale]
     grads = [None] * len(_OP_GRADS)
     if any(wanted):
-        computed = (backward_op or multi_lora_linear_bwd)(
+        computed = backward_op(
             grad_out, u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids, row_segment,
             row_adapter, segment_length, r_block, dropout_p, seed, backend, wanted,
         )
@@ -241,273 +258,12 @@ def _backward(ctx, grad_out, grad_h, backward_op=None):
     return (grad_u, grad_v, grad_w, grad_bias, grad_a, grad_b, grad_scale, grad_res) + (None,) * 11
 
 
-multi_lora_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _autograd_backward(ctx, grad_out, grad_h):
+    return _gradients(ctx, grad_out, multi_lora_linear_bwd)
 
 
-class _EagerMultiLoRALinear(torch.autograd.Function):
-    """The custom op pair above as a plain autograd.Function for eager calls: the same forward, backward and
-    saved tensors, without torch.library's dispatch (about 0.1 ms a call on CPU, as much as a whole small
-    layer). ``torch.compile`` and fake / meta tensors go through the custom ops instead (see
-    :func:`multi_lora_linear`)."""
+multi_lora_linear_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        y, h = _linear_forward(*inputs)
-        _setup_context(ctx, inputs, (y, h))
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _backward(ctx, grad_out, None, backward_op=_linear_backward)
-
-
-def _through_custom_op(tensor: torch.Tensor) -> bool:
-    """Whether the call must go through the custom op (traced by torch.compile, or tensors without values)."""
-    return torch.compiler.is_compiling() or tensor.is_meta or torch._subclasses.fake_tensor.is_fake(tensor)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------------------
-def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
-    """The dropout seed as the int64 0-dim CPU tensor the ops take (drawn when ``None`` and dropout is on)."""
-    if seed is None:
-        if dropout_p > 0.0:
-            return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
-        return torch.zeros((), dtype=torch.int64)
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool or seed.numel() != 1:
-            raise ValueError(f"seed must be an int or a one-element integer tensor, got {seed.dtype} "
-                             f"{tuple(seed.shape)}")
-        if seed.device.type != "cpu":
-            raise ValueError(f"seed must be a CPU tensor (read on the host by the ops), got one on {seed.device}")
-        seed = seed.reshape(()).to(torch.int64)
-        if not torch.compiler.is_compiling() and not 0 <= int(seed) < 2**31:
-            raise ValueError(f"seed must be in [0, 2**31), got {int(seed)}")
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
-    return torch.tensor(seed, dtype=torch.int64)
-
-
-def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device, checked: bool = False) -> torch.Tensor:
-    """Validated int32 ``[num_adapters]`` ranks on ``device``. ``None`` = every adapter has rank ``r_max``.
-
-    ``checked=True`` skips reading the values back (for ranks validated before, e.g. by a module)."""
-    if ranks is None:
-        return torch.full((num_adapters,), r_max, dtype=torch.int32, device=device)
-    if isinstance(ranks, torch.Tensor):
-        if ranks.dtype.is_floating_point or ranks.dtype == torch.bool or ranks.dim() != 1:
-            raise ValueError(f"ranks must be a 1-D integer tensor, got {ranks.dtype} {tuple(ranks.shape)}")
-        values = ranks
-    else:
-        try:
-            values = torch.as_tensor(list(ranks), dtype=torch.int64)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"ranks must be a sequence of ints: {error}") from None
-    if values.numel() != num_adapters:
-        raise ValueError(f"ranks must have num_adapters={num_adapters} entries, got {values.numel()}")
-    capturing = values.is_cuda and torch.cuda.is_current_stream_capturing()
-    # Reading values back is illegal inside CUDA-graph capture and a graph break under torch.compile.
-    if not (checked or capturing or torch.compiler.is_compiling()):
-        host = values.cpu()
-        if (host < 0).any():
-            raise ValueError(f"ranks must be >= 0, got {host.tolist()}")
-        if (host > r_max).any():
-            raise ValueError(f"ranks must be <= r_max={r_max} (lora_a.shape[1]), got {host.tolist()}")
-    return values.to(device=device, dtype=torch.int32).contiguous()
-
-
-def multi_lora_linear(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scale: torch.Tensor,
-    segments: Union[SegmentInfo, torch.Tensor, Sequence[int]],
-    *,
-    ranks: Optional[Union[torch.Tensor, Sequence[int]]] = None,
-    lora_input: Optional[torch.Tensor] = None,
-    residual: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
-    seed: Optional[Union[int, torch.Tensor]] = None,
-    backend: Optional[str] = None,
-    ranks_checked: bool = False,
-) -> torch.Tensor:
-    r"""Linear layer with one LoRA adapter per segment of rows, fused with the base GEMM.
-
-    For the rows of segment ``g`` using adapter ``a = adapter_ids[g]``::
-
-        Y = U @ W^T + bias + scale[a] * (dropout(V) @ A[a][:rank[a]]^T) @ B[a][:, :rank[a]]^T (+ residual)
-
-    Args:
-        input: ``U``, ``[..., K]``; the leading dims flatten row-major to ``M`` rows.
-        weight: ``W``, ``[N, K]``.
-        bias: ``[N]`` or ``None``.
-        lora_a: ``A``, ``[num_adapters, r_max, K_lora]``.
-        lora_b: ``B``, ``[num_adapters, N, r_max]``.
-        scale: ``[num_adapters]``, any float dtype; may require grad (Monkey's learnable ``lora_scale``).
-        segments: a :class:`SegmentInfo` with ``num_rows == M``; or adapter ids ``[batch]`` for an input
-            ``[batch, seq, K]`` (one adapter per batch row). Id ``-1`` = base only.
-        ranks: ``[num_adapters]`` ints ``<= r_max``; entries past an adapter's rank contribute nothing.
-            ``None``: all ``r_max``.
-        lora_input: ``V``, ``[..., K_lora]`` with the same leading dims as ``input``; ``None``: ``V = U``.
-        residual: ``[..., N]`` added in the same pass, or ``None``.
-        dropout_p: LoRA dropout probability on ``V`` (pass 0 in eval). Masks are a function of ``seed``.
-        seed: dropout seed, an int in ``[0, 2**31)`` or a one-element integer CPU tensor holding one (what a
-            compiled graph can draw without a graph break); ``None`` draws one from PyTorch's default CPU
-            generator (so ``torch.manual_seed`` makes runs repeatable).
-        backend: ``"triton"``, ``"torch"`` or ``None``/``"auto"`` (see :mod:`monkey_kernels.backends`).
-        ranks_checked: ``ranks`` was validated before (``MultiLoRALinear`` does it once); skips reading a
-            device tensor back, which would synchronise with the device on every call.
-    Returns:
-        ``[..., N]`` in the dtype of ``input``.
-    Raises:
-        ValueError: naming the argument, for bad shapes, dtypes, devices, ids, ranks or segments.
-    """
-    check_tensor("input", input)
-    check_tensor("weight", weight, 2)
-    check_tensor("lora_a", lora_a, 3)
-    check_tensor("lora_b", lora_b, 3)
-    check_tensor("scale", scale, 1)
-    if input.dim() < 1:
-        raise ValueError("input must have at least 1 dimension")
-    dtype, device = input.dtype, input.device
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"input must be float32, float16, bfloat16 or float64, got {dtype}")
-    K = input.shape[-1]
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"weight must be [N, K={K}] (K = input.shape[-1]), got {tuple(weight.shape)}")
-    num_adapters, r_max, k_lora = lora_a.shape
-    lead = tuple(input.shape[:-1])
-    if lora_input is not None:
-        check_tensor("lora_input", lora_input)
-        if tuple(lora_input.shape[:-1]) != lead:
-            raise ValueError(
-                f"lora_input must have the leading dims {lead} of input, got shape {tuple(lora_input.shape)}"
-            )
-        k_expected = lora_input.shape[-1]
-    else:
-        k_expected = K
-    if k_lora != k_expected:
-        raise ValueError(
-            f"lora_a must be [num_adapters, r_max, {k_expected}] (the LoRA input width), got {tuple(lora_a.shape)}"
-        )
-    if tuple(lora_b.shape) != (num_adapters, N, r_max):
-        raise ValueError(
-            f"lora_b must be [num_adapters={num_adapters}, N={N}, r_max={r_max}], got {tuple(lora_b.shape)}"
-        )
-    if scale.shape[0] != num_adapters:
-        raise ValueError(f"scale must be [num_adapters={num_adapters}], got {tuple(scale.shape)}")
-    if not scale.dtype.is_floating_point:
-        raise ValueError(f"scale must be a float tensor, got {scale.dtype}")
-    if bias is not None:
-        check_tensor("bias", bias, 1)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must be [N={N}], got {tuple(bias.shape)}")
-    if residual is not None:
-        check_tensor("residual", residual)
-        if tuple(residual.shape) != lead + (N,):
-            raise ValueError(f"residual must have shape {lead + (N,)}, got {tuple(residual.shape)}")
-    named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
-    named += [(n, t) for n, t in (("bias", bias), ("lora_input", lora_input), ("residual", residual)) if t is not None]
-    for name, tensor in named:
-        check_dtype(name, tensor, dtype, "input")
-    for name, tensor in named + [("scale", scale)]:
-        check_device(name, tensor, device, "input")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    dropout_p = float(dropout_p)
-    seed = _seed_tensor(seed, dropout_p)
-
-    M = math.prod(lead)
-    if not isinstance(segments, SegmentInfo):
-        # Unordered or scalar containers would be misread as ids (a dict iterates its keys).
-        if isinstance(segments, (str, bytes, dict, set)) or not hasattr(segments, "__iter__"):
-            raise ValueError(f"segments must be a SegmentInfo or adapter ids [batch] (a list or an integer tensor), "
-                             f"got {type(segments).__name__}")
-        if input.dim() != 3:
-            raise ValueError(
-                "segments given as adapter ids needs input of shape [batch, seq, K]; "
-                f"got input of shape {tuple(input.shape)} (pass a SegmentInfo for other layouts)"
-            )
-        segments = SegmentInfo.from_batch(segments, input.shape[1], device=device)
-        if segments.num_segments != input.shape[0]:
-            raise ValueError(f"segments must give one adapter id per batch row ({input.shape[0]}), "
-                             f"got {segments.num_segments}")
-    if segments.device != device:
-        raise ValueError(f"segments are on {segments.device}, expected {device} (the device of input)")
-    if segments.num_rows != M:
-        raise ValueError(f"segments cover {segments.num_rows} rows but input has {M} rows ({lead})")
-    if segments.max_adapter_id is not None and segments.max_adapter_id >= num_adapters:
-        raise ValueError(
-            f"segments use adapter id {segments.max_adapter_id}, out of range for num_adapters={num_adapters}"
-        )
-    if isinstance(ranks, torch.Tensor) and ranks.is_meta and not input.is_meta:
-        raise ValueError(f"ranks is on meta (no values), expected {device} (the device of input) or the CPU")
-    ranks_t = normalize_ranks(ranks, num_adapters, r_max, device, checked=ranks_checked)
-
-    backend = resolve_backend(backend, device)
-    if backend == "triton" and dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"the triton backend supports float32, float16 and bfloat16 inputs, got {dtype}")
-
-    u = input.reshape(M, K)
-    v = lora_input.reshape(M, k_lora) if lora_input is not None else None
-    res = residual.reshape(M, N) if residual is not None else None
-    if backend == "triton":
-        # The kernels take any strides, but a row-major input keeps their loads coalesced.
-        u = u.contiguous()
-        v = v.contiguous() if v is not None else None
-        res = res.contiguous() if res is not None else None
-    # The kernels index bias and scale as dense vectors (no stride argument): an expanded (stride-0) or
-    # strided bias / scale gave wrong sums. Both are tiny, so a copy when needed costs nothing.
-    bias = bias.contiguous() if bias is not None else None
-    scale = scale.contiguous()
-    from triton_kernels.multi_lora import rank_block  # noqa: PLC0415 (triton is optional for the torch path)
-
-    r_block = rank_block(max(r_max, 1))
-    # H serves dB and dscale only; inference (and frozen B and scale) need not keep it.
-    need_h = torch.is_grad_enabled() and (lora_b.requires_grad or scale.requires_grad)
-    op_inputs = (
-        u, v, weight, bias, lora_a, lora_b, scale, res, ranks_t, segments.seg_indptr, segments.adapter_ids,
-        segments.row_segment, segments.row_adapter,
-        _NO_LENGTH if segments.segment_length is None else segments.segment_length,
-        r_block, dropout_p, seed, backend, need_h,
-    )
-    if _through_custom_op(u):
-        y, _ = multi_lora_linear_fwd(*op_inputs)
-    else:
-        y = _EagerMultiLoRALinear.apply(*op_inputs)
-    return y.view(*lead, N)
-
-
-def multi_lora_linear_ref(
-    input, weight, bias, lora_a, lora_b, scale, segments: SegmentInfo, *, ranks=None, lora_input=None,
-    residual=None, keep_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Reference: the per-segment Python loop, in the dtype of its inputs (upcast them for a float64
-    reference). ``keep_mask`` (bool ``[M, K_lora]``) is the dropout mask to apply, scaled by ``1/(1-p)``."""
-    K = input.shape[-1]
-    lead = input.shape[:-1]
-    u = input.reshape(-1, K)
-    v = u if lora_input is None else lora_input.reshape(u.shape[0], -1)
-    if keep_mask is not None:
-        v = torch.where(keep_mask, v / (1.0 - dropout_p), torch.zeros_like(v))
-    out = torch.nn.functional.linear(u, weight, bias)
-    if residual is not None:
-        out = out + residual.reshape(out.shape)
-    pieces = []
-    indptr = segments.seg_indptr.tolist()
-    for g, adapter in enumerate(segments.adapter_ids.tolist()):
-        rows = slice(indptr[g], indptr[g + 1])
-        piece = out[rows]
-        if adapter >= 0:
-            rank = lora_a.shape[1] if ranks is None else int(ranks[adapter])
-            a = lora_a[adapter, :rank]
-            b = lora_b[adapter, :, :rank]
-            piece = piece + scale[adapter].to(out.dtype) * (v[rows] @ a.t()) @ b.t()
-        pieces.append(piece)
-    out = torch.cat(pieces, dim=0) if pieces else out
-    return out.reshape(*lead, weight.shape[0])
+#: The eager twin of the op pair (see :mod:`monkey_kernels.ops.custom`): same forward, formula and saved tensors.
+EagerMultiLoRALinear = eager_function("multi_lora_linear", _linear_forward, _setup_context,
+                                      lambda ctx, grad_out: _gradients(ctx, grad_out, _linear_backward))

@@ -1,7 +1,7 @@
 """Reference modules of LayTextLLM's Spatial Layout Projector (SLP) and of the embedding assembly.
 
-These reproduce the public models' behaviour (see ``docs/reference-models.md`` §1 and §2) and are the
-ground truth for :mod:`monkey_kernels.slp`:
+These reproduce the public LayTextLLM behaviour (one ``nn.Linear(4, hidden)``; one box, one token) and are
+the ground truth for :mod:`monkey_kernels.ops.slp`:
 
 - :class:`SpatialLayoutProjector`: one ``nn.Linear(4, hidden)`` with bias, held as ``self.proj`` (state-dict
   keys ``proj.weight`` ``[hidden, 4]`` and ``proj.bias`` ``[hidden]``), applied to boxes normalized to
@@ -12,7 +12,7 @@ ground truth for :mod:`monkey_kernels.slp`:
   sequences, like the public code; the writes go into a fresh tensor (the embedding output), never into a
   view of a leaf, which is what breaks the original once the vision side trains.
 - :class:`SLPEmbeddingRef`: a module holding ``embed_tokens`` (``nn.Embedding``) and ``projector``
-  (:class:`SpatialLayoutProjector`) around the assembly; :class:`monkey_kernels.slp.FusedSLPEmbedding` has
+  (:class:`SpatialLayoutProjector`) around the assembly; :class:`monkey_kernels.modules.FusedSLPEmbedding` has
   the same attribute names, hence the same state-dict keys (``embed_tokens.weight``,
   ``projector.proj.weight``, ``projector.proj.bias``).
 

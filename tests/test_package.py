@@ -1,0 +1,153 @@
+"""Package-level contracts: a light import, the torch backend without Triton, torch.compile with the default
+backend in a fresh process (as users run it), an atomic ``patch_model``, and a short path from a patched block
+to the kernel."""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from test_patching import make_model, views
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_import_is_light_and_fast():
+    result = _run("""
+        import sys, time
+        import torch
+        start = time.perf_counter()
+        import monkey_kernels
+        elapsed = time.perf_counter() - start
+        heavy = [m for m in ("transformers", "peft", "triton", "monkey_kernels._C") if m in sys.modules]
+        print(elapsed, heavy)
+    """)
+    assert result.returncode == 0, result.stderr
+    elapsed, heavy = result.stdout.split(" ", 1)
+    assert heavy.strip() == "[]", f"import monkey_kernels loaded {heavy.strip()}"
+    assert float(elapsed) < 1.0, f"import monkey_kernels took {elapsed} s over import torch"
+
+
+def test_cli_help_is_fast():
+    result = _run("""
+        import subprocess, sys, time
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "monkey_kernels", "--help"], capture_output=True, text=True)
+        print(time.perf_counter() - start, done.returncode, "bench" in done.stdout and "demo" in done.stdout)
+    """)
+    elapsed, code, listed = result.stdout.split()
+    assert (code, listed) == ("0", "True"), result.stderr
+    assert float(elapsed) < 1.5, f"monkey-kernels --help took {elapsed} s"
+
+
+def test_the_torch_backend_works_without_triton():
+    result = _run("""
+        import sys
+        sys.modules["triton"] = None  # any import of triton now raises ImportError
+        import torch
+        from monkey_kernels import MultiLoRALinear, slp_embed
+        torch.manual_seed(0)
+        layer = MultiLoRALinear(8, 6, num_adapters=2, rank=2, backend="torch")
+        x = torch.randn(3, 4, 8, requires_grad=True)
+        layer(x, [0, -1, 1]).sum().backward()
+        ids = torch.tensor([[1, 0, 2, 0]])
+        out = slp_embed(ids, torch.randn(5, 6), torch.randn(6, 4), torch.randn(6), torch.rand(1, 2, 4).sort(-1)[0],
+                        box_token_id=0, backend="torch")
+        print(tuple(out.shape), x.grad.shape, "triton" in sys.modules and sys.modules["triton"] is not None)
+    """, MONKEY_KERNELS_BACKEND="")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["(1,", "4,", "6)", "torch.Size([3,", "4,", "8])", "False"]
+
+
+@pytest.mark.parametrize("what", ["op", "model"])
+def test_compile_fullgraph_with_the_default_backend_in_a_fresh_process(what):
+    """The automatic backend choice (native on CPU) loads the extension behind a lock, with importlib: neither
+    may reach Dynamo. Run where nothing was imported or chosen before, as a user's first call would."""
+    if what == "op":
+        body = """
+            from monkey_kernels import multi_lora_linear, SegmentInfo
+            x, w = torch.randn(2, 4, 8), torch.randn(6, 8)
+            a, b, s = torch.randn(2, 2, 8), torch.randn(2, 6, 2), torch.rand(2)
+            f = torch.compile(lambda x: multi_lora_linear(x, w, None, a, b, s, [0, 1]), fullgraph=True)
+            torch.testing.assert_close(f(x), multi_lora_linear(x, w, None, a, b, s, [0, 1]))
+        """
+    else:
+        body = """
+            import sys
+            sys.path.insert(0, "tests")
+            from test_patching import make_model, views
+            from monkey_kernels import patch_model
+            model = make_model("cpu").eval()
+            patch_model(model)
+            pixels = views(1, 4, model.config, "cpu")
+            with torch.no_grad():
+                want = model(pixels)
+                got = torch.compile(model, fullgraph=True)(pixels)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        """
+    result = _run("import torch\ntorch.manual_seed(0)\n" + textwrap.dedent(body) + "print('ok')\n",
+                  MONKEY_KERNELS_BACKEND="")
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_patch_model_is_atomic():
+    """A rule that fails half-way (adapters of different ranks in one list, in the LAST block) leaves the model
+    exactly as it was: same modules, same forward, patchable again once fixed."""
+    from monkey_kernels import patch_model
+    from monkey_kernels.models import MonkeyLoraAdapter
+    from monkey_kernels.patching import is_patched
+
+    model = make_model("cpu").eval()
+    last = model.transformer.resblocks[-1]
+    good = last.mlp_lora[0]
+    last.mlp_lora[0] = MonkeyLoraAdapter(good.lora_a.in_features, good.lora_b.out_features, r=3, dropout=0.0)
+    before = {name: type(m) for name, m in model.named_modules()}
+    pixels = views(1, 2, model.config, "cpu")
+    with torch.no_grad():
+        want = model(pixels)
+    with pytest.raises(ValueError, match="adapters of one list must share a rank"):
+        patch_model(model, backend="torch")
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    assert not is_patched(model) and "forward" not in model.transformer.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels), want)
+    last.mlp_lora[0] = good
+    patch_model(model, backend="torch")
+    assert is_patched(model)
+
+
+def test_a_patched_block_reaches_the_kernel_in_at_most_six_project_frames(monkeypatch):
+    from monkey_kernels import patch_model
+    from monkey_kernels.ops.multi_lora.torch_impl import TorchMultiLoRA
+
+    depths = []
+    original = TorchMultiLoRA.fused_gemm
+
+    def spy(*args, **kwargs):
+        frames = [f for f in inspect.stack()[1:] if f.filename.startswith(os.path.join(ROOT, "monkey_kernels"))]
+        block = next(i for i, f in enumerate(frames) if f.function == "forward" and "fused_monkey" in f.filename
+                     and "block" in repr(f.frame.f_locals.get("self", "")).lower()[:80])
+        depths.append(block + 2)  # the frames from the block's forward down to here, plus the launcher itself
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(TorchMultiLoRA, "fused_gemm", staticmethod(spy))
+    model = make_model("cpu").eval()
+    patch_model(copy.deepcopy(model), backend="torch")
+    fused = copy.deepcopy(model)
+    patch_model(fused, backend="torch")
+    with torch.no_grad():
+        fused(views(1, 2, model.config, "cpu"))
+    assert depths and max(depths) <= 6, depths
