@@ -2,17 +2,124 @@
 
 Without a GPU the Triton kernels run through Triton's CPU interpreter. ``TRITON_INTERPRET`` is read when
 a kernel is defined, so it is set here, before any test module imports the kernels.
+
+Seeds. Every test runs with ``random``, ``numpy`` and ``torch`` (CPU and every CUDA device) seeded from its
+own seed, :func:`node_seed` of its node id (CRC-32, so the same on every run and machine, unlike Python's
+salted ``hash``): a run is reproducible, and a test's inputs do not depend on which other tests ran before it.
+A failing test prints ``seed=N (MONKEY_KERNELS_TEST_SEED=N replays it)`` in a ``seed`` section of its report.
+
+* ``MONKEY_KERNELS_TEST_SEED=N`` runs every selected test with seed ``N`` (replays a printed seed).
+* ``MONKEY_KERNELS_FUZZ=1`` draws a fresh random seed for every test (and lets hypothesis draw fresh
+  examples): the opt-in search for inputs that fail; a failure prints its seed as above.
+
+Hypothesis tests are derandomized by default (the same examples on every run) and draw fresh examples in
+fuzz mode. A module- or session-scoped fixture that draws random numbers calls :func:`seed_fixture` first:
+it is built before the per-test seeding, on whichever test of the module needs it first.
 """
 import os
+import random
+import zlib
 
+import numpy
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 from triton_kernels import alloc  # noqa: E402
+
+SEED_ENV = "MONKEY_KERNELS_TEST_SEED"
+FUZZ_ENV = "MONKEY_KERNELS_FUZZ"
+_SEED_KEY = pytest.StashKey[int]()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip() not in ("", "0")
+
+
+def fuzz_mode() -> bool:
+    """Whether ``MONKEY_KERNELS_FUZZ`` asks for fresh random seeds (and hypothesis examples) on every run."""
+    return _env_flag(FUZZ_ENV)
+
+
+def node_seed(nodeid: str) -> int:
+    """The default seed of a test (or fixture) with this node id: its CRC-32, in ``[0, 2**31)``."""
+    return zlib.crc32(nodeid.encode("utf-8")) & 0x7FFFFFFF
+
+
+def choose_seed(nodeid: str) -> int:
+    """The seed a test runs with: ``MONKEY_KERNELS_TEST_SEED`` when set, a fresh random one in fuzz mode,
+    else :func:`node_seed`. Always in ``[0, 2**32)`` (numpy's range)."""
+    forced = os.environ.get(SEED_ENV, "").strip()
+    if forced:
+        try:
+            seed = int(forced)
+        except ValueError:
+            raise pytest.UsageError(f"{SEED_ENV} must be an integer, got {forced!r}") from None
+        if not 0 <= seed < 2**32:
+            raise pytest.UsageError(f"{SEED_ENV} must be in [0, 2**32), got {seed}")
+        return seed
+    if fuzz_mode():
+        return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    return node_seed(nodeid)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global generator and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device (lazily, when CUDA initialises)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def seed_fixture(request) -> int:
+    """Seed the generators for a module- or session-scoped fixture from its own node id and name (these
+    fixtures are built before the per-test seeding); returns the seed."""
+    seed = choose_seed(f"{request.node.nodeid}::{request.fixturename}")
+    seed_everything(seed)
+    return seed
+
+
+@pytest.fixture(autouse=True)
+def _seed_every_test(request):
+    """Seeds the generators before each test (see the module docstring); the seed is kept for the report."""
+    seed = choose_seed(request.node.nodeid)
+    request.node.stash[_SEED_KEY] = seed
+    seed_everything(seed)
+    return seed
+
+
+@pytest.fixture
+def seed(_seed_every_test) -> int:
+    """The seed this test runs with, for a test that needs it as a value (e.g. an op's dropout seed)."""
+    return _seed_every_test
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seed = item.stash.get(_SEED_KEY, None)
+    if report.failed and seed is not None:
+        report.sections.append(("seed", f"seed={seed} ({SEED_ENV}={seed} replays it)"))
+    return report
+
+
+def pytest_report_header(config):
+    if os.environ.get(SEED_ENV, "").strip():
+        return f"monkey-kernels seeds: every test {os.environ[SEED_ENV].strip()} ({SEED_ENV})"
+    if fuzz_mode():
+        return f"monkey-kernels seeds: fresh random per test ({FUZZ_ENV}=1)"
+    return f"monkey-kernels seeds: per test from its node id ({FUZZ_ENV}=1 for fresh ones)"
+
+
+# Hypothesis: the same examples on every run (no example database carried between runs), fresh ones in fuzz mode.
+hypothesis_settings.register_profile("monkey_kernels", derandomize=True, database=None)
+hypothesis_settings.register_profile("monkey_kernels_fuzz", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile("monkey_kernels_fuzz" if fuzz_mode() else "monkey_kernels")
 
 
 @pytest.fixture(autouse=True)
@@ -23,17 +130,6 @@ def poison_kernel_outputs(monkeypatch):
     previous = alloc.set_poison(True)
     yield
     alloc.set_poison(previous)
-
-
-@pytest.fixture(autouse=True)
-def fresh_random_inputs():
-    """Fresh random inputs on every run (seeded from the OS); the seed is printed, and
-    ``MONKEY_KERNELS_TEST_SEED=<seed>`` replays it."""
-    replay = os.environ.get("MONKEY_KERNELS_TEST_SEED")
-    seed = int(replay) if replay else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    torch.manual_seed(seed)
-    print(f"torch seed {seed}")
-    yield
 
 
 # Set to 1 to skip (instead of fail) the native backend's cases on a machine without a C++ compiler; CI

@@ -1,8 +1,14 @@
+"""``MultiLoRALinear``: training every adapter part, state dicts, bad calls and empty batches."""
+import copy
+
 import pytest
 import torch
 
 from conftest import available_backends, kernel_device
 from monkey_kernels import MultiLoRALinear, SegmentInfo, multi_lora_linear_ref
+
+BACKENDS = available_backends()
+K, N, NUM_ADAPTERS = 8, 5, 2
 
 
 @pytest.mark.parametrize("backend", available_backends())
@@ -43,3 +49,36 @@ def test_module_state_dict_round_trip():
     for name, tensor in layer.state_dict().items():
         assert torch.equal(tensor, clone.state_dict()[name]), name
     assert set(layer.state_dict()) == {"weight", "bias", "lora_a", "lora_b", "lora_scale", "ranks"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_bad_calls_and_empty_training_batch(backend):
+    device = kernel_device(backend)
+    layer = MultiLoRALinear(K, N, NUM_ADAPTERS, [2, 3], lora_dropout=0.2, backend=backend).to(device).train()
+    x = torch.randn(2, 3, K, device=device)
+    with pytest.raises(ValueError, match="segments must be a SegmentInfo"):
+        layer(x, None)
+    with pytest.raises(ValueError, match="seed"):
+        layer(x, [0, 1], seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        layer(x, [0, 1], seed=2**31)
+    with pytest.raises(ValueError, match=r"weight must be \[N, K=7\]"):
+        layer(torch.randn(2, 3, 7, device=device), [0, 1])
+    with pytest.raises(ValueError, match="weight has dtype"):
+        layer(x.double(), [0, 1])
+    with pytest.raises(ValueError, match="lora_input must have the leading dims"):
+        layer(x, [0, 1], lora_input=torch.randn(3, 2, K, device=device))
+    # the largest valid seed, and an empty batch in training mode with dropout on
+    assert layer(x, [0, 1], seed=2**31 - 1).shape == (2, 3, N)
+    empty = torch.randn(0, 3, K, device=device, requires_grad=True)
+    out = layer(empty, [])
+    assert out.shape == (0, 3, N)
+    out.sum().backward()
+    assert layer.lora_a.grad is not None and (layer.lora_a.grad == 0).all()
+    with pytest.raises(ValueError, match="weight is on meta"):
+        copy.deepcopy(layer).to("meta")(x, [0, 1])
+
+
+def test_module_constructor_rejects_nan_dropout():
+    with pytest.raises(ValueError, match="lora_dropout"):
+        MultiLoRALinear(K, N, 2, 2, lora_dropout=float("nan"))

@@ -1,4 +1,5 @@
-"""The reference Monkey vision encoder (``MonkeyVisionModel``) and the image preparation helper."""
+"""The reference Monkey vision encoder (``MonkeyVisionModel``) and the image preparation helper: release shapes and
+names, the per-tile loop, bad input (named in the error), and a NaN that must stay in its own image."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,12 @@ from monkey_kernels.models import (
     release_vision_state_dict,
     tile_grid,
 )
+from conftest import available_backends, kernel_device
+from monkey_kernels import patch_model
 from monkey_kernels.models.monkey_vision import get_2d_sincos_pos_embed
 from test_patching import VisualAttentionBlock, make_model, randomize_, tiny_config, views
+
+BACKENDS = available_backends()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,3 +217,96 @@ def test_gradient_checkpointing_of_the_reference():
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         if p.requires_grad and q.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prepare_images / tile_grid / MonkeyVisionModel.forward
+# ---------------------------------------------------------------------------------------------------------
+IMAGE_ERRORS = {
+    "images_none": (dict(images=None), "images must be a"),
+    "images_int": (dict(images=3), "images must be a"),
+    "images_bool": (dict(images=torch.zeros(1, 3, 8, 8, dtype=torch.bool)), r"images\[0\] must be a float"),
+    "images_complex": (dict(images=torch.zeros(1, 3, 8, 8, dtype=torch.complex64)), r"images\[0\] must be a float"),
+    "images_5d": (dict(images=torch.zeros(1, 1, 3, 8, 8)), r"images must be \[B, C, H, W\]"),
+    "images_list_with_int": (dict(images=[torch.rand(3, 8, 8), 5]), r"images\[1\] must be a \[C, H, W\]"),
+    "images_empty_batch": (dict(images=torch.zeros(0, 3, 8, 8)), "at least one image"),
+    "images_zero_width": (dict(images=torch.zeros(1, 3, 8, 0)), r"images\[0\] is empty"),
+    "resolution_float": (dict(resolution=(56.0, 56)), "width must be a positive int"),
+    "resolution_negative": (dict(resolution=(56, -56)), "height must be a positive int"),
+    "resolution_triple": (dict(resolution=(56, 56, 3)), "resolution must be a"),
+    "resolution_str": (dict(resolution="56x56"), "resolution must be a"),
+    "tile_size_zero": (dict(tile_size=0), "tile_size must be a positive int"),
+    "num_channels_zero": (dict(num_channels=0), "num_channels must be a positive int"),
+    "num_channels_bool": (dict(num_channels=True), "num_channels must be a positive int"),
+    "mean_short": (dict(mean=(0.5,)), "mean and std must have 3 entries"),
+    "std_zero": (dict(std=(0.2, 0.0, 0.2)), "std finite and non-zero"),
+    "std_nan": (dict(std=(0.2, float("nan"), 0.2)), "std finite and non-zero"),
+    "config_wrong_type": (dict(config=object()), "config must be a MonkeyVisionConfig"),
+}
+
+
+@pytest.mark.parametrize("name", list(IMAGE_ERRORS))
+def test_prepare_images_bad_arguments(name):
+    args = dict(images=torch.rand(1, 3, 8, 8), resolution=(56, 56), tile_size=56) | IMAGE_ERRORS[name][0]
+    if "config" in args:
+        args.pop("tile_size")
+    with pytest.raises(ValueError, match=IMAGE_ERRORS[name][1]):
+        prepare_images(args.pop("images"), args.pop("resolution"), **args)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (dict(width=True), "width"), (dict(height=None), "height"), (dict(tokens_per_view=0), "tokens_per_view"),
+    (dict(tile_size=-14), "tile_size"), (dict(config="release"), "config must be a MonkeyVisionConfig"),
+])
+def test_tile_grid_bad_arguments(bad, pattern):
+    args = dict(width=448, height=448) | bad
+    with pytest.raises(ValueError, match=pattern):
+        tile_grid(args.pop("width"), args.pop("height"), **args)
+
+
+def test_prepare_images_nan_stays_in_its_image_and_expanded_input_is_exact():
+    images = torch.rand(2, 3, 30, 40)
+    images[0, 1, 5, 5] = float("nan")
+    out, grid = prepare_images(images, (112, 56), tile_size=56)
+    assert out.shape == (2, grid.num_views, 3, 56, 56)
+    assert out[0].isnan().any() and not out[1].isnan().any()
+    flat = torch.rand(3, 1, 1)
+    expanded, _ = prepare_images(flat.expand(3, 30, 40), (112, 56), tile_size=56)
+    contiguous, _ = prepare_images(flat.expand(3, 30, 40).contiguous(), (112, 56), tile_size=56)
+    assert torch.equal(expanded, contiguous)
+    meta_out, _ = prepare_images(torch.rand(1, 3, 30, 40, device="meta"), (112, 56), tile_size=56)
+    assert meta_out.device.type == "meta" and meta_out.shape == (1, 3, 3, 56, 56)
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_monkey_model_forward_bad_input(patched):
+    model = make_model("cpu").eval()
+    if patched:
+        patch_model(model, backend="torch")
+    cfg = model.config
+    with pytest.raises(ValueError, match="pixel_values must hold at least one image"):
+        model(views(0, 4, cfg, "cpu"))
+    with pytest.raises(ValueError, match="pixel_values is on meta"):
+        model(views(1, 4, cfg, "cpu").to("meta"))
+    with pytest.raises(ValueError, match="pixel_values must hold 2 to"):
+        model(views(1, 0, cfg, "cpu"))
+    with pytest.raises(ValueError, match="pixel_values must be a 5-D"):
+        model(views(1, 4, cfg, "cpu").tolist())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_monkey_model_nan_in_one_image_stays_in_that_image(backend):
+    """A NaN pixel in one tile of image 0: after the batched fused pass, exactly the reference's rows are NaN
+    (that tile's queries and nothing of image 1)."""
+    device = kernel_device(backend)
+    model = make_model(device, layers=1).eval()
+    pixel_values = views(2, 2, model.config, device)
+    pixel_values[0, 1, 0, 3, 3] = float("nan")
+    with torch.no_grad():
+        expected = model(pixel_values)
+        patch_model(model, backend=backend)
+        out = model(pixel_values)
+    assert not expected[1].isnan().any() and expected[0].isnan().any()
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-5)

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from conftest import require_native
-from monkey_kernels import SegmentInfo, _native, backends, multi_lora_linear, multi_lora_linear_ref
-from monkey_kernels.backends import NativePrimitives, TorchPrimitives, resolve_backend
+from monkey_kernels import SegmentInfo, _native, multi_lora_linear, multi_lora_linear_ref
+from monkey_kernels.ops import backends
+from monkey_kernels.ops.backends import resolve_backend
+from monkey_kernels.ops.multi_lora.native_impl import NativeMultiLoRA
+from monkey_kernels.ops.multi_lora.torch_impl import TorchMultiLoRA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,16 +152,16 @@ def test_primitives_match_the_torch_backend(dropout_p):
     t, segments = _problem()
     r_block = 16
     args = (t["x"], t["lora_a"], segments, t["ranks"])
-    h = NativePrimitives.shrink(*args, r_block, dropout_p=dropout_p, seed=5)
-    torch.testing.assert_close(h, TorchPrimitives.shrink(*args, r_block, dropout_p=dropout_p, seed=5))
+    h = NativeMultiLoRA.shrink(*args, r_block, dropout_p=dropout_p, seed=5)
+    torch.testing.assert_close(h, TorchMultiLoRA.shrink(*args, r_block, dropout_p=dropout_p, seed=5))
     assert h.dtype == torch.float32 and h.shape == (segments.num_rows, r_block)
-    kwargs = dict(out_features=t["x"].shape[1], out_dtype=torch.float32, lora_dropout_p=dropout_p, seed=9)
+    kwargs = dict(out_features=t["x"].shape[1], out_dtype=torch.float32, dropout_p=dropout_p, seed=9)
     dx_args = (t["dy"], t["weight"].t(), None, h, t["lora_a"].transpose(1, 2), t["scale"], None, segments, t["ranks"])
-    torch.testing.assert_close(NativePrimitives.fused_gemm(*dx_args, **kwargs),
-                               TorchPrimitives.fused_gemm(*dx_args, **kwargs))
+    torch.testing.assert_close(NativeMultiLoRA.fused_gemm(*dx_args, **kwargs),
+                               TorchMultiLoRA.fused_gemm(*dx_args, **kwargs))
     out_native = torch.full((3, t["x"].shape[1], 5), float("nan")).transpose(1, 2).contiguous().transpose(1, 2)
     out_torch = torch.empty_like(out_native)
-    for prims, out in ((NativePrimitives, out_native), (TorchPrimitives, out_torch)):
+    for prims, out in ((NativeMultiLoRA, out_native), (TorchMultiLoRA, out_torch)):
         prims.outer(t["x"], h, segments, out, scale=t["scale"], dropout_p=dropout_p, seed=3)
     torch.testing.assert_close(out_native, out_torch)
 
@@ -177,14 +180,14 @@ def test_op_in_float64_and_bfloat16_with_residual(dtype):
 
 def test_outer_is_bitwise_deterministic_across_runs_and_thread_counts():
     t, segments = _problem(num_rows_per_segment=(300, 0, 517, 9, 260), ids=(1, -1, 0, 1, 2), k=300, n=20)
-    h = NativePrimitives.shrink(t["x"], t["lora_a"], segments, t["ranks"], 16)
+    h = NativeMultiLoRA.shrink(t["x"], t["lora_a"], segments, t["ranks"], 16)
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (threads, threads, 1):
             torch.set_num_threads(count)
             out = torch.empty(3, 300, 5)
-            results.append(NativePrimitives.outer(t["x"], h, segments, out, scale=t["scale"]).clone())
+            results.append(NativeMultiLoRA.outer(t["x"], h, segments, out, scale=t["scale"]).clone())
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
@@ -288,8 +291,8 @@ def test_op_uses_merged_weights_only_where_they_apply(monkeypatch):
     """Long segments without dropout and with V = U go through merged_linear (forward and dX); dropout, a separate
     LoRA input or short segments keep the shrink + fused GEMM path. Both give the float64 result."""
     calls = []
-    original = NativePrimitives.merged_linear
-    monkeypatch.setattr(NativePrimitives, "merged_linear",
+    original = NativeMultiLoRA.merged_linear
+    monkeypatch.setattr(NativeMultiLoRA, "merged_linear",
                         staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k)))
     t, segments = _problem(num_rows_per_segment=(60, 7, 45, 20), ids=(0, -1, 1, 2), dtype=torch.float64)
     x = t["x"].clone().requires_grad_(True)

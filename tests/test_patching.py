@@ -1,9 +1,11 @@
 """``patch_model`` / ``unpatch_model`` on Monkey's vision encoder: fused vs reference (float64), state dicts,
 save/load, unpatching, patching twice, optimizers, dropout, gradient checkpointing, and a user's copy of the
-public Monkey block code."""
+public Monkey block code; round trips (patch, train, cast, unpatch: no weight lost) of the Monkey encoder, a PEFT
+tower and an SLP model."""
 from __future__ import annotations
 
 import copy
+import re
 import math
 from collections import OrderedDict
 
@@ -13,10 +15,13 @@ from torch import nn
 
 from accuracy import rel_err
 from conftest import kernel_device
-from monkey_kernels.backends import interpreter_active
+from triton_kernels.env import interpreter_active
 from monkey_kernels.fused_monkey import FusedMonkeyBlock
 from monkey_kernels.models import MonkeyVisionBlock, MonkeyVisionConfig, MonkeyVisionModel
+from monkey_kernels import adapter_selection
 from monkey_kernels.patching import NothingToPatchError, is_patched, patch_model, unpatch_model
+from test_slp import LayoutModel
+from test_slp_inputs import H, V, slp_inputs
 
 BACKENDS = ["triton", "torch"]
 GRIDS = {"2x2": 4, "3x2": 6}  # tiles per image
@@ -208,7 +213,11 @@ def test_optimizers_frozen_parameters_and_unpatch():
         model(pixel_values).square().mean().backward()
         optimizer.step()
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and re.search(r"_lora\.[45]\.", name):
+            # 4 tiles use adapters 0..3: as in the reference loop, 4 and 5 get no gradient, so AdamW's weight
+            # decay leaves them where they were
+            assert p.grad is None and torch.equal(p.detach(), trained[name]), f"{name} moved without a gradient"
+        elif p.requires_grad:
             assert not torch.equal(p.detach(), trained[name]), f"{name} did not train"
         else:
             assert p.grad is None and torch.equal(p.detach(), frozen[name]), f"{name} must stay frozen"
@@ -427,3 +436,162 @@ def test_fused_block_dropout_equals_reference_with_the_same_masks(backend):
         expected.append(reference(x[view][:, None, :], idx=None if adapter < 0 else adapter)[:, 0])
     torch.testing.assert_close(out, torch.stack(expected), rtol=1e-4, atol=1e-5)
     assert masks[0].float().mean().item() < 0.9, "the masks drop entries"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patch_model / unpatch_model round trips (Monkey, PEFT, SLP)
+# ---------------------------------------------------------------------------------------------------------
+def build_monkey():
+    model = make_model("cpu")
+    pixel_values = views(2, 3, model.config, "cpu")
+    return model, lambda m: m(pixel_values), 1
+
+
+def build_peft():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: PLC0415
+
+    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=28, patch_size=14,
+                                                 vision_use_head=False))
+    model = get_peft_model(tower, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"],
+                                             init_lora_weights=False), adapter_name="red")
+    model.add_adapter("blue", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "fc2"],
+                                         init_lora_weights=False))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    pixel_values = torch.randn(3, 3, 28, 28)
+
+    def forward(m):
+        with adapter_selection(m, ["red", "__base__", "blue"]):
+            return m(pixel_values=pixel_values.to(next(m.parameters()).dtype)).last_hidden_state
+
+    return model, forward, 12
+
+
+def build_slp():
+    model = LayoutModel(V, H, "cpu")
+    model.embed.embed_tokens.weight.requires_grad_(False)  # a frozen table keeps its flag
+    inputs = slp_inputs()
+
+    def forward(m):
+        dtype = m.head.weight.dtype
+        return m(inputs["input_ids"], inputs["boxes"].to(dtype), inputs["image_features"].to(dtype))
+
+    return model, forward, 1
+
+
+MODELS = {"monkey": build_monkey, "peft": build_peft, "slp": build_slp}
+
+
+def snapshot(model):
+    return {
+        "params": dict(model.named_parameters()),
+        "values": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "flags": {n: (p.requires_grad, p.dtype) for n, p in model.named_parameters()},
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+    }
+
+
+def assert_same_weights(model, before, *, same_types=True, clean=None):
+    state = model.state_dict()
+    assert list(state) == list(before["values"]), "state-dict keys changed"
+    for key, value in state.items():
+        assert value.dtype == before["values"][key].dtype and torch.equal(value, before["values"][key]), key
+    params = dict(model.named_parameters())
+    assert params.keys() == before["params"].keys()
+    for name, p in params.items():
+        assert p is before["params"][name], f"{name} is a new Parameter object"
+        assert (p.requires_grad, p.dtype) == before["flags"][name], name
+    if same_types:
+        assert [(n, type(m)) for n, m in model.named_modules()] == before["types"]
+    if clean if clean is not None else same_types:
+        leftovers = [(n, k) for n, m in model.named_modules() for k in m.__dict__
+                     if k == "forward" or k.startswith("_monkey_kernels")]
+        assert not leftovers, f"patching state left behind: {leftovers}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patch_unpatch_twice_loses_no_weight(name):
+    model, forward, _ = MODELS[name]()
+    before = snapshot(model)
+    with torch.no_grad():
+        expected = forward(model.eval())
+    for _ in range(2):
+        report = patch_model(model, backend="torch")
+        assert report.total > 0 and is_patched(model)
+        assert_same_weights(model, before, same_types=False)
+        with torch.no_grad():
+            torch.testing.assert_close(forward(model), expected, rtol=1e-5, atol=1e-5)
+        unpatch_model(model)
+        assert not is_patched(model)
+        assert_same_weights(model, before)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_adamw_step_while_patched_then_unpatch(name):
+    """One AdamW step on the patched model: its gradients are the reference's, the Parameters it updated are
+    the ones the unpatched model holds, and the unpatched model gives the patched model's output."""
+    model, forward, _ = MODELS[name]()
+    model.train()
+    twin = copy.deepcopy(model)
+    before = snapshot(model)
+    patch_model(model, backend="torch")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    forward(model).square().mean().backward()
+    forward(twin).square().mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        if p.requires_grad and q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"grad {n}: {m}")
+    optimizer.step()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before["values"][n])]
+    assert changed and all(before["flags"][n][0] for n in changed), "frozen weights moved or nothing trained"
+    model.eval()
+    with torch.no_grad():
+        patched_out = forward(model)
+    unpatch_model(model)
+    assert all(p is before["params"][n] for n, p in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model), patched_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_to_dtype_after_patching(name):
+    model, forward, _ = MODELS[name]()
+    model.eval()
+    reference = copy.deepcopy(model).double()
+    patch_model(model, backend="torch")
+    model.to(torch.float64)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        out = forward(model)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, forward(reference), rtol=1e-10, atol=1e-10)
+    unpatch_model(model)
+    assert all(p is params[n] and p.dtype == torch.float64 for n, p in model.named_parameters())
+    assert all(t.dtype == torch.float64 for t in model.state_dict().values() if t.is_floating_point())
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model), forward(reference), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_double_patch_warns_unpatch_of_unpatched_warns_and_bad_calls_raise(name):
+    model, _, _ = MODELS[name]()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_model(model, backend="cuda-magic")
+    assert not is_patched(model), "a rejected backend must leave the model unpatched"
+    with pytest.warns(UserWarning, match="not patched"):
+        assert unpatch_model(model).total == 0
+    patch_model(model, backend="torch")
+    before = snapshot(model)
+    with pytest.warns(UserWarning, match="already patched"):
+        assert patch_model(model).already_patched
+    assert_same_weights(model, before, clean=False)
+    unpatch_model(model)
+    for bad in (None, torch.zeros(2), "model"):
+        with pytest.raises(ValueError, match="model must be an nn.Module"):
+            unpatch_model(bad)
+        with pytest.raises(ValueError, match="model must be an nn.Module"):
+            patch_model(bad)

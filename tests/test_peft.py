@@ -20,6 +20,7 @@ from monkey_kernels.patching import NothingToPatchError, is_patched, patch_model
 from monkey_kernels.peft_patch import (  # noqa: E402
     RULE_NAME, adapter_selection, clear_adapter_rows, peft_adapter_names, set_adapter_rows,
 )
+from test_patching import build_peft  # noqa: E402
 
 BACKENDS = ["triton", "torch"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -209,7 +210,7 @@ def test_train_then_save_pretrained_and_reload(tmp_path, unpatch_first):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = pixels(model, len(ROWS), device)
-    for _ in range(3):
+    for _ in range(2):  # lora_B starts non-zero: every A and B moves at step 1; step 2 uses AdamW's moments
         optimizer.zero_grad()
         with adapter_selection(model, ROWS):
             model(pixel_values=x).pooler_output.square().mean().backward()
@@ -329,3 +330,54 @@ def test_selection_validation_and_unpatch():
     assert all(not k.startswith("_monkey_kernels") for m in layers for k in m.__dict__)
     state = model.state_dict()
     assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# adapter_selection / set_adapter_rows
+# ---------------------------------------------------------------------------------------------------------
+def test_adapter_selection_bad_rows_and_empty_batch():
+    model, _, _ = build_peft()
+    patch_model(model, backend="torch")
+    cases = [
+        (None, "rows must be a sequence"), ({"red": 0}, "rows must be a sequence"), ("red", "rows must be a sequence"),
+        ([True], r"rows\[0\] must be an adapter name"), ([0.5], r"rows\[0\] must be an adapter name"),
+        ([2], r"rows\[0\]=2 is not an adapter id"), ([-2], r"rows\[0\]=-2 is not an adapter id"),
+        (["red", "purple"], r"rows\[1\]='purple' is not a loaded adapter"),
+        (torch.tensor([[0]]), "rows as a tensor must be 1-D"), (torch.tensor([0.0]), "rows as a tensor must be 1-D"),
+        (torch.tensor([0], device="meta"), "rows is a tensor on the meta device"),
+    ]
+    for rows, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            set_adapter_rows(model, rows)
+        with pytest.raises(ValueError, match=pattern):
+            with adapter_selection(model, rows):
+                pass
+    for bad in (None, "model"):
+        with pytest.raises(ValueError, match="model must be an nn.Module"):
+            set_adapter_rows(bad, [0])
+        with pytest.raises(ValueError, match="model must be an nn.Module"):
+            with adapter_selection(bad, [0]):
+                pass
+    # an empty selection for an empty batch, straight through one fused layer (the towers reject batch 0)
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    with adapter_selection(model, []):
+        assert layer(torch.randn(0, 4, 32)).shape == (0, 4, 32)
+    with adapter_selection(model, ["red", "blue"]):
+        with pytest.raises(ValueError, match="input has 3 batch rows"):
+            layer(torch.randn(3, 4, 32))
+
+
+def test_peft_nan_image_stays_in_its_row():
+    model, forward, _ = build_peft()
+    model.eval()
+    pixel_values = torch.randn(3, 3, 28, 28)
+    pixel_values[1, 0, 0, 0] = float("nan")
+    rows = ["red", "blue", "__base__"]
+    with torch.no_grad(), adapter_selection(model, rows):
+        expected = model(pixel_values=pixel_values).last_hidden_state
+    patch_model(model, backend="torch")
+    with torch.no_grad(), adapter_selection(model, rows):
+        out = model(pixel_values=pixel_values).last_hidden_state
+    assert torch.equal(out.isnan(), expected.isnan()) and not out[[0, 2]].isnan().any()
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-5)

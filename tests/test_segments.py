@@ -1,3 +1,4 @@
+"""``SegmentInfo``: row maps of ragged and empty segments, and bad metadata (types, devices, ranges)."""
 import pytest
 import torch
 
@@ -55,3 +56,51 @@ def test_adapter_ids_must_be_1d_integers(bad):
 def test_seq_len_must_be_non_negative_int():
     with pytest.raises(ValueError, match="seq_len"):
         SegmentInfo.from_batch([0], seq_len=-1)
+
+
+SEGMENT_ERRORS = {
+    "batch_ids_none": (lambda: SegmentInfo.from_batch(None, 3), "adapter_ids must be a 1-D sequence"),
+    "batch_ids_str": (lambda: SegmentInfo.from_batch("01", 3), "adapter_ids must be a 1-D sequence"),
+    "batch_ids_nested": (lambda: SegmentInfo.from_batch([[0, 1]], 3), "adapter_ids must be 1-D"),
+    "batch_ids_ragged": (lambda: SegmentInfo.from_batch([[0], [1, 2]], 3), "adapter_ids must be a 1-D"),
+    "batch_ids_float": (lambda: SegmentInfo.from_batch([0.5], 3), "adapter_ids must be a 1-D sequence of ints"),
+    "batch_ids_overflow": (lambda: SegmentInfo.from_batch([10**30], 3), "adapter_ids must be a 1-D sequence"),
+    "batch_ids_wrap": (lambda: SegmentInfo.from_batch([2**31], 3), "adapter_ids must fit in int32"),
+    "batch_ids_bool_tensor": (lambda: SegmentInfo.from_batch(torch.tensor([True]), 3), "adapter_ids must be an int"),
+    "batch_ids_meta": (lambda: SegmentInfo.from_batch(torch.tensor([0], device="meta"), 3),
+                       "adapter_ids is on the meta device"),
+    "batch_seq_len_bool": (lambda: SegmentInfo.from_batch([0], True), "seq_len"),
+    "batch_seq_len_float": (lambda: SegmentInfo.from_batch([0], 3.0), "seq_len"),
+    "batch_seq_len_none": (lambda: SegmentInfo.from_batch([0], None), "seq_len"),
+    "indptr_none": (lambda: SegmentInfo.from_indptr(None, [0]), "seg_indptr must be a 1-D sequence"),
+    "indptr_empty": (lambda: SegmentInfo.from_indptr([], []), r"seg_indptr must have len\(adapter_ids\) \+ 1"),
+    "indptr_2d": (lambda: SegmentInfo.from_indptr(torch.tensor([[0, 2]]), [0]), "seg_indptr must be 1-D"),
+    "indptr_float_list": (lambda: SegmentInfo.from_indptr([0, 2.5], [0]), "seg_indptr must be a 1-D sequence of ints"),
+    "indptr_wrap": (lambda: SegmentInfo.from_indptr([0, 2**32], [0]), "seg_indptr must fit in int32"),
+    "indptr_meta": (lambda: SegmentInfo.from_indptr(torch.tensor([0, 2], device="meta"), [0], num_rows=2),
+                    "seg_indptr is on the meta device"),
+    "num_rows_bool": (lambda: SegmentInfo.from_indptr([0, 1], [0], num_rows=True), "num_rows"),
+    "num_rows_float": (lambda: SegmentInfo.from_indptr([0, 1], [0], num_rows=1.0), "num_rows"),
+    "num_rows_negative": (lambda: SegmentInfo.from_indptr([0, 1], [0], num_rows=-1), "num_rows"),
+}
+
+
+@pytest.mark.parametrize("name", list(SEGMENT_ERRORS))
+def test_segment_info_bad_input(name):
+    build, pattern = SEGMENT_ERRORS[name]
+    with pytest.raises(ValueError, match=pattern):
+        build()
+
+
+def test_segment_info_empty_and_meta_without_validation():
+    empty = SegmentInfo.from_batch([], 4)
+    assert (empty.num_rows, empty.num_segments, empty.max_adapter_id) == (0, 0, -1)
+    zero_length = SegmentInfo.from_batch([2, -1], 0)
+    assert zero_length.num_rows == 0 and zero_length.seg_indptr.tolist() == [0, 0, 0]
+    none = SegmentInfo.from_indptr([0], [])
+    assert none.num_rows == 0 and none.row_adapter.numel() == 0
+    # meta metadata can be built (e.g. for shape propagation) when nothing has to be read back
+    info = SegmentInfo.from_batch(torch.tensor([0, 1], device="meta"), 3, validate=False)
+    assert info.device.type == "meta" and info.num_rows == 6 and info.max_adapter_id is None
+    # the largest int32 values still pass
+    assert SegmentInfo.from_batch([2**31 - 1], 1).max_adapter_id == 2**31 - 1

@@ -1,14 +1,15 @@
-"""Property tests of the segment metadata and of the op on arbitrary segmentations (hypothesis)."""
+"""Property tests (hypothesis) of the segment metadata, of the op on arbitrary segmentations, and of malformed
+segment offsets, rejected with a message naming them."""
 import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import available_backends, kernel_device
 from monkey_kernels import SegmentInfo, multi_lora_linear, multi_lora_linear_ref
-from monkey_kernels.backends import interpreter_active
+from triton_kernels.env import interpreter_active
 
 NUM_ADAPTERS = 3
 
@@ -66,3 +67,44 @@ def test_backend_matches_the_loop_on_any_segmentation(backend):
         _check_op(segments, backend, seed)
 
     check()
+
+
+MUTATIONS = ["not_at_zero", "decreasing", "negative", "last_not_num_rows", "float_tensor", "bool_tensor",
+             "length_mismatch", "float_list"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 6), min_size=1, max_size=8), mutation=st.sampled_from(MUTATIONS),
+       where=st.integers(0, 100), amount=st.integers(1, 5))
+def test_fuzzed_malformed_indptr_is_rejected_naming_it(lengths, mutation, where, amount):
+    indptr = [0] + list(itertools.accumulate(lengths))
+    ids = [i % 3 - 1 for i in range(len(lengths))]
+    num_rows = None
+    if mutation == "not_at_zero":
+        indptr = [v + amount for v in indptr]
+        pattern = "seg_indptr must start at 0"
+    elif mutation == "decreasing":
+        i = 1 + where % len(lengths)  # an inner or the last entry drops below its predecessor
+        indptr[i] = indptr[i - 1] - amount
+        pattern = "seg_indptr must be (non-decreasing|non-negative)"
+    elif mutation == "negative":
+        i = 1 + where % len(lengths)
+        indptr[i] = -amount
+        pattern = "seg_indptr must be non-negative"
+    elif mutation == "last_not_num_rows":
+        num_rows = indptr[-1] + amount
+        pattern = rf"seg_indptr\[-1\]={indptr[-1]} does not match num_rows={num_rows}"
+    elif mutation == "float_tensor":
+        indptr = torch.tensor(indptr, dtype=torch.float32)
+        pattern = "seg_indptr must be an integer tensor"
+    elif mutation == "bool_tensor":
+        indptr = torch.tensor(indptr) > 0
+        pattern = "seg_indptr must be an integer tensor"
+    elif mutation == "length_mismatch":
+        ids = ids + [0] * amount if where % 2 else ids[:-1]
+        pattern = r"seg_indptr must have len\(adapter_ids\) \+ 1"
+    else:
+        indptr = [float(v) + 0.5 for v in indptr]
+        pattern = "seg_indptr must be a 1-D sequence of ints"
+    with pytest.raises(ValueError, match=pattern):
+        SegmentInfo.from_indptr(indptr, ids, num_rows=num_rows)

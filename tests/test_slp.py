@@ -1,4 +1,4 @@
-"""The fused SLP embedding assembly (``monkey_kernels.slp``) against the reference modules, every backend.
+"""The fused SLP embedding assembly (``monkey_kernels.ops.slp``) against the reference modules, every backend.
 
 Low-precision results are judged the flash-attention way: the op's error against a float64 run of the
 reference (``SLPEmbeddingRef``: lookup, projection, per-sequence scatter) may be at most ``FACTOR`` times
@@ -22,8 +22,8 @@ from torch import nn
 
 from accuracy import assert_within_pytorch_error, rel_err
 from conftest import available_backends, kernel_device, require_native
-from monkey_kernels.models.slp import PAD_TOKEN_ID, SLPEmbeddingRef, SpatialLayoutProjector
-from monkey_kernels.slp import FusedSLPEmbedding, slp_embed
+from monkey_kernels.ops.slp.reference import PAD_TOKEN_ID, SLPEmbeddingRef, SpatialLayoutProjector
+from monkey_kernels import FusedSLPEmbedding, slp_embed
 
 BACKENDS = available_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -382,7 +382,7 @@ def test_valid_error_inputs_pass_and_validate_false_gives_zero_rows(backend):
     torch.testing.assert_close(out[unchanged], base[unchanged])
 
 
-class _LayoutModel(nn.Module):
+class LayoutModel(nn.Module):
     """A LayTextLLM-like holder of the reference embedding layer (what patch_model meets in practice)."""
 
     def __init__(self, vocab: int, hidden: int, device):
@@ -403,7 +403,7 @@ def test_patch_model_swaps_the_reference_embedding_and_back(backend):
 
     device = kernel_device(backend)
     vocab, hidden = 29, 40
-    model = _LayoutModel(vocab, hidden, device)
+    model = LayoutModel(vocab, hidden, device)
     keys_before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(1, vocab - 1, (2, 16), device=device)
     ids[0, [2, 9]] = BOX_ID
@@ -521,7 +521,7 @@ def test_native_cuda_kernel_strided_inputs(hidden):
 def test_native_on_cuda_tensors_is_refused_without_the_cuda_kernel():
     """With a CPU-only build of the extension, backend='native' on CUDA tensors is a ValueError, never a
     silent fallback."""
-    from monkey_kernels.slp import _native_has_cuda_kernel
+    from monkey_kernels.ops.slp.native_impl import has_cuda_kernel as _native_has_cuda_kernel
 
     if _native_has_cuda_kernel():
         pytest.skip("this build has the CUDA kernel (tested by test_native_cuda_kernel_*)")
@@ -547,24 +547,24 @@ def test_bench_measures_the_native_cpu_ops(tmp_path):
     out = tmp_path / "slp.json"
     threads = torch.get_num_threads()  # the benchmark sets its own CPU thread count
     try:
-        results = bench.main(["--device", "cpu", "--small", "--cases", "monkey", "--repeats", "1", "--backend",
-                              "torch", "--no-progress", "--out", str(out)])
+        result = bench.main(["--device", "cpu", "--small", "--cases", "monkey", "--rounds", "1", "--backends",
+                             "native", "torch", "--no-progress", "--no-plot", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
-    assert results["native"] == "measured" and out.exists()
-    rows = {r["method"]: r for r in results["results"]}
-    assert set(bench.NATIVE_METHODS) <= set(rows)
-    assert rows["native"]["fwd_ms"] > 0 and rows["native"]["fwdbwd_ms"] > 0
-    assert results["validation_relative_errors"]["monkey/native"] <= bench.TOLERANCES[torch.float32]
+    assert out.exists() and not result["skipped_backends"]
+    rows = {(r["method"], r["mode"]): r for r in result["rows"]}
+    for method in ("fused", "fused_novalidate"):
+        assert rows[(method, "fwd")]["backend"] == "native"
+        assert rows[(method, "fwd")]["ms"] > 0 and rows[(method, "fwd_bwd")]["ms"] > 0
+    assert result["validation_rel_errors"]["monkey/native"] <= bench.TOLERANCES[torch.float32]
 
 
 @needs_cuda
 def test_bench_compares_the_cuda_kernel_with_triton(tmp_path):
     """On a GPU the benchmark times the CUDA C++ kernel (native) next to the Triton kernel (fused)."""
     bench = _bench_slp()
-    results = bench.main(["--device", "cuda", "--small", "--rep-ms", "5", "--no-progress",
-                          "--out", str(tmp_path / "slp.json")])
-    assert results["native"] == "measured", results["native"]
-    methods = {r["method"] for r in results["results"]}
-    assert {"fused", "fused_novalidate", "native", "native_novalidate"} <= methods
-    assert all(r["label"] == "GPU" for r in results["results"])
+    result = bench.main(["--device", "cuda", "--small", "--backends", "triton", "native", "--rounds", "1",
+                         "--rep-ms", "5", "--no-progress", "--no-plot", "--out", str(tmp_path / "slp.json")])
+    assert not result["skipped_backends"], result["skipped_backends"]
+    methods = {r["method"] for r in result["rows"]}
+    assert {"fused", "fused_novalidate", "fused_native", "fused_native_novalidate"} <= methods

@@ -89,9 +89,8 @@ def test_patched_model_compiles_without_graph_breaks_inductor():
     with torch.no_grad():
         expected = model(x)
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(model)(x)
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        torch._dynamo.reset()
+        # fullgraph=True is the no-graph-break check: Dynamo raises at the first break, with its reason
+        # (a separate torch._dynamo.explain pass would trace the model a second time).
         got = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -139,8 +138,6 @@ def test_patched_peft_model_compiles_without_graph_breaks():
     with torch.no_grad():
         expected = model(pixel_values=x).last_hidden_state
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(model)(pixel_values=x)
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        torch._dynamo.reset()
+        # fullgraph=True: any graph break raises (see the Monkey model's test above)
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(pixel_values=x).last_hidden_state
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
