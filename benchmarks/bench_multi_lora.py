@@ -1,71 +1,72 @@
-"""Benchmark of the segmented multi-LoRA linear (``monkey_kernels.multi_lora_linear``) on Monkey's shapes.
+"""Benchmark of the segmented multi-LoRA linear (``monkey_kernels.multi_lora_linear``) against its baselines.
 
-One run times forward and forward+backward of three layers of Monkey's vision encoder, each with a batch
-of images whose rows are split into 1024-token segments: per image four adapters (ids 0..3) and one
-base-only segment (id -1). Methods, all on the same inputs:
+Every image has five segments of ``tokens`` rows: adapters 0, 1, 2, 3, then one base-only segment (id -1),
+so ``M = 5 * tokens * batch``. Cases:
 
-- ``base``: ``F.linear(U, W, bias)`` (+ residual): the lower bound. Its forward+backward (only ``U``
-  requires grad, so backward is ``dX = dY @ W`` alone) is the denominator of every fwd+bwd ratio.
-- ``loop``: base + a Python loop over segments (Monkey's reference implementation).
-- ``peft_masked``: base + every adapter run on all rows and masked to its own rows (PEFT's mixed batch).
-- ``unfused``: base + the Triton shrink kernel + a separate expand pass over ``Y`` (the serving-kernel
-  design); forward only, Triton backend only.
-- ``fused``: ``multi_lora_linear`` (shrink, then the base GEMM with the expand in its epilogue).
+- Monkey's layers (the default on CUDA, bf16, 1024 tokens): ``qkv`` 1664 -> 4992 r16, ``out_proj``
+  1664 -> 1664 r16, ``c_proj`` 8192 -> 1664 r32 with a separate LoRA input of width 1664 and a residual.
+  ``--small`` divides widths and tokens by 8.
+- Square layers ``w<width>`` (``--widths``; the default on CPU: 256 512 1024, fp32, 1024 tokens, r16).
 
-On CUDA: ``triton.testing.do_bench`` medians (forward under a CUDA graph where capture works), bf16,
-full shapes. Without CUDA: ``time.perf_counter`` medians, fp32, shapes scaled down by 8, the ``torch``
-backend; every such result is labelled ``CPU`` and says nothing about GPU performance.
+Methods (all on the same inputs, timed interleaved by ``benchmarks/common.py``; ``base`` is the ratio's
+denominator):
 
-Run ``PYTHONPATH=. python benchmarks/bench_multi_lora.py --help`` for the options.
+- ``base``: ``F.linear(U, W, bias)`` (+ residual). Its fwd_bwd has only ``U`` requiring grad (``W`` frozen), so
+  its backward is ``dX = dY @ W`` alone.
+- ``fused``: ``multi_lora_linear`` with the device's DEFAULT backend (native on CPU when the extension loads,
+  triton on CUDA); ``fused_<backend>``: the same with each other backend that runs on the device.
+- ``loop``: base + a Python loop over segments (Monkey's reference).
+- ``peft_masked``: base + every adapter on all rows, masked to its rows (PEFT's mixed batch, by hand).
+- ``peft``: a real PEFT ``LoraModel`` with 4 adapters called with ``adapter_names=`` (forward only: PEFT
+  refuses ``adapter_names`` in training; cases where V is U only).
+- ``unfused`` (CUDA): base + the Triton shrink + a separate expand pass over ``Y``; forward only.
+- ``triton_gemm`` (CUDA, ``--gemm``): the fused Triton GEMM kernel with no LoRA term, against ``base``
+  (cuBLAS) -- the question "is our GEMM as fast as cuBLAS"; ``fused_r0``: ``multi_lora_linear`` with every
+  rank 0; ``fused_gemm_<choice>``: ``fused`` with ``MONKEY_KERNELS_GEMM=<choice>`` (triton / cublas) set around
+  each call, when ``triton_kernels.gemm_choice`` exists (its per-shape decisions go into the JSON).
+
+Modes: ``fwd`` (``torch.no_grad``) and ``fwd_bwd`` (``U``, ``V``, ``A``, ``B``, ``scale`` trainable). Every
+method's output (and the fused gradients) is first checked against a float64 loop on the same inputs; a
+mismatch stops the run, so no wrong result is timed. Targets (fused, printed on CUDA): fwd <= 1.08x base,
+fwd_bwd <= 1.15x base, >= 1.4x faster than unfused; on CPU: fwd_bwd <= 1.2x base, fused <= every other backend.
+
+``PYTHONPATH=. python benchmarks/bench_multi_lora.py --help``; results in
+``benchmarks/results/multi_lora_<device>_<date>.json`` (+ ``.png``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
+import contextlib
 import itertools
-import json
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from monkey_kernels.multi_lora import multi_lora_linear
-from triton_kernels.segments import SegmentInfo
-
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, slug, triton_version  # noqa: E402
+from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
+                    peak_memory_bytes, plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs,
+                    timing_rows, write_result)
 
-__all__ = ["main", "CaseSpec", "FULL_CASES", "METHODS", "TARGETS"]
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+__all__ = ["main", "CaseSpec", "MONKEY_CASES", "TARGETS", "CPU_TARGETS", "gemm_decisions"]
 
 SEGMENT_ADAPTERS = (0, 1, 2, 3, -1)  # one image: four adapter segments, then a base-only segment
 NUM_ADAPTERS = 4
 ADAPTER_SCALES = (0.5, 1.0, 1.5, 2.0)
-FULL_TOKENS_PER_SEGMENT = 1024
-SMALL_DIVISOR = 8  # --small divides every width and the tokens per segment by this
-
-METHODS = ("base", "loop", "peft_masked", "unfused", "fused")
-METHODS_WITH_BACKWARD = ("base", "loop", "peft_masked", "fused")
-
-# Goals for the fused op on GPU. They are printed next to GPU results only.
-TARGETS = {
-    "fused_fwd_ratio_to_base_max": 1.08,
-    "fused_fwdbwd_ratio_to_base_dx_max": 1.15,
-    "fused_speedup_vs_unfused_min": 1.4,
-}
-
+SMALL_DIVISOR = 8
+GEMM_ENV = "MONKEY_KERNELS_GEMM"
+GEMM_CHOICES = ("triton", "cublas")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Largest accepted max|fused - loop| / max|loop| (forward, gradients) per dtype.
-TOLERANCES = {torch.bfloat16: (3e-2, 5e-2), torch.float16: (5e-3, 1e-2), torch.float32: (1e-3, 2e-3)}
+# Largest accepted max|method - float64 loop| / max|loop| (forward, gradients) per dtype.
+TOLERANCES = {torch.bfloat16: (3e-2, 5e-2), torch.float16: (5e-3, 1e-2), torch.float32: (1e-4, 2e-4)}
+TARGETS = {"fwd": 1.08, "fwd_bwd": 1.15, "speedup_vs_unfused": 1.4}  # GPU, the fused op
+CPU_TARGETS = {"fwd_bwd": 1.2}  # CPU at width 256, and fused (the default backend) <= every other backend
 
 
 @dataclass(frozen=True)
@@ -73,45 +74,40 @@ class CaseSpec:
     """One layer: ``Y = U W^T + bias + s[a] (V A[a]^T) B[a]^T (+ residual)`` with ``U: [M, K]``."""
 
     name: str
-    in_features: int  # K
-    out_features: int  # N
+    in_features: int
+    out_features: int
     rank: int
     lora_in_features: Optional[int] = None  # width of a separate LoRA input V; None: V is U
     has_residual: bool = False
 
     @property
     def k_lora(self) -> int:
-        return self.lora_in_features if self.lora_in_features is not None else self.in_features
+        return self.lora_in_features or self.in_features
 
     def scaled_down(self, divisor: int) -> "CaseSpec":
-        """The same layer with every width divided by ``divisor`` (the rank is kept)."""
-        return CaseSpec(
-            name=self.name,
-            in_features=self.in_features // divisor,
-            out_features=self.out_features // divisor,
-            rank=self.rank,
-            lora_in_features=None if self.lora_in_features is None else self.lora_in_features // divisor,
-            has_residual=self.has_residual,
-        )
+        return CaseSpec(self.name, self.in_features // divisor, self.out_features // divisor, self.rank,
+                        None if self.lora_in_features is None else self.lora_in_features // divisor,
+                        self.has_residual)
 
 
-FULL_CASES: Dict[str, CaseSpec] = {
-    "qkv": CaseSpec("qkv", in_features=1664, out_features=4992, rank=16),
-    "out_proj": CaseSpec("out_proj", in_features=1664, out_features=1664, rank=16),
-    "c_proj": CaseSpec("c_proj", in_features=8192, out_features=1664, rank=32, lora_in_features=1664,
-                       has_residual=True),
+MONKEY_CASES: Dict[str, CaseSpec] = {
+    "qkv": CaseSpec("qkv", 1664, 4992, 16),
+    "out_proj": CaseSpec("out_proj", 1664, 1664, 16),
+    "c_proj": CaseSpec("c_proj", 8192, 1664, 32, lora_in_features=1664, has_residual=True),
 }
 
 
+def width_case(width: int, rank: int = 16) -> CaseSpec:
+    return CaseSpec(f"w{width}", width, width, rank)
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Problem: weights, segments and a pool of input sets for one (case, batch)
+# The problem of one (case, batch): weights, segments, a pool of input sets
 # ---------------------------------------------------------------------------------------------------------
 @dataclass
 class InputSet:
-    """One set of per-call activations; the timed functions rotate through several of them."""
-
     u: torch.Tensor
-    v: Optional[torch.Tensor]  # None: the LoRA input is u
+    v: Optional[torch.Tensor]
     residual: Optional[torch.Tensor]
     grad_out: torch.Tensor
 
@@ -124,520 +120,441 @@ class InputSet:
         return [t for t in (self.u, self.v) if t is not None]
 
 
-@dataclass
 class Problem:
-    case: CaseSpec
-    batch: int
-    backend: str
-    segments: SegmentInfo
-    host_segments: List[Tuple[int, int, int]]  # (start row, end row, adapter id) known on the host
-    weight: torch.Tensor
-    bias: torch.Tensor
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    scale: torch.Tensor
-    ranks: torch.Tensor
-    pool: List[InputSet]
+    def __init__(self, case: CaseSpec, batch: int, tokens: int, dtype: torch.dtype, device: torch.device,
+                 pool_size: int):
+        from monkey_kernels import SegmentInfo  # noqa: PLC0415
 
-    @property
-    def num_rows(self) -> int:
-        return self.segments.num_rows
+        ids = list(SEGMENT_ADAPTERS) * batch
+        self.case, self.batch, self.tokens, self.dtype, self.device = case, batch, tokens, dtype, device
+        self.segments = SegmentInfo.from_batch(ids, tokens, device=device)
+        self.host_segments = [(g * tokens, (g + 1) * tokens, a) for g, a in enumerate(ids)]
+        M, K, N, r, kl = len(ids) * tokens, case.in_features, case.out_features, case.rank, case.k_lora
+        self.num_rows = M
 
-    @property
-    def lora_rows(self) -> int:
-        return sum(end - start for start, end, adapter in self.host_segments if adapter >= 0)
+        def randn(*shape, std=1.0, grad=False):
+            return (torch.randn(*shape, device=device, dtype=dtype) * std).requires_grad_(grad)
 
-    @property
-    def adapters_in_use(self) -> List[int]:
-        return sorted({adapter for _, _, adapter in self.host_segments if adapter >= 0})
+        # Scaled so base and LoRA terms are both O(1): validation checks the LoRA term for real.
+        self.weight = randn(N, K, std=K ** -0.5)
+        self.bias = randn(N, std=0.1)
+        self.lora_a = randn(NUM_ADAPTERS, r, kl, std=kl ** -0.5, grad=True)
+        self.lora_b = randn(NUM_ADAPTERS, N, r, std=r ** -0.5, grad=True)
+        self.scale = torch.tensor(ADAPTER_SCALES, device=device, dtype=torch.float32, requires_grad=True)
+        self.pool = [InputSet(randn(M, K, grad=True), randn(M, kl, grad=True) if case.lora_in_features else None,
+                              randn(M, N) if case.has_residual else None, randn(M, N))
+                     for _ in range(pool_size)]
+        self._peft = None
 
     @property
     def trainable(self) -> List[torch.Tensor]:
-        leaves = [t for inputs in self.pool for t in inputs.leaves]
-        return leaves + [self.lora_a, self.lora_b, self.scale]
+        return [t for s in self.pool for t in s.leaves] + [self.lora_a, self.lora_b, self.scale]
 
     def rotation(self) -> Iterator[InputSet]:
         return itertools.cycle(self.pool)
 
-    def flops(self, method: str) -> Tuple[float, float]:
-        """Useful FLOPs of (forward, forward+backward).
+    def peft_model(self):
+        """A PEFT ``LoraModel`` over a copy of ``W`` with the same 4 adapters (``None``: PEFT missing, or V is
+        not U)."""
+        if self._peft is not None or self.case.lora_in_features is not None:
+            return self._peft
+        try:
+            from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+        except ImportError:
+            return None
 
-        Base ``2 M K N``; LoRA ``2 M_lora r (K_lora + N)`` over the rows that carry an adapter, whatever
-        a method spends on other rows. Backward: ``dX`` costs one base GEMM (``W`` is frozen) and the
-        LoRA gradients (``dY B``, ``dB``, ``dA``, ``dV``) twice the LoRA forward.
-        """
-        case = self.case
-        base = 2.0 * self.num_rows * case.in_features * case.out_features
-        lora = 0.0 if method == "base" else 2.0 * self.lora_rows * case.rank * (case.k_lora + case.out_features)
-        return base + lora, 2.0 * base + 3.0 * lora
+        class Wrapper(torch.nn.Module):
+            def __init__(self, linear):
+                super().__init__()
+                self.proj = linear
 
+            def forward(self, x):
+                return self.proj(x)
 
-def build_problem(case: CaseSpec, batch: int, tokens_per_segment: int, dtype: torch.dtype,
-                  device: torch.device, backend: str, pool_size: int) -> Problem:
-    ids = list(SEGMENT_ADAPTERS) * batch
-    segments = SegmentInfo.from_batch(ids, tokens_per_segment, device=device)
-    host_segments = [(g * tokens_per_segment, (g + 1) * tokens_per_segment, a) for g, a in enumerate(ids)]
-    M, K, N, r, k_lora = segments.num_rows, case.in_features, case.out_features, case.rank, case.k_lora
-
-    def randn(*shape, std=1.0, grad=False):
-        return (torch.randn(*shape, device=device, dtype=dtype) * std).requires_grad_(grad)
-
-    # Scaled so the base and LoRA terms are both O(1): validation then checks the LoRA term for real.
-    weight = randn(N, K, std=K ** -0.5)
-    bias = randn(N, std=0.1)
-    lora_a = randn(NUM_ADAPTERS, r, k_lora, std=k_lora ** -0.5, grad=True)
-    lora_b = randn(NUM_ADAPTERS, N, r, std=r ** -0.5, grad=True)
-    scale = torch.tensor(ADAPTER_SCALES, device=device, dtype=torch.float32, requires_grad=True)
-    ranks = torch.full((NUM_ADAPTERS,), r, device=device, dtype=torch.int32)
-    pool = [
-        InputSet(
-            u=randn(M, K, grad=True),
-            v=randn(M, k_lora, grad=True) if case.lora_in_features is not None else None,
-            residual=randn(M, N) if case.has_residual else None,
-            grad_out=randn(M, N),
-        )
-        for _ in range(pool_size)
-    ]
-    return Problem(case, batch, backend, segments, host_segments, weight, bias, lora_a, lora_b, scale,
-                   ranks, pool)
+        N, K, r = self.case.out_features, self.case.in_features, self.case.rank
+        linear = torch.nn.Linear(K, N, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            linear.bias.copy_(self.bias)
+        model = None
+        for a in range(NUM_ADAPTERS):  # lora_alpha / r = scale[a]: PEFT's scaling is the same factor
+            config = LoraConfig(r=r, lora_alpha=ADAPTER_SCALES[a] * r, target_modules=["proj"], lora_dropout=0.0,
+                                init_lora_weights=False)
+            if model is None:
+                model = get_peft_model(Wrapper(linear), config, adapter_name=f"tile{a}",
+                                       autocast_adapter_dtype=False)
+            else:
+                model.add_adapter(f"tile{a}", config, autocast_adapter_dtype=False)
+        with torch.no_grad():
+            for a in range(NUM_ADAPTERS):
+                model.base_model.model.proj.lora_A[f"tile{a}"].weight.copy_(self.lora_a[a])
+                model.base_model.model.proj.lora_B[f"tile{a}"].weight.copy_(self.lora_b[a])
+        names = [f"tile{a}" if a >= 0 else "__base__" for _, _, a in self.host_segments]
+        self._peft = (model.to(self.device).eval(), names)
+        return self._peft
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The methods: (problem, inputs) -> Y
 # ---------------------------------------------------------------------------------------------------------
-def base_forward(problem: Problem, inputs: InputSet) -> torch.Tensor:
-    out = F.linear(inputs.u, problem.weight, problem.bias)
-    if inputs.residual is not None:
-        out = out + inputs.residual
-    return out
+def base_forward(p: Problem, x: InputSet, weight=None, bias=None) -> torch.Tensor:
+    out = F.linear(x.u, p.weight if weight is None else weight, p.bias if bias is None else bias)
+    return out if x.residual is None else out + x.residual
 
 
-def loop_forward(problem: Problem, inputs: InputSet) -> torch.Tensor:
-    out = base_forward(problem, inputs)
-    v = inputs.lora_input
-    for start, end, adapter in problem.host_segments:
+def loop_forward(p: Problem, x: InputSet, params=None) -> torch.Tensor:
+    weight, bias, lora_a, lora_b, scale = params or (p.weight, p.bias, p.lora_a, p.lora_b, p.scale)
+    out = base_forward(p, x, weight, bias)
+    v = x.lora_input
+    pieces = []
+    for start, end, adapter in p.host_segments:
+        piece = out[start:end]
         if adapter >= 0:
-            delta = (v[start:end] @ problem.lora_a[adapter].t()) @ problem.lora_b[adapter].t()
-            out[start:end] += problem.scale[adapter] * delta
+            piece = piece + scale[adapter].to(out.dtype) * ((v[start:end] @ lora_a[adapter].t()) @ lora_b[adapter].t())
+        pieces.append(piece)
+    return torch.cat(pieces)
+
+
+def peft_masked_forward(p: Problem, x: InputSet) -> torch.Tensor:
+    out = base_forward(p, x)
+    v = x.lora_input
+    for adapter in range(NUM_ADAPTERS):
+        mask = (p.segments.row_adapter == adapter).to(out.dtype)[:, None]
+        out = out + mask * (p.scale[adapter].to(out.dtype) * (v @ p.lora_a[adapter].t()) @ p.lora_b[adapter].t())
     return out
 
 
-def peft_masked_forward(problem: Problem, inputs: InputSet) -> torch.Tensor:
-    out = base_forward(problem, inputs)
-    v = inputs.lora_input
-    for adapter in problem.adapters_in_use:
-        mask = (problem.segments.row_adapter == adapter).to(out.dtype)[:, None]
-        delta = problem.scale[adapter] * (v @ problem.lora_a[adapter].t()) @ problem.lora_b[adapter].t()
-        out = out + mask * delta
-    return out
+def peft_forward(p: Problem, x: InputSet) -> torch.Tensor:
+    model, names = p.peft_model()
+    out = model(x.u.view(len(names), p.tokens, -1), adapter_names=names).reshape(p.num_rows, -1)
+    return out if x.residual is None else out + x.residual
 
 
-def unfused_forward(problem: Problem, inputs: InputSet) -> torch.Tensor:
-    from triton_kernels.multi_lora import fused_lora_gemm, rank_block, segmented_shrink  # needs Triton
+def fused_forward(p: Problem, x: InputSet, backend: Optional[str] = None, ranks=None) -> torch.Tensor:
+    from monkey_kernels import multi_lora_linear  # noqa: PLC0415
 
-    base = base_forward(problem, inputs)
-    h = segmented_shrink(inputs.lora_input, problem.lora_a, problem.segments, problem.ranks,
-                         rank_block(problem.case.rank))
-    return fused_lora_gemm(
-        None, None, None, h, problem.lora_b, problem.scale, base, problem.segments, problem.ranks,
-        out_features=problem.case.out_features, out_dtype=base.dtype,
-    )
+    return multi_lora_linear(x.u, p.weight, p.bias, p.lora_a, p.lora_b, p.scale, p.segments, ranks=ranks,
+                             lora_input=x.v, residual=x.residual, backend=backend)
 
 
-def fused_forward(problem: Problem, inputs: InputSet) -> torch.Tensor:
-    return multi_lora_linear(
-        inputs.u, problem.weight, problem.bias, problem.lora_a, problem.lora_b, problem.scale,
-        problem.segments, lora_input=inputs.v, residual=inputs.residual, backend=problem.backend,
-    )
+def unfused_forward(p: Problem, x: InputSet) -> torch.Tensor:
+    from triton_kernels.multi_lora import fused_lora_gemm, segmented_shrink  # noqa: PLC0415
+
+    try:
+        from triton_kernels.layout import rank_block  # noqa: PLC0415
+    except ImportError:  # before the layout module
+        from triton_kernels.multi_lora import rank_block  # noqa: PLC0415
+
+    base = base_forward(p, x)
+    ranks = torch.full((NUM_ADAPTERS,), p.case.rank, device=p.device, dtype=torch.int32)
+    h = segmented_shrink(x.lora_input, p.lora_a, p.segments, ranks, rank_block(p.case.rank))
+    return fused_lora_gemm(None, None, None, h, p.lora_b, p.scale, base, p.segments, ranks,
+                           out_features=p.case.out_features, out_dtype=base.dtype)
 
 
-METHOD_FORWARDS: Dict[str, Callable[[Problem, InputSet], torch.Tensor]] = {
-    "base": base_forward,
-    "loop": loop_forward,
-    "peft_masked": peft_masked_forward,
-    "unfused": unfused_forward,
-    "fused": fused_forward,
-}
+def triton_gemm_forward(p: Problem, x: InputSet) -> torch.Tensor:
+    """The fused Triton GEMM kernel with no LoRA term (``MONKEY_KERNELS_GEMM=triton``: never the cuBLAS path)."""
+    from triton_kernels.multi_lora import fused_lora_gemm  # noqa: PLC0415
+
+    ranks = torch.zeros(NUM_ADAPTERS, device=p.device, dtype=torch.int32)
+    with _env(GEMM_ENV, "triton"):
+        return fused_lora_gemm(x.u, p.weight, p.bias, None, None, None, x.residual, p.segments, ranks,
+                               out_features=p.case.out_features, out_dtype=x.u.dtype)
 
 
-def forward_call(method: str, problem: Problem) -> Callable[[], None]:
-    forward, rotation = METHOD_FORWARDS[method], problem.rotation()
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
-    def call() -> None:
-        with torch.no_grad():
-            forward(problem, next(rotation))
 
-    return call
+def method_forwards(p: Problem, default: str, others: Sequence[str], methods: Sequence[str],
+                    gemm: bool) -> Dict[str, Callable[[InputSet], torch.Tensor]]:
+    """``{method: inputs -> Y}`` for the methods that apply to this problem and device."""
+    on_cuda = p.device.type == "cuda"
+    table: Dict[str, Callable[[InputSet], torch.Tensor]] = {"base": lambda x: base_forward(p, x)}
+    if "fused" in methods:
+        table["fused"] = lambda x: fused_forward(p, x, default)
+        for name in others:
+            table[f"fused_{name}"] = lambda x, name=name: fused_forward(p, x, name)
+    if "loop" in methods:
+        table["loop"] = lambda x: loop_forward(p, x)
+    if "peft_masked" in methods:
+        table["peft_masked"] = lambda x: peft_masked_forward(p, x)
+    if "peft" in methods and p.peft_model() is not None:
+        table["peft"] = lambda x: peft_forward(p, x)
+    if "unfused" in methods and on_cuda:
+        table["unfused"] = lambda x: unfused_forward(p, x)
+    if gemm and on_cuda:
+        zero_ranks = torch.zeros(NUM_ADAPTERS, device=p.device, dtype=torch.int32)
+        table["triton_gemm"] = lambda x: triton_gemm_forward(p, x)
+        table["fused_r0"] = lambda x: fused_forward(p, x, default, ranks=zero_ranks)
+        if gemm_decisions() is not None:
+            for choice in GEMM_CHOICES:
+                def with_choice(x, choice=choice):
+                    with _env(GEMM_ENV, choice):
+                        return fused_forward(p, x, default)
+                table[f"fused_gemm_{choice}"] = with_choice
+    return table
 
 
-def fwdbwd_call(method: str, problem: Problem) -> Callable[[], None]:
-    forward, rotation = METHOD_FORWARDS[method], problem.rotation()
+FORWARD_ONLY = ("peft", "unfused", "triton_gemm", "fused_r0")
 
-    def call() -> None:
-        inputs = next(rotation)
-        forward(problem, inputs).backward(inputs.grad_out)
 
-    return call
+def gemm_decisions():
+    """``triton_kernels.gemm_choice.gemm_choices()`` (the per-shape GEMM path decisions), or ``None`` when that
+    module does not exist in this version."""
+    try:
+        from triton_kernels import gemm_choice  # noqa: PLC0415
+    except ImportError:
+        return None
+    try:
+        return gemm_choice.gemm_choices()
+    except Exception as error:  # noqa: BLE001 - a report, not a failure of the benchmark
+        return {"error": f"{type(error).__name__}: {error}"}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Validation: every method is checked against the loop before anything is timed
+# Validation against float64
 # ---------------------------------------------------------------------------------------------------------
-def _relative_error(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor]) -> float:
-    """``max|actual - expected| / max|expected|`` (the scale of the result, not of each element)."""
-    if actual is None or expected is None:
-        raise AssertionError("a gradient is missing")
-    expected = expected.detach().float()
-    diff = (actual.detach().float() - expected).abs().max().item()
-    return diff / max(expected.abs().max().item(), 1e-30)
+def _rel(actual: Optional[torch.Tensor], expected: torch.Tensor) -> float:
+    if actual is None:
+        return float("inf")
+    expected = expected.detach().double()
+    return ((actual.detach().double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def validate(problem: Problem, methods: Sequence[str], dtype: torch.dtype) -> Dict[str, float]:
-    """Assert that each method's output (and the fused op's gradients) match the loop; returns the errors."""
-    inputs = problem.pool[0]
-    fwd_tol, grad_tol = TOLERANCES[dtype]
-    wrt = inputs.leaves + [problem.lora_a, problem.lora_b, problem.scale]
-    names = ["dU", "dV"][: len(inputs.leaves)] + ["dA", "dB", "dscale"]
-    reference = loop_forward(problem, inputs)
-    reference_grads = torch.autograd.grad(reference, wrt, inputs.grad_out)
+def validate(p: Problem, forwards: Dict[str, Callable]) -> Dict[str, float]:
+    """Each method's Y (and every fused method's gradients) against a float64 loop; raises on a mismatch."""
+    x = p.pool[0]
+    d = torch.float64
+    x64 = InputSet(*(None if t is None else t.detach().to(d).requires_grad_(t.requires_grad)
+                     for t in (x.u, x.v, x.residual, x.grad_out)))
+    params64 = [t.detach().to(d).requires_grad_(t.requires_grad)
+                for t in (p.weight, p.bias, p.lora_a, p.lora_b, p.scale)]
+    expected = loop_forward(p, x64, params64)
+    wrt64 = x64.leaves + params64[2:]
+    expected_grads = torch.autograd.grad(expected, wrt64, x64.grad_out)
+    wrt = x.leaves + [p.lora_a, p.lora_b, p.scale]
+    names = ["dU", "dV"][: len(x.leaves)] + ["dA", "dB", "dscale"]
+    fwd_tol, grad_tol = TOLERANCES[p.dtype]
     errors: Dict[str, float] = {}
-    for method in methods:
-        if method in ("base", "loop") or (method == "unfused" and problem.backend != "triton"):
+    for method, forward in forwards.items():
+        if method in ("base", "triton_gemm", "fused_r0"):
             continue
-        if method == "fused":
-            out = fused_forward(problem, inputs)
-            grads = torch.autograd.grad(out, wrt, inputs.grad_out)
-            for name, grad, expected in zip(names, grads, reference_grads):
-                errors[f"fused.{name}"] = _relative_error(grad, expected)
+        if method.startswith("fused"):
+            out = forward(x)
+            grads = torch.autograd.grad(out, wrt, x.grad_out)
+            for name, got, want in zip(names, grads, expected_grads):
+                errors[f"{method}.{name}"] = _rel(got, want)
         else:
             with torch.no_grad():
-                out = METHOD_FORWARDS[method](problem, inputs)
-        errors[f"{method}.Y"] = _relative_error(out, reference)
+                out = forward(x)
+        errors[f"{method}.Y"] = _rel(out, expected)
+    if "triton_gemm" in forwards:
+        with torch.no_grad():
+            errors["triton_gemm.Y"] = _rel(forwards["triton_gemm"](x), base_forward(p, x))
     for key, error in errors.items():
         tolerance = fwd_tol if key.endswith(".Y") else grad_tol
         if not error <= tolerance:  # also catches NaN
-            raise AssertionError(
-                f"{problem.case.name} batch={problem.batch}: {key} differs from the loop reference by "
-                f"{error:.3g} (relative to max |reference|), above the {tolerance:g} allowed for {dtype}"
-            )
+            raise AssertionError(f"{p.case.name} batch={p.batch}: {key} differs from the float64 loop by "
+                                 f"{error:.3g} (relative to max), above the {tolerance:g} allowed for {p.dtype}")
     return errors
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Timers
+# Timing one problem
 # ---------------------------------------------------------------------------------------------------------
-class CpuTimer:
-    """``time.perf_counter`` median of ``repeats`` calls after one warm-up call."""
-
-    label = "CPU"
-
-    def __init__(self, repeats: int):
-        self.repeats = repeats
-
-    def _median_ms(self, fn: Callable[[], None], grad_to_none: Sequence[torch.Tensor]) -> float:
-        times = []
-        for i in range(self.repeats + 1):
-            for tensor in grad_to_none:
-                tensor.grad = None
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            if i > 0:
-                times.append(elapsed * 1e3)
-        return statistics.median(times)
-
-    def forward(self, fn: Callable[[], None]) -> Tuple[float, str]:
-        return self._median_ms(fn, ()), "perf_counter"
-
-    def fwdbwd(self, fn: Callable[[], None], grad_to_none: Sequence[torch.Tensor]) -> float:
-        return self._median_ms(fn, grad_to_none)
-
-    def peak_memory_mb(self, fn: Callable[[], None], grad_to_none: Sequence[torch.Tensor]) -> Optional[float]:
-        return None  # the CPU allocator keeps no peak statistics
+def timed_calls(p: Problem, forwards: Dict[str, Callable], mode: str) -> Dict[str, Callable[[], None]]:
+    calls = {}
+    for method, forward in forwards.items():
+        if mode == "fwd_bwd" and method in FORWARD_ONLY:
+            continue
+        rotation = p.rotation()
+        if mode == "fwd":
+            def call(forward=forward, rotation=rotation):
+                with torch.no_grad():
+                    forward(next(rotation))
+        else:
+            def call(forward=forward, rotation=rotation):
+                x = next(rotation)
+                forward(x).backward(x.grad_out)
+        calls[method] = call
+    return calls
 
 
-class CudaTimer:
-    """``triton.testing.do_bench`` medians (L2 flushed between calls); forward replayed from a CUDA graph
-    when it can be captured (no launch overhead, as a captured serving step would run)."""
-
-    label = "GPU"
-
-    def __init__(self, rep_ms: int):
-        self.rep_ms = rep_ms
-
-    def forward(self, fn: Callable[[], None]) -> Tuple[float, str]:
-        import triton.testing
-
-        torch.cuda.synchronize()  # do_bench_cudagraph runs on a side stream that does not wait for ours
-        try:
-            return triton.testing.do_bench_cudagraph(fn, rep=self.rep_ms, return_mode="median"), "cuda_graph"
-        except RuntimeError as error:
-            print(f"\nCUDA graph capture failed ({error}); timing this forward with do_bench", file=sys.stderr)
-            torch.cuda.synchronize()
-            return triton.testing.do_bench(fn, rep=self.rep_ms, return_mode="median"), "do_bench"
-
-    def fwdbwd(self, fn: Callable[[], None], grad_to_none: Sequence[torch.Tensor]) -> float:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, rep=self.rep_ms, grad_to_none=list(grad_to_none), return_mode="median")
-
-    def peak_memory_mb(self, fn: Callable[[], None], grad_to_none: Sequence[torch.Tensor]) -> Optional[float]:
-        """Peak allocation above what was allocated before the call (inputs and weights excluded)."""
-        for tensor in grad_to_none:
-            tensor.grad = None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-        for tensor in grad_to_none:
-            tensor.grad = None
-        return peak / 2**20
+def flops(p: Problem, method: str, mode: str) -> float:
+    """Useful FLOPs: base ``2 M K N``; LoRA ``2 M_lora r (K_lora + N)`` over the rows with an adapter; fwd_bwd
+    counts 2x the base (forward + dX) and 3x the LoRA."""
+    c = p.case
+    base = 2.0 * p.num_rows * c.in_features * c.out_features
+    lora_rows = sum(e - s for s, e, a in p.host_segments if a >= 0)
+    lora = 0.0 if method in ("base", "triton_gemm", "fused_r0") else 2.0 * lora_rows * c.rank * (c.k_lora + c.out_features)
+    return base + lora if mode == "fwd" else 2.0 * base + 3.0 * lora
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Measuring and reporting
-# ---------------------------------------------------------------------------------------------------------
-def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
-    if numerator is None or denominator is None or denominator <= 0:
-        return None
-    return numerator / denominator
-
-
-def _tflops(flops: float, ms: Optional[float]) -> Optional[float]:
-    return None if ms is None or ms <= 0 else flops / (ms * 1e-3) / 1e12
-
-
-def measure(method: str, problem: Problem, timer, triton_backend: bool) -> dict:
-    """Times one method on one problem; ratios and targets are filled in by :func:`finish_rows`."""
-    case = problem.case
-    row = {
-        "case": case.name, "batch": problem.batch, "M": problem.num_rows, "K": case.in_features,
-        "N": case.out_features, "K_lora": case.k_lora, "rank": case.rank, "method": method,
-        "label": timer.label, "fwd_ms": None, "fwdbwd_ms": None, "fwd_ratio_to_base": None,
-        "fwdbwd_ratio_to_base_dx": None, "tflops_fwd": None, "tflops_fwdbwd": None, "peak_mem_mb": None,
-        "peak_mem_fwdbwd_mb": None, "fwd_timer": None, "note": None,
-    }
-    if method == "unfused" and not triton_backend:
-        row["note"] = "n/a: needs the triton backend (CUDA, or TRITON_INTERPRET=1)"
-        return row
-    flops_fwd, flops_fwdbwd = problem.flops(method)
-    forward = forward_call(method, problem)
-    row["fwd_ms"], row["fwd_timer"] = timer.forward(forward)
-    row["tflops_fwd"] = _tflops(flops_fwd, row["fwd_ms"])
-    row["peak_mem_mb"] = timer.peak_memory_mb(forward, ())
-    if method in METHODS_WITH_BACKWARD:
-        step = fwdbwd_call(method, problem)
-        row["fwdbwd_ms"] = timer.fwdbwd(step, problem.trainable)
-        row["tflops_fwdbwd"] = _tflops(flops_fwdbwd, row["fwdbwd_ms"])
-        row["peak_mem_fwdbwd_mb"] = timer.peak_memory_mb(step, problem.trainable)
-    else:
-        row["note"] = "forward only (bwd n/a)"
-    return row
-
-
-def finish_rows(rows: List[dict], check_targets: bool) -> None:
-    """Ratios to ``base`` of the same (case, batch); on GPU, the fused op's targets."""
-    by_method = {row["method"]: row for row in rows}
-    base = by_method.get("base", {})
+def check_targets(rows: List[dict], on_cuda: bool) -> None:
+    """Adds ``target`` / ``target_met`` to the ``fused`` rows (and the speed-up over unfused on CUDA)."""
+    by = {(r["case"], r["mode"], r["method"]): r for r in rows}
     for row in rows:
-        row["fwd_ratio_to_base"] = _ratio(row["fwd_ms"], base.get("fwd_ms"))
-        row["fwdbwd_ratio_to_base_dx"] = _ratio(row["fwdbwd_ms"], base.get("fwdbwd_ms"))
-    fused, unfused = by_method.get("fused"), by_method.get("unfused")
-    if fused is None:
-        return
-    fused["speedup_vs_unfused"] = _ratio(unfused and unfused["fwd_ms"], fused["fwd_ms"])
-    if check_targets:
-        checks = {
-            "fwd_ratio_to_base": (fused["fwd_ratio_to_base"], "<=", TARGETS["fused_fwd_ratio_to_base_max"]),
-            "fwdbwd_ratio_to_base_dx": (fused["fwdbwd_ratio_to_base_dx"], "<=",
-                                        TARGETS["fused_fwdbwd_ratio_to_base_dx_max"]),
-            "speedup_vs_unfused": (fused["speedup_vs_unfused"], ">=", TARGETS["fused_speedup_vs_unfused_min"]),
-        }
-        fused["targets"] = {
-            name: {"value": value, "goal": f"{op} {goal}",
-                   "met": None if value is None else (value <= goal if op == "<=" else value >= goal)}
-            for name, (value, op, goal) in checks.items()
-        }
-
-
-def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
-
-
-def _targets_cell(row: dict) -> str:
-    parts = []
-    for name, short in (("fwd_ratio_to_base", "fwd"), ("fwdbwd_ratio_to_base_dx", "fwd+bwd"),
-                        ("speedup_vs_unfused", "vs unfused")):
-        check = row.get("targets", {}).get(name)
-        if check is not None:
-            verdict = {True: "ok", False: "MISS", None: "n/a"}[check["met"]]
-            parts.append(f"{short} {_fmt(check['value'], '.2f', 'x')} ({check['goal']}) {verdict}")
-    return "; ".join(parts)
-
-
-def markdown_table(results: dict) -> str:
-    show_targets = results["device_kind"] == "cuda"
-    header = ["case", "batch", "M", "K->N (r)", "method", "fwd ms", "fwd / base", "fwd+bwd ms",
-              "fwd+bwd / base dX", "TFLOP/s fwd", "peak MB fwd", "device"]
-    if show_targets:
-        header.append("targets")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in results["results"]:
-        shape = f"{row['K']}->{row['N']} ({row['rank']})"
-        if row["K_lora"] != row["K"]:
-            shape = f"{row['K']}->{row['N']} (r{row['rank']}, V {row['K_lora']})"
-        cells = [
-            row["case"], str(row["batch"]), str(row["M"]), shape, row["method"],
-            _fmt(row["fwd_ms"], ".3f"), _fmt(row["fwd_ratio_to_base"], ".2f", "x"),
-            _fmt(row["fwdbwd_ms"], ".3f"), _fmt(row["fwdbwd_ratio_to_base_dx"], ".2f", "x"),
-            _fmt(row["tflops_fwd"], ".2f"), _fmt(row["peak_mem_mb"], ".1f"), row["label"],
-        ]
-        if show_targets:
-            cells.append(_targets_cell(row))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        if row["method"] != "fused" or row["ratio_to_base"] is None:
+            continue
+        if on_cuda:
+            goal = TARGETS.get(row["mode"])
+            unfused = by.get((row["case"], row["mode"], "unfused"))
+            if unfused is not None and unfused["ms"] and row["ms"]:
+                row["speedup_vs_unfused"] = round(unfused["ms"] / row["ms"], 3)
+                row["speedup_target_met"] = row["speedup_vs_unfused"] >= TARGETS["speedup_vs_unfused"]
+        else:
+            goal = CPU_TARGETS.get(row["mode"])
+            others = [r["ratio_to_base"] for (c, m, meth), r in by.items()
+                      if c == row["case"] and m == row["mode"] and meth.startswith("fused_")
+                      and r["ratio_to_base"] is not None and not meth.startswith("fused_gemm")]
+            if others:
+                row["le_other_backends"] = row["ratio_to_base"] <= min(others)
+        if goal is not None:
+            row["target"] = f"<= {goal}x base"
+            row["target_met"] = row["ratio_to_base"] <= goal
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
-
-
-
-
+METHODS = ("base", "fused", "loop", "peft_masked", "peft", "unfused")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Time the fused multi-LoRA linear against base / loop / PEFT-masked / unfused baselines.",
-    )
-    parser.add_argument("--cases", nargs="+", choices=list(FULL_CASES), default=list(FULL_CASES))
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--batches", nargs="+", type=int, default=None,
-                        help="images per batch (default: 1 2 8 on CUDA, 1 2 on CPU)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=list(MONKEY_CASES), default=None,
+                        help="Monkey's layers (default on CUDA; on CPU: none unless given)")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help="square layers K = N = width (default on CPU: 256 512 1024; --quick: 256)")
+    parser.add_argument("--rank", type=int, default=16, help="rank of the square layers")
+    parser.add_argument("--tokens", type=int, default=None, help="rows per segment (default 1024; /8 with --small)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                        help="base is always added; fused includes one column per other available backend")
+    parser.add_argument("--backends", nargs="+", choices=["triton", "native", "torch"], default=None,
+                        help="backends of the fused methods, the first being 'fused' (default: the device's "
+                             "default backend, then the others that run there)")
+    parser.add_argument("--gemm", action="store_true",
+                        help="CUDA: also the Triton GEMM without LoRA, the zero-rank fused op and both GEMM paths")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="images (default: 1 2 8 CUDA, 1 CPU)")
+    parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--backend", choices=["triton", "torch"], default=None,
-                        help="backend of the fused op (default: triton on CUDA, torch on CPU; triton on CPU "
-                             "needs TRITON_INTERPRET=1 and is very slow)")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", dest="small", action="store_true", default=None,
-                      help=f"widths and tokens per segment divided by {SMALL_DIVISOR} (default on CPU)")
-    size.add_argument("--full", dest="small", action="store_false", help="Monkey's shapes (default on CUDA)")
-    parser.add_argument("--repeats", type=int, default=20, help="CPU: timed calls per measurement (median)")
-    parser.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench timing window in ms")
-    parser.add_argument("--pool-size", type=int, default=4,
-                        help="distinct input sets rotated between calls, so caches do not flatter")
+    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    parser.add_argument("--small", action="store_true", help=f"Monkey cases' widths and tokens divided by {SMALL_DIVISOR}")
+    parser.add_argument("--pool-size", type=int, default=2, help="input sets rotated between calls")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one small size, few rounds")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default: benchmarks/results/multi_lora_<device>_<date>.json)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    add_timer_args(parser)
     args = parser.parse_args(argv)
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = args.device.type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
-    on_cuda = args.device == "cuda"
-    if args.backend is None:
-        args.backend = "triton" if on_cuda else "torch"
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if args.backend == "triton" and not on_cuda and not interpreting:
-        parser.error("--backend triton on CPU needs TRITON_INTERPRET=1 in the environment (very slow)")
-    if args.batches is None:
-        args.batches = [1, 2, 8] if on_cuda else [1, 2]
-    if any(batch < 1 for batch in args.batches):
-        parser.error("--batches must be positive")
-    if args.dtype is None:
-        args.dtype = "bf16" if on_cuda else "fp32"
-    if args.small is None:
-        args.small = not on_cuda
-    if args.repeats < 1 or args.rep_ms < 1 or args.pool_size < 1:
-        parser.error("--repeats, --rep-ms and --pool-size must be positive")
-    if "base" not in args.methods:
-        args.methods = ["base"] + list(args.methods)  # every ratio is taken against base
-    args.methods = [m for m in METHODS if m in args.methods]
+    if args.cases is None and args.widths is None:
+        if on_cuda:
+            args.cases = list(MONKEY_CASES) if not args.quick else ["out_proj"]
+        else:
+            args.widths = [256] if args.quick else [256, 512, 1024]
+    args.cases, args.widths = args.cases or [], args.widths or []
+    args.batches = args.batches or ([1] if args.quick or not on_cuda else [1, 2, 8])
+    args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
+    if args.rounds is None and args.quick:
+        args.rounds = 1 if on_cuda else 3
+    for name in ("rank", "pool_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if any(b < 1 for b in args.batches) or any(w < 1 for w in args.widths):
+        parser.error("--batches and --widths must be positive")
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Runs the benchmark; writes the JSON, prints a markdown table and returns the results dict."""
+    """Runs the benchmark; writes the JSON (+ PNG), prints a markdown table and returns the result."""
     args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    device, dtype = args.device, DTYPES[args.dtype]
     on_cuda = device.type == "cuda"
-    timer = CudaTimer(args.rep_ms) if on_cuda else CpuTimer(args.repeats)
-    divisor = SMALL_DIVISOR if args.small else 1
-    tokens_per_segment = FULL_TOKENS_PER_SEGMENT // divisor
-    cases = [FULL_CASES[name].scaled_down(divisor) for name in args.cases]
-    device_label = device_name(device)
-    today = datetime.date.today().isoformat()
-    out_path = args.out or RESULTS_DIR / f"multi_lora_{slug(device_label)}_{today}.json"
+    if args.backends:
+        from monkey_kernels import resolve_backend  # noqa: PLC0415
 
-    print(f"multi-LoRA benchmark on {device_label} [{timer.label}]: dtype={args.dtype}, backend={args.backend}, "
-          f"{'small' if args.small else 'full'} shapes, {tokens_per_segment} tokens per segment", file=sys.stderr)
+        try:
+            for name in args.backends:
+                resolve_backend(name, device)
+        except ValueError as error:
+            raise SystemExit(f"--backends: {error}")
+        default, others = args.backends[0], list(args.backends[1:])
+    else:
+        default = default_backend(device)
+        others = other_backends(device, default)
+    divisor = SMALL_DIVISOR if args.small else 1
+    cases = [(MONKEY_CASES[n].scaled_down(divisor), args.tokens or 1024 // divisor) for n in args.cases]
+    cases += [(width_case(w, args.rank), args.tokens or 1024) for w in args.widths]
+    methods = ["base"] + [m for m in args.methods if m != "base"]
     torch.manual_seed(args.seed)
     rows: List[dict] = []
     validation: Dict[str, Dict[str, float]] = {}
-    combos = len(cases) * len(args.batches) * len(args.methods)
-    with tqdm(total=combos, desc="multi-LoRA bench", unit="run", disable=args.no_progress) as progress:
-        for case in cases:
+    with tqdm(total=len(cases) * len(args.batches) * len(args.modes), desc="multi-LoRA bench", unit="run",
+              disable=args.no_progress) as progress:
+        for case, tokens in cases:
             for batch in args.batches:
-                problem = build_problem(case, batch, tokens_per_segment, dtype, device, args.backend,
-                                        args.pool_size)
-                progress.set_postfix_str(f"{case.name} b={batch} validating")
-                errors = validate(problem, args.methods, dtype)
-                validation[f"{case.name}/batch{batch}"] = errors
-                group = []
-                for method in args.methods:
-                    progress.set_postfix_str(f"{case.name} b={batch} {method}")
-                    group.append(measure(method, problem, timer, args.backend == "triton"))
+                p = Problem(case, batch, tokens, dtype, device, args.pool_size)
+                forwards = method_forwards(p, default, others, methods, args.gemm)
+                label = f"{case.name} b{batch}"
+                validation[label] = validate(p, forwards)
+                for mode in args.modes:
+                    progress.set_postfix_str(f"{label} {mode}")
+                    calls = timed_calls(p, forwards, mode)
+                    grads = p.trainable if mode == "fwd_bwd" else None
+                    timings = time_methods(calls, device, base="base", grad_to_none=grads, **timer_kwargs(args))
+                    peaks = None
+                    if on_cuda:
+                        peaks = {}
+                        for m, c in calls.items():
+                            for t in p.trainable:  # gradients of the timed calls are not this call's memory
+                                t.grad = None
+                            peaks[m] = peak_memory_bytes(c, device)
+                    for row in timing_rows(label, mode, timings, peaks, batch=batch, M=p.num_rows,
+                                           K=case.in_features, N=case.out_features, rank=case.rank,
+                                           K_lora=case.k_lora):
+                        row["backend"] = (default if row["method"] == "fused" else row["method"][6:]
+                                          if row["method"][6:] in others else None)
+                        row["tflops"] = round(flops(p, row["method"], mode) / (row["ms"] * 1e-3) / 1e12, 4)
+                        rows.append(row)
                     progress.update(1)
-                finish_rows(group, check_targets=on_cuda)
-                rows.extend(group)
-                del problem
+                del p, forwards
                 if on_cuda:
                     torch.cuda.empty_cache()
-
-    results = {
-        "device": device_label,
-        "device_kind": device.type,
-        "torch": torch.__version__,
-        "triton": triton_version(),
-        "date": today,
-        "dtype": args.dtype,
-        "backend": args.backend,
-        "config": {
-            "shapes": "small" if args.small else "full", "tokens_per_segment": tokens_per_segment,
-            "segment_adapters_per_image": list(SEGMENT_ADAPTERS), "batches": args.batches,
-            "cases": args.cases, "methods": args.methods, "pool_size": args.pool_size,
-            "timer": "do_bench (forward: do_bench_cudagraph)" if on_cuda else "time.perf_counter median",
-            "repeats": None if on_cuda else args.repeats, "rep_ms": args.rep_ms if on_cuda else None,
-            "seed": args.seed,
-        },
-        "targets": TARGETS if on_cuda else None,
-        "validation_relative_errors": validation,
-        "results": rows,
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2) + "\n")
-
-    print()
-    print(f"### multi-LoRA linear: {device_label} [{timer.label}], {args.dtype}, backend={args.backend}, "
-          f"{'small' if args.small else 'full'} shapes")
-    print()
-    print(markdown_table(results))
-    print()
-    if on_cuda:
-        print(f"Targets (fused): fwd <= {TARGETS['fused_fwd_ratio_to_base_max']}x base; fwd+bwd <= "
-              f"{TARGETS['fused_fwdbwd_ratio_to_base_dx_max']}x base fwd+dX; >= "
-              f"{TARGETS['fused_speedup_vs_unfused_min']}x faster than unfused.")
-    else:
-        print("CPU results: smoke test of the harness at reduced shapes; they say nothing about GPU performance.")
-    print(f"Results written to {out_path}")
-    return results
+    check_targets(rows, on_cuda)
+    config = dict(dtype=args.dtype, segment_adapters_per_image=list(SEGMENT_ADAPTERS), batches=args.batches,
+                  cases=[c.__dict__ | {"tokens": t} for c, t in cases], methods=methods, fused_backend=default,
+                  other_backends=others, pool_size=args.pool_size, seed=args.seed, timer=timer_kwargs(args),
+                  targets=TARGETS if on_cuda else CPU_TARGETS)
+    result = make_result("multi_lora", device, rows, config=config, validation_rel_errors=validation,
+                         gemm_choices=gemm_decisions() if on_cuda else None)
+    out = write_result(result, args.out or result_path("multi_lora", device))
+    print(f"\n### multi-LoRA linear: {result['device']}, {result['threads']} threads, {args.dtype}, "
+          f"fused = {default} backend{'' if on_cuda else ' (CPU timings)'}\n")
+    print(markdown_table(rows, ["case", "method", "mode", "ms", "ratio_to_base", "tflops", "peak_memory_bytes",
+                                "target_met"] if on_cuda else
+                         ["case", "method", "mode", "ms", "ratio_to_base", "target_met", "le_other_backends"]))
+    if not args.no_plot:
+        png = plot_grouped_bars(rows, plot_path(out), title=f"multi-LoRA linear: {result['device']}, {args.dtype}",
+                                ylabel="time / base (lower is better)")
+        if png:
+            print(f"plot: {png}")
+    print(f"results: {out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -8,17 +8,21 @@ robin over the adapters and ``"__base__"``):
 - ``peft``: PEFT's mixed batch (``adapter_names``: per layer, a masked loop over the distinct adapters). PEFT
   refuses ``adapter_names`` in training, so for ``fwd_bwd`` the same PEFT layer code gets the names through
   :func:`~monkey_kernels.peft_patch.adapter_selection` on the UNPATCHED model (pre-hooks, no fused layer).
-- ``patched``: ``patch_model`` + ``adapter_selection`` (fused multi-LoRA linears).
+- ``patched``: ``patch_model`` (the device's DEFAULT backend: native on CPU when the extension loads, triton on
+  CUDA) + ``adapter_selection`` (fused multi-LoRA linears); ``patched_<backend>`` for each other backend that
+  runs on the device.
 
 Modes: ``fwd`` (eval, ``torch.no_grad()``) and ``fwd_bwd`` (train mode, LoRA dropout 0, all adapters' LoRA
 Parameters trainable, base frozen, ``pixel_values`` requiring grad so the whole tower runs backward in every
-method, ``loss = mean(last_hidden_state ** 2)``). Reported: median ms per call and images/s, peak memory on
-CUDA. Before timing, the patched output is compared with PEFT's (eval) and the relative difference recorded.
+method, ``loss = mean(last_hidden_state ** 2)``). Timing: ``benchmarks/common.py`` (interleaved rounds; the
+ratio's base is ``peft``, so ``speedup_vs_peft = 1 / ratio_to_base``). Reported: ms per call, images/s, peak
+memory on CUDA. Before timing, each patched output is compared with PEFT's (eval) and the relative difference
+recorded. Target: ``patched`` never slower than ``peft``.
 
 On CUDA: a SigLIP-so400m-like tower (hidden 1152, MLP 4304, 27 layers, 16 heads, 378 px / patch 14 = 729
 tokens), bf16, the ``triton`` backend, 4 and 16 adapters (ranks cycling 8 / 16 / 32 / 16, alphas 2 r, every
 fourth rsLoRA) on q/k/v/out_proj/fc1/fc2, batches 8 and 32. Without CUDA: a tiny tower (labelled ``CPU``,
-fp32, ``torch`` backend, batches 4 and 8); CPU numbers say nothing about GPU performance.
+fp32, batches 4 and 8); CPU numbers say nothing about GPU performance.
 Results go to ``benchmarks/results/peft_<device>_<date>.json``.
 
 Run ``PYTHONPATH=. python benchmarks/bench_peft.py --help`` for the options.
@@ -27,34 +31,26 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
-import json
 import os
-import platform
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_name, time_it  # noqa: E402
+from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
+                    peak_memory_bytes, plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs,
+                    timing_rows, write_result)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 GPU_TOWER = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                  image_size=378, patch_size=14)  # 27 x 27 = 729 tokens
 CPU_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  image_size=56, patch_size=14)  # 16 tokens
 RANKS = [8, 16, 32, 16]
-
-
-
-
-
-
 
 
 def build_models(tower: Dict, num_adapters: int, device: torch.device, dtype: torch.dtype):
@@ -86,122 +82,125 @@ def rows_for(names: List[str], batch: int) -> List[str]:
     return [choices[i % len(choices)] for i in range(batch)]
 
 
-def run_case(tower, num_adapters, batch, device, dtype, backend, warmup, iters) -> List[Dict]:
+def run_case(tower, num_adapters, batch, device, dtype, backends: Sequence[str], args) -> List[Dict]:
     from monkey_kernels.patching import patch_model  # noqa: PLC0415
     from monkey_kernels.peft_patch import adapter_selection  # noqa: PLC0415
 
     torch.manual_seed(0)
     base, peft_model, names = build_models(tower, num_adapters, device, dtype)
-    patched = copy.deepcopy(peft_model)
-    patch_model(patched, backend=backend)
+    patched = {}
+    for i, backend in enumerate(backends):
+        patched["patched" if i == 0 else f"patched_{backend}"] = model = copy.deepcopy(peft_model)
+        patch_model(model, backend=backend)
     rows = rows_for(names, batch)
     size = tower["image_size"]
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    models = {"base": base, "peft": peft_model, **patched}
 
-    peft_model.eval()
-    patched.eval()
+    for model in models.values():
+        model.eval()
+    rel_diff = {}
     with torch.no_grad():
         expected = peft_model(pixel_values=x, adapter_names=rows).last_hidden_state.float()
-        with adapter_selection(patched, rows):
-            got = patched(pixel_values=x).last_hidden_state.float()
-    rel_diff = ((got - expected).norm() / expected.norm()).item()
+        for name, model in patched.items():
+            with adapter_selection(model, rows):
+                got = model(pixel_values=x).last_hidden_state.float()
+            rel_diff[name] = ((got - expected).norm() / expected.norm()).item()
 
-    def forward(method: str) -> Callable[[], None]:
+    def forward(name: str) -> Callable[[], None]:
+        model = models[name]
+
         def fn():
             with torch.no_grad():
-                if method == "base":
-                    base(pixel_values=x)
-                elif method == "peft":
-                    peft_model(pixel_values=x, adapter_names=rows)
+                if name == "base":
+                    model(pixel_values=x)
+                elif name == "peft":
+                    model(pixel_values=x, adapter_names=rows)
                 else:
-                    with adapter_selection(patched, rows):
-                        patched(pixel_values=x)
+                    with adapter_selection(model, rows):
+                        model(pixel_values=x)
         return fn
 
-    def forward_backward(method: str) -> Callable[[], None]:
-        model = {"base": base, "peft": peft_model, "patched": patched}[method]
+    def forward_backward(name: str) -> Callable[[], None]:
+        model = models[name]
 
         def fn():
             xg = x.detach().requires_grad_(True)
             model.zero_grad(set_to_none=True)
-            if method == "base":
-                out = model(pixel_values=xg).last_hidden_state
-                out.float().square().mean().backward()
+            if name == "base":
+                model(pixel_values=xg).last_hidden_state.float().square().mean().backward()
             else:
                 with adapter_selection(model, rows):  # unpatched PEFT: hooks feed PEFT's own adapter_names
-                    out = model(pixel_values=xg).last_hidden_state
-                    out.float().square().mean().backward()
+                    model(pixel_values=xg).last_hidden_state.float().square().mean().backward()
         return fn
 
+    case = f"{num_adapters} adapters b{batch}"
     results = []
     for mode, make in (("fwd", forward), ("fwd_bwd", forward_backward)):
-        for m in (base, peft_model, patched):
-            m.train(mode == "fwd_bwd")
-        for method in ("base", "peft", "patched"):
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds = time_it(make(method), device, warmup, iters)
-            entry = dict(adapters=num_adapters, batch=batch, mode=mode, method=method,
-                         ms=round(seconds * 1e3, 3), images_per_s=round(batch / seconds, 2))
-            if device.type == "cuda":
-                entry["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-            if method == "patched":
-                entry["rel_diff_vs_peft_eval"] = rel_diff
-            results.append(entry)
-            print(entry, flush=True)
+        for model in models.values():
+            model.train(mode == "fwd_bwd")
+        calls = {name: make(name) for name in models}
+        gc.collect()
+        timings = time_methods(calls, device, base="peft", **timer_kwargs(args))
+        peaks = {n: peak_memory_bytes(c, device) for n, c in calls.items()} if device.type == "cuda" else None
+        for row in timing_rows(case, mode, timings, peaks, adapters=num_adapters, batch=batch):
+            row["images_per_s"] = round(batch / (row["ms"] * 1e-3), 3)
+            row["speedup_vs_peft"] = round(1.0 / row["ratio_to_base"], 3) if row["ratio_to_base"] else None
+            if row["method"].startswith("patched"):
+                row["rel_diff_vs_peft_eval"] = rel_diff[row["method"]]
+                row["target_met"] = row["ratio_to_base"] <= 1.0
+            results.append(row)
     return results
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapters", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--adapters", type=int, nargs="+", default=None, help="default: 4 16 (--quick: 4)")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
-                        help="batch sizes (default: 8 32 on CUDA, 4 8 on CPU)")
-    parser.add_argument("--backend", default=None, help="fused backend (default: triton on CUDA, torch on CPU)")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
+                        help="batch sizes (default: 8 32 on CUDA, 4 8 on CPU; --quick: the first)")
+    parser.add_argument("--backends", nargs="+", choices=["triton", "native", "torch"], default=None,
+                        help="backends of the patched models, the first being 'patched' (default: the device's "
+                             "default backend, then the others that run there)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 adapters, one batch, few rounds")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
+    parser.add_argument("--no-plot", action="store_true")
+    add_timer_args(parser)
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     tower = GPU_TOWER if cuda else CPU_TOWER
     dtype = torch.bfloat16 if cuda else torch.float32
-    backend = args.backend or ("triton" if cuda else "torch")
-    batches = args.batches or ([8, 32] if cuda else [4, 8])
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    iters = args.iters if args.iters is not None else (10 if cuda else 5)
+    adapters = args.adapters or ([4] if args.quick else [4, 16])
+    batches = args.batches or ([8, 32] if cuda else [4, 8])[: 1 if args.quick else 2]
+    if args.rounds is None:
+        args.rounds = (1 if cuda else 3) if args.quick else (3 if cuda else 9)
+    if args.backends:
+        backends = list(args.backends)
+    else:
+        default = default_backend(device)
+        backends = [default] + other_backends(device, default)
 
-    import peft  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
-    try:
-        import triton  # noqa: PLC0415
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-
-    results = []
-    for num_adapters in args.adapters:
+    rows = []
+    for num_adapters in adapters:
         for batch in batches:
-            results.extend(run_case(tower, num_adapters, batch, device, dtype, backend, warmup, iters))
-    device_name = torch.cuda.get_device_name(device) if cuda else cpu_name()
-    label = "cuda" if cuda else "cpu"
-    date = datetime.date.today().isoformat()
-    report = dict(
-        benchmark="peft_multi_lora_siglip", label=label.upper(), device=device_name, date=date,
-        versions=dict(torch=torch.__version__, triton=triton_version, transformers=transformers.__version__,
-                      peft=peft.__version__, python=platform.python_version()),
-        dtype=str(dtype).replace("torch.", ""), backend=backend, tower=tower, target_modules=TARGETS,
-        ranks_cycle=RANKS, rows="round robin over the adapters and __base__", warmup=warmup, iters=iters,
-        note=None if cuda else "CPU smoke run of a tiny tower: says nothing about GPU performance",
-        results=results,
-    )
-    out = args.out or RESULTS_DIR / f"peft_{label}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+            rows.extend(run_case(tower, num_adapters, batch, device, dtype, backends, args))
+    config = dict(tower=tower, target_modules=TARGETS, ranks_cycle=RANKS, dtype=str(dtype).replace("torch.", ""),
+                  rows="round robin over the adapters and __base__", backends=backends, adapters=adapters,
+                  batches=batches, timer=timer_kwargs(args), base_method="peft")
+    result = make_result("peft", device, rows, config=config)
+    out = write_result(result, args.out or result_path("peft", device))
+    print(f"\n### PEFT multi-LoRA SigLIP tower: {result['device']}, {result['threads']} threads, {config['dtype']}, "
+          f"patched = {backends[0]} backend{'' if cuda else ' (tiny CPU tower)'}\n")
+    print(markdown_table(rows, ["case", "method", "mode", "ms", "ratio_to_base", "speedup_vs_peft", "images_per_s",
+                                "peak_memory_bytes", "rel_diff_vs_peft_eval", "target_met"]))
+    if not args.no_plot:
+        png = plot_grouped_bars(rows, plot_path(out), value="speedup_vs_peft", title=f"PEFT tower: {result['device']}",
+                                ylabel="speed-up over PEFT (higher is better)")
+        if png:
+            print(f"plot: {png}")
+    print(f"results: {out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark of the fused ``inputs_embeds`` assembly (``monkey_kernels.slp.slp_embed``) vs the reference.
+"""Benchmark of the fused ``inputs_embeds`` assembly (``monkey_kernels.ops.slp.slp_embed``) vs the reference.
 
 Cases (full sizes, run on CUDA):
 
@@ -11,35 +11,31 @@ Methods, on the same inputs:
 
 - ``reference``: ``SLPEmbeddingRef`` (lookup, projection, per-sequence scatter on a clone), as the public
   models do it.
-- ``fused``: ``slp_embed`` with ``validate=True`` (the default: one small host read for the checks).
+- ``fused``: ``slp_embed`` with ``validate=True`` (the default: one small host read for the checks) and the
+  device's DEFAULT backend (native on CPU when the extension loads, triton on CUDA).
 - ``fused_novalidate``: ``slp_embed(validate=False)``, the CUDA-graph-capturable path; the bandwidth target
   is judged on it.
-- ``native`` / ``native_novalidate``: the same two with ``backend="native"``: the C++ ops of
-  ``csrc/slp_cpu.cpp`` (forward and backward) on CPU, the CUDA C++ kernel ``csrc/cuda/slp_embed_kernel.cu``
-  (forward; the backward is the shared PyTorch one) on a GPU, next to the Triton kernel of ``fused``.
-  Measured whenever the native extension loads (and, on a GPU, was built with CUDA); otherwise the JSON
-  says why under ``native``.
-- ``copy``: ``out.copy_(src)`` of a tensor the size of the output: the device's copy bandwidth.
+- ``fused_<backend>`` / ``fused_<backend>_novalidate``: the same with each other backend that runs on the
+  device (native: ``csrc/slp_cpu.cpp`` on CPU, ``csrc/cuda/slp_embed_kernel.cu`` on a GPU when built with
+  CUDA); a backend that cannot run is listed with its reason under ``skipped_backends`` in the JSON.
+- ``copy``: ``out.copy_(src)`` of a tensor the size of the output: the device's copy bandwidth (the ``fwd``
+  ratio's base; ``fwd_bwd`` ratios are to ``reference``).
 
 Bandwidth: the bytes the fused forward must move (write every output row; read the token id, the source
 row of each text / image token, the 4 coordinates and page size of each box; the index it builds) over its
 time, compared with the copy's ``2 * bytes / time``. Target on GPU: >= 85% of the copy bandwidth.
 
-On CUDA: ``triton.testing.do_bench`` medians, bf16, full sizes. Without CUDA: ``time.perf_counter``
-medians, fp32, sizes divided by 8 (hidden by 16), the ``torch`` backend; every such result is labelled
-``CPU`` and says nothing about GPU performance.
+Timing: ``benchmarks/common.py`` (interleaved rounds on CPU, ``do_bench`` medians on CUDA). On CUDA: bf16,
+full sizes. Without CUDA: fp32, sizes divided by 8 (hidden by 16), one thread by default; CPU numbers say
+nothing about GPU performance. Results: ``benchmarks/results/slp_<device>_<date>.json``.
 
 Run ``PYTHONPATH=. python benchmarks/bench_slp.py --help`` for the options.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -48,18 +44,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from monkey_kernels.models.slp import SLPEmbeddingRef, SpatialLayoutProjector
-from monkey_kernels.slp import slp_embed
+from monkey_kernels import slp_embed
+from monkey_kernels.ops.slp.reference import SLPEmbeddingRef, SpatialLayoutProjector
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, slug  # noqa: E402
+from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
+                    plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs, timing_rows,
+                    write_result)
 
-__all__ = ["main", "CaseSpec", "FULL_CASES", "METHODS", "TARGET_COPY_FRACTION"]
+__all__ = ["main", "CaseSpec", "FULL_CASES", "TARGET_COPY_FRACTION"]
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-METHODS = ("copy", "reference", "fused", "fused_novalidate")
-NATIVE_METHODS = ("native", "native_novalidate")
 TARGET_COPY_FRACTION = 0.85
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BOX_TOKEN_ID = 0
@@ -150,20 +145,6 @@ def fused_forward(p: Problem, validate: bool = True, backend: Optional[str] = No
     )
 
 
-def native_unavailable(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Why ``backend="native"`` cannot run here (``None``: it can)."""
-    from monkey_kernels import _native
-
-    if not _native.available():
-        return _native.status()
-    if device.type == "cuda":
-        from monkey_kernels.slp import _native_has_cuda_kernel
-
-        if not _native_has_cuda_kernel():
-            return "the extension was built without CUDA (no CUDA kernel registered)"
-    return None
-
-
 def validate_problem(p: Problem, dtype: torch.dtype, backend: Optional[str] = None) -> float:
     with torch.no_grad():
         expected, got = reference_forward(p).float(), fused_forward(p, backend=backend).float()
@@ -174,217 +155,151 @@ def validate_problem(p: Problem, dtype: torch.dtype, backend: Optional[str] = No
     return error
 
 
-class CpuTimer:
-    """``time.perf_counter`` median of ``repeats`` calls after ``WARMUP`` untimed ones (first-touch page
-    faults and allocator growth stay out of the numbers)."""
-
-    label = "CPU"
-    WARMUP = 3
-
-    def __init__(self, repeats: int):
-        self.repeats = repeats
-
-    def __call__(self, fn: Callable[[], None]) -> float:
-        for _ in range(self.WARMUP):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-
-class CudaTimer:
-    label = "GPU"
-
-    def __init__(self, rep_ms: int):
-        self.rep_ms = rep_ms
-
-    def __call__(self, fn: Callable[[], None]) -> float:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, rep=self.rep_ms, return_mode="median")
-
-
-def measure(method: str, p: Problem, timer, dtype: torch.dtype) -> dict:
+def method_calls(p: Problem, backends: Sequence[str], mode: str, dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
+    """``{method: call}`` for one mode: ``copy`` (fwd only), ``reference``, then per backend the validating and
+    the non-validating fused call (``fused*`` for the first backend, ``fused_<backend>*`` for the others)."""
     c = p.case
-    out_bytes = c.batch * c.seq * c.hidden * p.table.element_size()
-    row = {"case": c.name, "batch": c.batch, "seq": c.seq, "hidden": c.hidden, "boxes": c.boxes,
-           "image_tokens": c.image_tokens, "method": method, "label": timer.label, "fwd_ms": None,
-           "fwdbwd_ms": None, "bytes": None, "gb_per_s": None, "fraction_of_copy": None}
-    if method == "copy":
+    calls: Dict[str, Callable[[], None]] = {}
+    grad = torch.randn(c.batch, c.seq, c.hidden, device=p.table.device, dtype=dtype)
+    trainable = [p.table, p.projector.proj.weight, p.projector.proj.bias]
+    if mode == "fwd":
         src = torch.empty(c.batch * c.seq * c.hidden, device=p.table.device, dtype=dtype).normal_()
         dst = torch.empty_like(src)
-        row["fwd_ms"] = timer(lambda: dst.copy_(src))
-        row["bytes"] = 2 * out_bytes
-    else:
-        forward = reference_forward if method == "reference" else fused_forward
-        kwargs = {"validate": False} if method.endswith("_novalidate") else {}
-        if method in NATIVE_METHODS:
-            kwargs["backend"] = "native"
-
-        def fwd() -> None:
-            with torch.no_grad():
-                forward(p, **kwargs)
-
-        row["fwd_ms"] = timer(fwd)
-        row["bytes"] = p.fused_bytes()
-        grad = torch.randn(c.batch, c.seq, c.hidden, device=p.table.device, dtype=dtype)
-        trainable = [p.table, p.projector.proj.weight, p.projector.proj.bias]
-
-        def step() -> None:
-            for t in trainable:
-                t.grad = None
-            forward(p, **kwargs).backward(grad)
-
-        row["fwdbwd_ms"] = timer(step)
-    row["gb_per_s"] = row["bytes"] / (row["fwd_ms"] * 1e-3) / 1e9
-    return row
-
-
-
-
-
-
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "n/a" if value is None else f"{value:{spec}}"
-
-
-def markdown_table(results: dict) -> str:
-    header = ["case", "B x S x H", "boxes", "image tok", "method", "fwd ms", "fwd+bwd ms", "MB moved", "GB/s",
-              "of copy BW", "device"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results["results"]:
-        lines.append("| " + " | ".join([
-            r["case"], f"{r['batch']}x{r['seq']}x{r['hidden']}", str(r["boxes"]), str(r["image_tokens"]),
-            r["method"], _fmt(r["fwd_ms"], ".3f"), _fmt(r["fwdbwd_ms"], ".3f"), _fmt(r["bytes"] / 1e6, ".1f"),
-            _fmt(r["gb_per_s"], ".1f"), _fmt(r["fraction_of_copy"], ".0%"), r["label"],
-        ]) + " |")
-    return "\n".join(lines)
+        calls["copy"] = lambda: dst.copy_(src)
+    variants = [("reference", reference_forward, {})]
+    for i, backend in enumerate(backends):
+        name = "fused" if i == 0 else f"fused_{backend}"
+        variants += [(name, fused_forward, {"backend": backend}),
+                     (f"{name}_novalidate", fused_forward, {"backend": backend, "validate": False})]
+    for name, forward, kwargs in variants:
+        if mode == "fwd":
+            def call(forward=forward, kwargs=kwargs):
+                with torch.no_grad():
+                    forward(p, **kwargs)
+        else:
+            def call(forward=forward, kwargs=kwargs):
+                for t in trainable:
+                    t.grad = None
+                forward(p, **kwargs).backward(grad)
+        calls[name] = call
+    return calls
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time the fused SLP embedding assembly against the reference.")
     parser.add_argument("--cases", nargs="+", choices=list(FULL_CASES), default=list(FULL_CASES))
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--backend", choices=["triton", "torch", "native"], default=None,
-                        help="backend of the fused methods; default: triton on CUDA, torch on CPU (triton on CPU "
-                             "needs TRITON_INTERPRET=1). The native methods always use backend='native'")
-    parser.add_argument("--no-native", action="store_true", help="skip the native / native_novalidate methods")
+    parser.add_argument("--backends", nargs="+", choices=["triton", "torch", "native"], default=None,
+                        help="backends of the fused methods, the first being 'fused' (default: the device's "
+                             "default backend, then the others that run there)")
+    parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--small", dest="small", action="store_true", default=None,
                       help="sizes divided by 8 (hidden by 16), batch <= 2 (default on CPU)")
     size.add_argument("--full", dest="small", action="store_false", help="full sizes (default on CUDA)")
-    parser.add_argument("--repeats", type=int, default=30, help="CPU: timed calls per measurement (median)")
-    parser.add_argument("--rep-ms", type=int, default=200, help="CUDA: do_bench timing window in ms")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU: torch intra-op threads (default 1: steadier timings on a shared machine)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: the first case, few rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default: benchmarks/results/slp_<device>_<date>.json)")
+    parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    add_timer_args(parser)
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     on_cuda = args.device == "cuda"
-    args.backend = args.backend or ("triton" if on_cuda else "torch")
-    if args.backend == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        parser.error("--backend triton on CPU needs TRITON_INTERPRET=1 in the environment (very slow)")
     args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
     args.small = (not on_cuda) if args.small is None else args.small
-    if args.repeats < 1 or args.rep_ms < 1:
-        parser.error("--repeats and --rep-ms must be positive")
+    if args.quick:
+        args.cases = args.cases[:1]
+        if args.rounds is None:
+            args.rounds = 1 if on_cuda else 3
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Runs the benchmark; writes the JSON, prints a markdown table and returns the results dict."""
+    """Runs the benchmark; writes the JSON, prints a markdown table and returns the result."""
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     on_cuda = device.type == "cuda"
-    timer = CudaTimer(args.rep_ms) if on_cuda else CpuTimer(args.repeats)
-    if not on_cuda:
-        torch.set_num_threads(args.threads or 1)
+    if not on_cuda and args.threads is None:
+        args.threads = 1  # steadier timings on a shared machine; --threads overrides
+    timer_kwargs(args)
+    if args.backends:
+        backends = list(args.backends)
+    else:
+        default = default_backend(device)
+        backends = [default] + other_backends(device, default)
+        if on_cuda and "native" not in backends:
+            backends.append("native")  # the CUDA C++ kernel, when the extension was built with CUDA (else skipped)
     cases = [FULL_CASES[n].scaled_down() if args.small else FULL_CASES[n] for n in args.cases]
-    device_label = device_name(device)
-    today = datetime.date.today().isoformat()
-    out_path = args.out or RESULTS_DIR / f"slp_{slug(device_label)}_{today}.json"
-    print(f"SLP embedding benchmark on {device_label} [{timer.label}]: dtype={args.dtype}, backend={args.backend}, "
-          f"{'small' if args.small else 'full'} sizes", file=sys.stderr)
     torch.manual_seed(args.seed)
-    native_reason = "skipped: --no-native" if args.no_native else native_unavailable(device, dtype)
-    methods = METHODS + (NATIVE_METHODS if native_reason is None else ())
-    if native_reason is not None:
-        print(f"native methods not measured: {native_reason}", file=sys.stderr)
     rows: List[dict] = []
     errors: Dict[str, float] = {}
-    with tqdm(total=len(cases) * len(methods), desc="SLP bench", unit="run", disable=args.no_progress) as progress:
+    skipped: Dict[str, str] = {}
+    with tqdm(total=len(cases) * len(args.modes), desc="SLP bench", unit="run", disable=args.no_progress) as progress:
         for case in cases:
-            problem = build_problem(case, dtype, device, args.backend)
-            progress.set_postfix_str(f"{case.name} validating")
-            errors[case.name] = validate_problem(problem, dtype)
-            if native_reason is None:
-                errors[f"{case.name}/native"] = validate_problem(problem, dtype, "native")
-            group = []
-            for method in methods:
-                progress.set_postfix_str(f"{case.name} {method}")
-                group.append(measure(method, problem, timer, dtype))
+            problem = build_problem(case, dtype, device, backends[0])
+            for backend in list(backends):
+                try:
+                    errors[f"{case.name}/{backend}"] = validate_problem(problem, dtype, backend)
+                except (ValueError, RuntimeError, NotImplementedError) as error:
+                    if backend == backends[0]:
+                        raise
+                    skipped[backend] = f"{type(error).__name__}: {error}"
+                    backends.remove(backend)
+            for mode in args.modes:
+                progress.set_postfix_str(f"{case.name} {mode}")
+                calls = method_calls(problem, backends, mode, dtype)
+                timings = time_methods(calls, device, base="copy" if mode == "fwd" else "reference",
+                                       **timer_kwargs(args))
+                group = timing_rows(case.name, mode, timings, batch=case.batch, seq=case.seq, hidden=case.hidden,
+                                    boxes=case.boxes, image_tokens=case.image_tokens)
+                copy_gbps = None
+                for row in group:
+                    name = row["method"]
+                    row["backend"] = None if name in ("copy", "reference") else (
+                        backends[0] if name.startswith("fused_novalidate") or name == "fused"
+                        else name[len("fused_"):].replace("_novalidate", ""))
+                    moved = (2 * case.batch * case.seq * case.hidden * problem.table.element_size()
+                             if name == "copy" else problem.fused_bytes())
+                    if mode == "fwd":
+                        row["gb_per_s"] = round(moved / (row["ms"] * 1e-3) / 1e9, 3)
+                        if name == "copy":
+                            copy_gbps = row["gb_per_s"]
+                for row in group:
+                    if mode == "fwd" and copy_gbps:
+                        row["fraction_of_copy"] = round(row["gb_per_s"] / copy_gbps, 4)
+                        if on_cuda and row["method"].endswith("_novalidate"):
+                            row["target_met"] = row["fraction_of_copy"] >= TARGET_COPY_FRACTION
+                rows.extend(group)
                 progress.update(1)
-            copy_bw = group[0]["gb_per_s"]
-            for row in group:
-                row["fraction_of_copy"] = row["gb_per_s"] / copy_bw
-                if on_cuda and row["method"] in ("fused_novalidate", "native_novalidate"):
-                    row["target"] = {"goal": f">= {TARGET_COPY_FRACTION:.0%} of copy bandwidth",
-                                     "met": row["fraction_of_copy"] >= TARGET_COPY_FRACTION}
-            rows.extend(group)
             del problem
             if on_cuda:
                 torch.cuda.empty_cache()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    results = {
-        "device": device_label,
-        "device_kind": device.type,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "date": today,
-        "dtype": args.dtype,
-        "backend": args.backend,
-        "native": "measured" if native_reason is None else native_reason,
-        "config": {
-            "sizes": "small" if args.small else "full", "cases": [dict(c.__dict__) for c in cases],
-            "timer": "triton.testing.do_bench median" if on_cuda else "time.perf_counter median",
-            "repeats": None if on_cuda else args.repeats, "rep_ms": args.rep_ms if on_cuda else None,
-            "seed": args.seed, "cpu_threads": None if on_cuda else torch.get_num_threads(),
-            "bytes": "fused: output + text/image source rows + boxes/page sizes + ids/kind/src; copy: 2 x output",
-        },
-        "target_fraction_of_copy": TARGET_COPY_FRACTION if on_cuda else None,
-        "validation_relative_errors": errors,
-        "results": rows,
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=2) + "\n")
-    print()
-    print(f"### SLP embedding assembly: {device_label} [{timer.label}], {args.dtype}, backend={args.backend}, "
-          f"{'small' if args.small else 'full'} sizes")
-    print()
-    print(markdown_table(results))
-    print()
-    if on_cuda:
-        print(f"Target: fused_novalidate forward >= {TARGET_COPY_FRACTION:.0%} of the device-to-device copy bandwidth.")
-    else:
-        print("CPU results: a run of the harness at reduced sizes; they say nothing about GPU performance.")
-    print(f"Results written to {out_path}")
-    return results
+    config = dict(sizes="small" if args.small else "full", cases=[dict(c.__dict__) for c in cases], dtype=args.dtype,
+                  backends=backends, seed=args.seed, timer=timer_kwargs(args),
+                  bytes="fused: output + text/image source rows + boxes/page sizes + ids/kind/src; copy: 2 x output",
+                  target_fraction_of_copy=TARGET_COPY_FRACTION)
+    result = make_result("slp", device, rows, config=config, validation_rel_errors=errors, skipped_backends=skipped)
+    out = write_result(result, args.out or result_path("slp", device))
+    print(f"\n### SLP embedding assembly: {result['device']}, {result['threads']} threads, {args.dtype}, "
+          f"fused = {backends[0]} backend, {'small' if args.small else 'full'} sizes\n")
+    print(markdown_table(rows, ["case", "method", "mode", "ms", "ratio_to_base", "gb_per_s", "fraction_of_copy",
+                                "target_met"]))
+    if skipped:
+        print(f"backends not measured: {skipped}")
+    if not args.no_plot:
+        png = plot_grouped_bars(rows, plot_path(out), title=f"SLP embedding: {result['device']}, {args.dtype}",
+                                ylabel="time / copy (fwd), / reference (fwd_bwd)")
+        if png:
+            print(f"plot: {png}")
+    print(f"results: {out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -3,9 +3,12 @@
 - ``monkey-kernels info``: versions, CUDA, the Triton interpreter, the backend picked for CPU and CUDA
   tensors, and whether Triton's bundled ``ptxas`` (used by the sm_90 compile check) is present.
 - ``monkey-kernels demo``: a Monkey-style encoder, reference vs ``patch_model``-ed, on a synthetic image:
-  output and gradient differences, forward and forward+backward speed-up, peak memory on GPU.
-- ``monkey-kernels bench``: the benchmark scripts of ``benchmarks/`` (a source checkout), JSON results and,
-  when matplotlib is installed, PNG plots.
+  output and gradient differences, then forward and forward+backward timed interleaved in rounds by the
+  benchmark harness (``monkey_kernels.benchmarking``: the speed-up is the median of per-round ratios), peak memory
+  on GPU, printed as a table.
+- ``monkey-kernels bench``: the benchmark scripts of ``benchmarks/`` (a source checkout): each prints its
+  table and writes ``<bench>_<device>_<date>.json`` (the harness's schema) and, when matplotlib is
+  installed, the matching ``.png``.
 
 Exit codes: 0 on success, 2 on bad arguments (argparse), 1 on a failure (with a one-line message on stderr).
 Heavy imports (torch models, benchmarks, matplotlib) happen inside the subcommands, and nothing queries the
@@ -15,15 +18,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import importlib
-import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 __all__ = ["main", "run", "CLIError", "build_parser", "cmd_info", "cmd_demo", "cmd_bench", "SMALL_DEMO_CONFIG", "BENCHMARKS"]
 
@@ -40,14 +39,13 @@ SMALL_DEMO_CONFIG = dict(tile_size=112, image_size=224, patch_size=14, width=128
 # Benchmark name -> (module in the ``benchmarks`` package, options that make it short for ``--quick``).
 # Options the user passes after ``bench`` are appended after these, so theirs win (argparse keeps the last).
 BENCHMARKS: Dict[str, tuple] = {
-    "multi_lora": ("bench_multi_lora", ["--small", "--repeats", "3", "--pool-size", "2", "--batches", "1",
-                                        "--no-progress"]),
-    "slp": ("bench_slp", ["--small", "--repeats", "3", "--no-progress"]),
-    "monkey_encoder": ("bench_monkey_encoder", ["--small", "--batches", "1", "--resolutions", "896x896",
-                                                "--warmup", "1", "--iters", "2"]),
-    "peft": ("bench_peft", ["--adapters", "4", "--batches", "4", "--warmup", "1", "--iters", "2"]),
-    # CPU timings on any machine: the C++ backend against the PyTorch one, the loop and PEFT
-    "native_cpu": ("bench_native_cpu", ["--quick", "--no-progress"]),
+    # the op on Monkey's layers (CUDA) or square layers (CPU): every backend, the loop, PEFT, F.linear
+    "multi_lora": ("bench_multi_lora", ["--quick", "--no-progress"]),
+    "slp": ("bench_slp", ["--quick", "--no-progress"]),
+    "monkey_encoder": ("bench_monkey_encoder", ["--quick"]),
+    "peft": ("bench_peft", ["--quick"]),
+    "monkey_vlm": ("bench_monkey_vlm", ["--quick"]),
+    "processor": ("bench_processor", ["--quick"]),
 }
 
 _DTYPES = ("fp32", "bf16", "fp16")
@@ -90,7 +88,7 @@ def cmd_info(args: argparse.Namespace) -> dict:
     """Prints (and returns) the environment facts that decide which backend runs."""
     import torch
 
-    from monkey_kernels.backends import ENV_BACKEND
+    from monkey_kernels.ops.backends import ENV_BACKEND
 
     info: Dict[str, object] = {
         "monkey_kernels": _version("monkey_kernels"),
@@ -187,43 +185,6 @@ def _max_diffs(actual, expected) -> tuple:
     return diff, diff / max(scale, 1e-30)
 
 
-def _time(fn: Callable[[], None], device, warmup: int, repeats: int) -> float:
-    """Median seconds of ``fn``: ``time.perf_counter`` on CPU, CUDA events (after a synchronize) on GPU."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            start_s = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start_s)
-    return statistics.median(samples)
-
-
-def _peak_gib(fn: Callable[[], None], device) -> Optional[float]:
-    """Peak GiB allocated while ``fn`` runs on CUDA; ``None`` on CPU (no allocator statistics there)."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**30
-
-
 def cmd_demo(args: argparse.Namespace) -> dict:
     """Reference vs patched Monkey encoder on a synthetic image; prints and returns the comparison."""
     import torch
@@ -308,39 +269,33 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     print(f"gradients max abs diff {grad_abs:.3e}   max rel diff {grad_rel:.3e}   "
           f"({len(trainable)} trainable tensors; worst: {worst})")
 
-    timings: Dict[str, Dict[str, Optional[float]]] = {}
-    for label, model in (("reference", reference), ("patched", patched)):
-        def forward(model=model):
+    from monkey_kernels import benchmarking as harness  # noqa: PLC0415
+    rows: List[dict] = []
+    def inference(model):
+        def call():
             with torch.no_grad():
                 model(pixel_values)
+        return call
 
-        def train_step(model=model):
-            forward_backward(model)
-
-        timings[label] = {
-            "forward_s": _time(forward, device, args.warmup, args.repeats),
-            "fwdbwd_s": _time(train_step, device, args.warmup, args.repeats),
-            "forward_peak_gib": _peak_gib(forward, device),
-            "fwdbwd_peak_gib": _peak_gib(train_step, device),
-        }
-    speedup_fwd = timings["reference"]["forward_s"] / timings["patched"]["forward_s"]
-    speedup_fwdbwd = timings["reference"]["fwdbwd_s"] / timings["patched"]["fwdbwd_s"]
-
-    def mem(value):
-        return "n/a" if value is None else f"{value:.2f} GiB"
-
-    print(f"{'':10} {'forward ms':>11} {'fwd+bwd ms':>11} {'peak fwd':>10} {'peak fwd+bwd':>13}")
-    for label, t in timings.items():
-        print(f"{label:10} {t['forward_s'] * 1e3:>11.2f} {t['fwdbwd_s'] * 1e3:>11.2f} "
-              f"{mem(t['forward_peak_gib']):>10} {mem(t['fwdbwd_peak_gib']):>13}")
-    print(f"speed-up (reference / patched): forward {speedup_fwd:.2f}x, forward+backward {speedup_fwdbwd:.2f}x "
-          f"(median of {args.repeats}{'' if on_cuda else '; CPU timings say nothing about GPU performance'})")
+    for mode, make in (("fwd", inference), ("fwd_bwd", lambda model: lambda: forward_backward(model))):
+        calls = {"reference": make(reference), "patched": make(patched)}
+        timings = harness.time_methods(calls, device, base="reference", rounds=args.repeats, warmup=args.warmup)
+        peaks = {name: harness.peak_memory_bytes(call, device) for name, call in calls.items()}
+        for row in harness.timing_rows(f"{width}x{height} b{args.batch}", mode, timings, peaks, backend=None):
+            row["backend"] = backend if row["method"] == "patched" else None
+            row["speedup"] = round(1.0 / row["ratio_to_base"], 3) if row["ratio_to_base"] else None
+            rows.append(row)
+    speedup = {r["mode"]: r["speedup"] for r in rows if r["method"] == "patched"}
+    print(harness.markdown_table(rows, ["case", "method", "mode", "ms", "speedup", "peak_memory_bytes", "backend"]))
+    print(f"speed-up (reference / patched, median of {args.repeats} interleaved rounds): forward "
+          f"{speedup['fwd']:.2f}x, forward+backward {speedup['fwd_bwd']:.2f}x"
+          f"{'' if on_cuda else ' (CPU timings say nothing about GPU performance)'}")
     return {
         "config": config_name, "device": str(device), "dtype": dtype_name, "backend": backend,
         "grid": [grid.n_cols, grid.n_rows], "batch": args.batch,
         "output_max_abs_diff": out_abs, "output_max_rel_diff": out_rel,
         "grad_max_abs_diff": grad_abs, "grad_max_rel_diff": grad_rel, "worst_grad": worst,
-        "timings": timings, "speedup_forward": speedup_fwd, "speedup_fwdbwd": speedup_fwdbwd,
+        "rows": rows, "speedup_forward": speedup["fwd"], "speedup_fwdbwd": speedup["fwd_bwd"],
     }
 
 
@@ -363,126 +318,47 @@ def _import_benchmark(module_name: str):
     return importlib.import_module(f"benchmarks.{module_name}")
 
 
-def _bar_panel(ax, rows: List[dict], group_fields: tuple, methods: List[str], key: str, title: str,
-               ylabel: str) -> None:
-    """One panel of grouped bars: ``key`` of each method (bars) per group of ``group_fields`` values (ticks);
-    missing or ``None`` values draw as 0."""
-    groups = list(dict.fromkeys(tuple(r[f] for f in group_fields) for r in rows))
-    width = 0.8 / max(1, len(methods))
-    for j, method in enumerate(methods):
-        values = []
-        for group in groups:
-            match = [r.get(key) for r in rows if tuple(r[f] for f in group_fields) == group and r["method"] == method]
-            values.append(match[0] if match and match[0] is not None else 0.0)
-        ax.bar([i + j * width for i in range(len(groups))], values, width, label=method)
-    ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(groups))])
-    ax.set_xticklabels([f"{name}\nb={batch}" for name, batch in groups])
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-
-
-def _save(fig, path: Path, plt, title: str) -> None:
-    fig.suptitle(title, fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_multi_lora(results: dict, path: Path, plt) -> None:
-    """Bar chart: forward and forward+backward time of each method divided by the base GEMM's, per case/batch."""
-    rows = results["results"]
-    groups = len(dict.fromkeys((r["case"], r["batch"]) for r in rows))
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "base"]
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.6 * groups * max(1, len(methods)) / 2), 4.5), squeeze=False)
-    for ax, key, title in ((axes[0][0], "fwd_ratio_to_base", "forward / base forward"),
-                           (axes[0][1], "fwdbwd_ratio_to_base_dx", "fwd+bwd / base fwd+dX")):
-        _bar_panel(ax, rows, ("case", "batch"), methods, key, title, "ratio to base GEMM (lower is better)")
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    _save(fig, path, plt, f"multi-LoRA linear: {results.get('device')}, {results.get('dtype')}, "
-                          f"backend {results.get('backend')}")
-
-
-def _plot_encoder(results: dict, path: Path, plt) -> None:
-    """Bar chart: inference and train images/s, reference vs patched, per resolution/batch."""
-    rows = [r for r in results["results"] if "error" not in r]
-    groups = len(dict.fromkeys((r["resolution"], r["batch"]) for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.4 * groups * 2), 4.5), squeeze=False)
-    for ax, key, title in ((axes[0][0], "inference_images_per_s", "inference"),
-                           (axes[0][1], "train_images_per_s", "train step")):
-        _bar_panel(ax, rows, ("resolution", "batch"), methods, key, title, "images/s (higher is better)")
-    _save(fig, path, plt, f"Monkey encoder: {results.get('device')}, {results.get('dtype')}")
-
-
-def _plot_native_cpu(results: dict, path: Path, plt) -> None:
-    """Bar chart: each method's time divided by the base ``F.linear``'s, forward and forward+backward, per width."""
-    rows = [dict(method=method, width=str(r["width"]), batch=r["mode"], ratio=ratio)
-            for r in results["results"] for method, ratio in r["ratio_to_base"].items() if method != "base"]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(min(14.0, max(6.0, 0.9 * len(methods) * len(results["results"]))), 4.5),
-                             squeeze=False)
-    for ax, mode, title in ((axes[0][0], "fwd", "forward / F.linear"), (axes[0][1], "fwd_bwd", "fwd+bwd / F.linear fwd+dX")):
-        mode_rows = [dict(r, batch=1) for r in rows if r["batch"] == mode]
-        _bar_panel(ax, mode_rows, ("width", "batch"), methods, "ratio", title, "ratio to base (lower is better)")
-        ax.set_xticklabels([f"width {w}" for w in dict.fromkeys(r["width"] for r in mode_rows)])
-        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        ax.axhline(1.2, color="red", linewidth=0.8, linestyle=":")
-    _save(fig, path, plt, f"multi-LoRA linear on CPU: {results.get('device')}, {results.get('threads')} threads "
-                          f"(dotted: the 1.2x target)")
-
-
-_PLOTTERS = {"multi_lora": _plot_multi_lora, "monkey_encoder": _plot_encoder, "native_cpu": _plot_native_cpu}
-
-
 def cmd_bench(args: argparse.Namespace, extra: Sequence[str]) -> dict:
-    """Runs the selected benchmarks, writes their JSONs under ``--out-dir`` and plots what can be plotted."""
+    """Runs the selected benchmarks (each prints its table and writes its JSON under ``--out-dir`` with the
+    harness's file names, and its PNG beside it unless ``--no-plots``)."""
+    import torch
     from tqdm import tqdm
 
     which = list(dict.fromkeys(args.which or BENCHMARKS))
     if extra and len(which) > 1:
         # The scripts' options differ (e.g. --cases choices), so pass-through options only make sense for one.
         raise CLIError(f"options {' '.join(extra)} are passed to the benchmark script: select one with --which")
+    from monkey_kernels import benchmarking as harness  # noqa: PLC0415
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    date = datetime.date.today().isoformat()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the scripts' default device
     outputs: Dict[str, dict] = {}
     written: List[Path] = []
+    plots: List[Path] = []
     with tqdm(total=len(which), desc="benchmarks", unit="bench", disable=args.no_progress) as progress:
         for name in which:
             module_name, quick_argv = BENCHMARKS[name]
             progress.set_postfix_str(name)
             module = _import_benchmark(module_name)
-            json_path = out_dir / f"{name}_{date}.json"
-            argv = (list(quick_argv) if args.quick else []) + ["--out", str(json_path)] + list(extra)
+            json_path = harness.result_path(name, device, results_dir=out_dir)
+            argv = ((list(quick_argv) if args.quick else []) + ["--out", str(json_path)]
+                    + (["--no-plot"] if args.no_plots else []) + list(extra))
             try:
-                module.main(argv)
+                result = module.main(argv)
             except SystemExit as exc:  # the script's argparse rejected an option: a bad argument, exit 2
-                if exc.code not in (0, None):
+                if exc.code not in (0, None) and not isinstance(exc.code, str):
                     raise SystemExit(2) from None
+                if isinstance(exc.code, str):  # a script's own refusal, e.g. an unavailable backend
+                    raise CLIError(f"{name}: {exc.code}") from None
                 raise
-            # Read the JSON back rather than trusting the return value: not every script returns its results.
-            try:
-                outputs[name] = json.loads(json_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise CLIError(f"{name}: benchmark finished but {json_path} is unreadable: {exc}") from None
+            if not isinstance(result, dict) or "rows" not in result or not json_path.is_file():
+                raise CLIError(f"{name}: the benchmark returned no result in the harness's schema")
+            outputs[name] = result
             written.append(json_path)
-            progress.update(1)
-
-    plots: List[Path] = []
-    to_plot = [name for name in which if name in _PLOTTERS]
-    if to_plot and not args.no_plots:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")  # files only: no display on a server
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib is not installed: plots skipped (pip install matplotlib)")
-        else:
-            for name in to_plot:
-                png = out_dir / f"{name}_{date}.png"
-                _PLOTTERS[name](outputs[name], png, plt)
+            png = harness.plot_path(json_path)
+            if not args.no_plots and png.is_file():
                 plots.append(png)
+            progress.update(1)
     for path in written + plots:
         print(f"wrote {path}")
     return {"results": outputs, "json": [str(p) for p in written], "plots": [str(p) for p in plots]}
@@ -513,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
     demo.add_argument("--seed", type=int, default=0)
 
-    bench = sub.add_parser("bench", help="run the benchmark suite, write JSON and plots",
+    bench = sub.add_parser("bench", help="run the benchmark suite: tables, JSON results and plots",
                            description="Unrecognised options are passed to the selected benchmark script "
                                        "(with a single --which), e.g. --batches 1 --cases out_proj.")
     bench.add_argument("--which", nargs="+", choices=list(BENCHMARKS), default=None,
