@@ -46,6 +46,7 @@ BENCHMARKS: Dict[str, tuple] = {
     "peft": ("bench_peft", ["--quick"]),
     "monkey_vlm": ("bench_monkey_vlm", ["--quick"]),
     "processor": ("bench_processor", ["--quick"]),
+    "mixed_resolution": ("bench_mixed_resolution", ["--quick"]),
 }
 
 _DTYPES = ("fp32", "bf16", "fp16")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,27 @@ def test_an_image_needing_more_adapters_than_the_model_has_is_named():
         fused.forward_views(pixels, ids[:-1] + [-2], counts)
     unpatch_model(fused)
     assert "forward_views" not in fused.__dict__
+
+
+def test_benchmark_of_a_mixed_batch_runs_and_checks_outputs(tmp_path):
+    """The benchmark script (one harness, one schema) on a tiny batch: every patched model was checked against
+    the per-image loop before it was timed."""
+    import importlib
+    import sys as _sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in _sys.path:
+        _sys.path.insert(0, root)
+    bench = importlib.import_module("benchmarks.bench_mixed_resolution")
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--device", "cpu", "--batches", "2", "--rounds", "1", "--backends", "torch",
+                             "--no-plot", "--out", str(tmp_path / "mixed.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "mixed.json").exists() and result["bench"] == "mixed_resolution"
+    assert {(r["method"], r["mode"]) for r in result["rows"]} == {
+        (m, mode) for m in ("reference", "patched") for mode in ("inference", "train_step")}
+    assert max(result["rel_errors"].values()) < 1e-5
+    assert bench.views_of(5) == ([0, 1, 2, 3, -1, 0, 1, 2, 3, 4, 5, -1, 0, *range(12), -1, 0, 1, -1],
+                                 [5, 7, 1, 13, 3])
