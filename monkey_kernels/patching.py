@@ -28,7 +28,6 @@ needs activations and weights in one dtype (cast the model instead, e.g. ``model
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -133,8 +132,7 @@ def _load_builtin_rules() -> None:
     if not _builtins_loaded:
         _builtins_loaded = True
         for module in _BUILTIN_RULE_MODULES:
-            if importlib.util.find_spec(module) is not None:
-                importlib.import_module(module)
+            importlib.import_module(module)
 
 
 def registered_rules() -> List[PatchRule]:
