@@ -20,7 +20,6 @@ GPU target (benchmark, not a test): the fused pass >= 1.5x the per-image loop at
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from pathlib import Path
@@ -29,12 +28,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel
-from monkey_kernels.patching import patch_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
-                    peak_memory_bytes, plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs,
-                    timing_rows, write_result)
+from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
+                    report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
 
 __all__ = ["main", "GRIDS", "views_of"]
 
@@ -95,13 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         p.requires_grad_("lora" in name or name.startswith("attn_pool"))
         if name.endswith("lora_b.weight"):
             torch.nn.init.normal_(p, std=0.02)  # a LoRA that changes the output (B starts at zero)
-    backend = default_backend(device)
-    backends = args.backends or [backend] + other_backends(device, backend)
-    models: Dict[str, torch.nn.Module] = {"reference": reference}
-    for i, name in enumerate(backends):
-        model = copy.deepcopy(reference)
-        patch_model(model, backend=name)
-        models["patched" if i == 0 else f"patched_{name}"] = model
+    backends = bench_backends(device, args.backends)
+    patched, _ = patched_copies(reference, backends)
+    models: Dict[str, torch.nn.Module] = {"reference": reference, **patched}
 
     rows: List[dict] = []
     errors: Dict[str, float] = {}
@@ -142,21 +135,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             peaks = {name: peak_memory_bytes(fn, device) for name, fn in methods.items()}
             rows.extend(timing_rows(case, mode, timings, peaks, batch=batch, views=len(ids),
                                     grids=[GRIDS[i % len(GRIDS)] for i in range(batch)]))
-    result = make_result("mixed_resolution", device, rows, backend=backend,
+    result = make_result("mixed_resolution", device, rows, backend=backends[0],
                          config=dict(small=small, dtype=str(dtype), grids=GRIDS, batches=args.batches,
                                      lora_repeat_num=config.lora_repeat_num, timer=timer),
                          rel_errors=errors, target=dict(speedup_at_batch8=TARGET, device="GPU"))
     out = write_result(result, args.out or result_path("mixed_resolution", device))
-    print(f"\n### Mixed-grid batch through the Monkey encoder: {result['device']}, {result['threads']} threads, "
-          f"{dtype}\n")
-    print(markdown_table(rows, ["case", "mode", "method", "ms", "ratio_to_base", "peak_memory_bytes"]))
-    print(f"max relative difference to the reference: {max(errors.values()):.2e}")
-    if not args.no_plot:
-        png = plot_grouped_bars(rows, plot_path(out), title=f"Mixed-grid batch: {result['device']}",
-                                ylabel="time / per-image loop")
-        if png:
-            print(f"plot: {png}")
-    print(f"results: {out}")
+    report(rows, ["case", "mode", "method", "ms", "ratio_to_base", "peak_memory_bytes"], out,
+           f"Mixed-grid batch through the Monkey encoder: {result['device']}, {result['threads']} threads, {dtype}",
+           notes=[f"max relative difference to the reference: {max(errors.values()):.2e}"], plot=not args.no_plot,
+           title=f"Mixed-grid batch: {result['device']}", ylabel="time / per-image loop")
     return result
 
 

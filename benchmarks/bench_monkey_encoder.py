@@ -28,7 +28,6 @@ Run ``PYTHONPATH=. python benchmarks/bench_monkey_encoder.py --help`` for the op
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 import sys
@@ -40,13 +39,11 @@ from tqdm import tqdm
 
 from monkey_kernels.cuda_graphs import capture_forward
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, tile_grid
-from monkey_kernels.patching import patch_model
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
-                    peak_memory_bytes, plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs,
-                    timing_rows, write_result)
+from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
+                    report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
 
 TARGETS = {"inference": 2.0, "train_step": 1.5}  # GPU speed-ups of ``patched`` over ``reference``
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -180,11 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     resolutions = args.resolutions or (["896x896"] if args.quick else list(RESOLUTIONS))
     if args.rounds is None:
         args.rounds = (1 if on_cuda else 3) if args.quick else (3 if on_cuda else 7)
-    if args.backends:
-        backends = list(args.backends)
-    else:
-        default = default_backend(device)
-        backends = [default] + other_backends(device, default)
+    backends = bench_backends(device, args.backends)
 
     config = build_config(args.small_config)
     torch.manual_seed(0)
@@ -195,12 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 p.normal_(0.0, 0.02)
     release_trainable_(reference)
     reference = reference.to(device=device, dtype=dtype)
-    models: Dict[str, torch.nn.Module] = {"reference": reference}
-    reports = {}
-    for i, backend in enumerate(backends):
-        name = "patched" if i == 0 else f"patched_{backend}"
-        models[name] = copy.deepcopy(reference)
-        reports[name] = str(patch_model(models[name], backend=backend))
+    patched, reports = patched_copies(reference, backends)
+    models: Dict[str, torch.nn.Module] = {"reference": reference, **patched}
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in reference.state_dict().items()}
 
     rows: List[dict] = []
@@ -220,16 +209,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       trainable="lora* and attn_pool*, AdamW lr 1e-5")
     result = make_result("monkey_encoder", device, rows, config=run_config, patch_reports=reports)
     out = write_result(result, args.out or result_path("monkey_encoder", device))
-    print(f"\n### Monkey encoder: {result['device']}, {result['threads']} threads, {run_config['dtype']}, "
-          f"patched = {backends[0]} backend, {'small config' if args.small_config else 'release config'}\n")
-    print(markdown_table(rows, ["case", "method", "mode", "ms", "speedup", "images_per_s", "peak_memory_bytes",
-                                "rel_diff_to_reference", "target_met"]))
-    if not args.no_plot:
-        png = plot_grouped_bars(rows, plot_path(out), value="speedup", title=f"Monkey encoder: {result['device']}",
-                                ylabel="speed-up over the reference (higher is better)")
-        if png:
-            print(f"plot: {png}")
-    print(f"results: {out}")
+    report(rows, ["case", "method", "mode", "ms", "speedup", "images_per_s", "peak_memory_bytes",
+                  "rel_diff_to_reference", "target_met"], out,
+           f"Monkey encoder: {result['device']}, {result['threads']} threads, {run_config['dtype']}, "
+           f"patched = {backends[0]} backend, {'small config' if args.small_config else 'release config'}",
+           plot=not args.no_plot, value="speedup", title=f"Monkey encoder: {result['device']}",
+           ylabel="speed-up over the reference (higher is better)")
     return result
 
 

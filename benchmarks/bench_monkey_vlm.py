@@ -33,7 +33,6 @@ Run ``PYTHONPATH=. python benchmarks/bench_monkey_vlm.py --help`` for the option
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 import sys
@@ -43,17 +42,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-import monkey_kernels.monkey_vlm  # noqa: F401  (registers the monkey_vlm rule until patching imports it)
-from monkey_kernels.patching import patch_model
-
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it,
 # the structural double of the public Monkey code in tests/.
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
-from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
-                    peak_memory_bytes, plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs,
-                    timing_rows, write_result)
+from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
+                    report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
 from monkey_vlm_double import MonkeyLMHeadModel, QWenConfig  # noqa: E402
 
 TARGETS = {"prefill": 2.0, "train_step": 1.5}  # GPU speed-ups of ``patched`` over ``reference``
@@ -196,11 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     batches = args.batches or [1, 4]
     if args.rounds is None:
         args.rounds = (1 if on_cuda else 3) if args.quick else (3 if on_cuda else 7)
-    if args.backends:
-        backends = list(args.backends)
-    else:
-        default = default_backend(device)
-        backends = [default] + other_backends(device, default)
+    backends = bench_backends(device, args.backends)
 
     timer = args.timer = timer_kwargs(args)  # applies --threads: before the models are built
     config = build_config(small, args.lm_layers)
@@ -213,12 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 p.normal_(0.0, 0.02)
     release_trainable_(reference)
     reference = reference.to(device=device, dtype=dtype)
-    models: Dict[str, torch.nn.Module] = {"reference": reference}
-    reports = {}
-    for i, backend in enumerate(backends):
-        name = "patched" if i == 0 else f"patched_{backend}"
-        models[name] = copy.deepcopy(reference)
-        reports[name] = str(patch_model(models[name], backend=backend))
+    patched, reports = patched_copies(reference, backends)
+    models: Dict[str, torch.nn.Module] = {"reference": reference, **patched}
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in reference.state_dict().items()}
 
     rows: List[dict] = []
@@ -239,16 +226,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       trainable="vision lora* and attn_pool*, AdamW lr 1e-5")
     result = make_result("monkey_vlm", device, rows, config=run_config, patch_reports=reports)
     out = write_result(result, args.out or result_path("monkey_vlm", device))
-    print(f"\n### Monkey VLM: {result['device']}, {result['threads']} threads, {run_config['dtype']}, "
-          f"patched = {backends[0]} backend, {'small config' if small else 'release vision tower'}\n")
-    print(markdown_table(rows, ["case", "method", "mode", "ms", "speedup", "images_per_s", "peak_memory_bytes",
-                                "rel_diff_to_reference", "target_met"]))
-    if not args.no_plot:
-        png = plot_grouped_bars(rows, plot_path(out), value="speedup", title=f"Monkey VLM: {result['device']}",
-                                ylabel="speed-up over the reference (higher is better)")
-        if png:
-            print(f"plot: {png}")
-    print(f"results: {out}")
+    report(rows, ["case", "method", "mode", "ms", "speedup", "images_per_s", "peak_memory_bytes",
+                  "rel_diff_to_reference", "target_met"], out,
+           f"Monkey VLM: {result['device']}, {result['threads']} threads, {run_config['dtype']}, "
+           f"patched = {backends[0]} backend, {'small config' if small else 'release vision tower'}",
+           plot=not args.no_plot, value="speedup", title=f"Monkey VLM: {result['device']}",
+           ylabel="speed-up over the reference (higher is better)")
     return result
 
 

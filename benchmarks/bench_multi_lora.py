@@ -50,9 +50,8 @@ from tqdm import tqdm
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
-                    peak_memory_bytes, plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs,
-                    timing_rows, write_result)
+from common import (add_timer_args, default_backend, make_result, other_backends, peak_memory_bytes,  # noqa: E402
+                    report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
 
 __all__ = ["main", "CaseSpec", "MONKEY_CASES", "TARGETS", "CPU_TARGETS", "gemm_decisions"]
 
@@ -543,17 +542,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = make_result("multi_lora", device, rows, config=config, validation_rel_errors=validation,
                          gemm_choices=gemm_decisions() if on_cuda else None)
     out = write_result(result, args.out or result_path("multi_lora", device))
-    print(f"\n### multi-LoRA linear: {result['device']}, {result['threads']} threads, {args.dtype}, "
-          f"fused = {default} backend{'' if on_cuda else ' (CPU timings)'}\n")
-    print(markdown_table(rows, ["case", "method", "mode", "ms", "ratio_to_base", "tflops", "peak_memory_bytes",
-                                "target_met"] if on_cuda else
-                         ["case", "method", "mode", "ms", "ratio_to_base", "target_met", "le_other_backends"]))
-    if not args.no_plot:
-        png = plot_grouped_bars(rows, plot_path(out), title=f"multi-LoRA linear: {result['device']}, {args.dtype}",
-                                ylabel="time / base (lower is better)")
-        if png:
-            print(f"plot: {png}")
-    print(f"results: {out}")
+    columns = (["case", "method", "mode", "ms", "ratio_to_base", "tflops", "peak_memory_bytes", "target_met"]
+               if on_cuda else ["case", "method", "mode", "ms", "ratio_to_base", "target_met", "le_other_backends"])
+    report(rows, columns, out, f"multi-LoRA linear: {result['device']}, {result['threads']} threads, {args.dtype}, "
+           f"fused = {default} backend{'' if on_cuda else ' (CPU timings)'}", plot=not args.no_plot,
+           title=f"multi-LoRA linear: {result['device']}, {args.dtype}", ylabel="time / base (lower is better)")
     return result
 
 

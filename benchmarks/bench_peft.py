@@ -41,9 +41,8 @@ import torch
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
-                    peak_memory_bytes, plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs,
-                    timing_rows, write_result)
+from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
+                    report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 GPU_TOWER = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -83,15 +82,11 @@ def rows_for(names: List[str], batch: int) -> List[str]:
 
 
 def run_case(tower, num_adapters, batch, device, dtype, backends: Sequence[str], args) -> List[Dict]:
-    from monkey_kernels.patching import patch_model  # noqa: PLC0415
     from monkey_kernels.peft_patch import adapter_selection  # noqa: PLC0415
 
     torch.manual_seed(0)
     base, peft_model, names = build_models(tower, num_adapters, device, dtype)
-    patched = {}
-    for i, backend in enumerate(backends):
-        patched["patched" if i == 0 else f"patched_{backend}"] = model = copy.deepcopy(peft_model)
-        patch_model(model, backend=backend)
+    patched, _ = patched_copies(peft_model, backends)
     rows = rows_for(names, batch)
     size = tower["image_size"]
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
@@ -175,11 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     batches = args.batches or ([8, 32] if cuda else [4, 8])[: 1 if args.quick else 2]
     if args.rounds is None:
         args.rounds = (1 if cuda else 3) if args.quick else (3 if cuda else 9)
-    if args.backends:
-        backends = list(args.backends)
-    else:
-        default = default_backend(device)
-        backends = [default] + other_backends(device, default)
+    backends = bench_backends(device, args.backends)
 
     rows = []
     for num_adapters in adapters:
@@ -190,16 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   batches=batches, timer=timer_kwargs(args), base_method="peft")
     result = make_result("peft", device, rows, config=config)
     out = write_result(result, args.out or result_path("peft", device))
-    print(f"\n### PEFT multi-LoRA SigLIP tower: {result['device']}, {result['threads']} threads, {config['dtype']}, "
-          f"patched = {backends[0]} backend{'' if cuda else ' (tiny CPU tower)'}\n")
-    print(markdown_table(rows, ["case", "method", "mode", "ms", "ratio_to_base", "speedup_vs_peft", "images_per_s",
-                                "peak_memory_bytes", "rel_diff_vs_peft_eval", "target_met"]))
-    if not args.no_plot:
-        png = plot_grouped_bars(rows, plot_path(out), value="speedup_vs_peft", title=f"PEFT tower: {result['device']}",
-                                ylabel="speed-up over PEFT (higher is better)")
-        if png:
-            print(f"plot: {png}")
-    print(f"results: {out}")
+    report(rows, ["case", "method", "mode", "ms", "ratio_to_base", "speedup_vs_peft", "images_per_s",
+                  "peak_memory_bytes", "rel_diff_vs_peft_eval", "target_met"], out,
+           f"PEFT multi-LoRA SigLIP tower: {result['device']}, {result['threads']} threads, {config['dtype']}, "
+           f"patched = {backends[0]} backend{'' if cuda else ' (tiny CPU tower)'}",
+           plot=not args.no_plot, value="speedup_vs_peft", title=f"PEFT tower: {result['device']}",
+           ylabel="speed-up over PEFT (higher is better)")
     return result
 
 

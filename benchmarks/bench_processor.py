@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from monkey_kernels.processing import MonkeyImageProcessor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_timer_args, make_result, markdown_table, plot_grouped_bars, plot_path,  # noqa: E402
-                    result_path, time_methods, timer_kwargs, timing_rows, write_result)
+from common import (add_timer_args, make_result, report, result_path, time_methods, timer_kwargs,  # noqa: E402
+                    timing_rows, write_result)
 
 __all__ = ["main", "CASES", "naive_pixel_values"]
 
@@ -140,16 +140,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = make_result("processor", device, rows, backend="torch", config=config,
                          max_abs_diff=max_errors)
     out = write_result(result, args.out or result_path("processor", device))
-    print(f"\n### Image processor: {result['device']}, {result['threads']} threads, batch {len(images)}, "
-          f"tile {tile}\n")
-    print(markdown_table(rows, ["case", "method", "ms", "ratio_to_base", "images_per_s", "views"]))
-    print(f"max |processor - loop| (normalised units): {max_errors}")
-    if not args.no_plot:
-        png = plot_grouped_bars(rows, plot_path(out), title=f"Image processor: {result['device']}",
-                                ylabel="time / naive per-image loop")
-        if png:
-            print(f"plot: {png}")
-    print(f"results: {out}")
+    report(rows, ["case", "method", "ms", "ratio_to_base", "images_per_s", "views"], out,
+           f"Image processor: {result['device']}, {result['threads']} threads, batch {len(images)}, tile {tile}",
+           notes=[f"max |processor - loop| (normalised units): {max_errors}"], plot=not args.no_plot,
+           title=f"Image processor: {result['device']}", ylabel="time / naive per-image loop")
     return result
 
 

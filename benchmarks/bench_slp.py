@@ -49,9 +49,8 @@ from monkey_kernels.ops.slp.reference import SLPEmbeddingRef, SpatialLayoutProje
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_timer_args, default_backend, make_result, markdown_table, other_backends,  # noqa: E402
-                    plot_grouped_bars, plot_path, result_path, time_methods, timer_kwargs, timing_rows,
-                    write_result)
+from common import (add_timer_args, bench_backends, make_result, report, result_path, time_methods,  # noqa: E402
+                    timer_kwargs, timing_rows, write_result)
 
 __all__ = ["main", "CaseSpec", "FULL_CASES", "TARGET_COPY_FRACTION"]
 
@@ -229,11 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not on_cuda and args.threads is None:
         args.threads = 1  # steadier timings on a shared machine; --threads overrides
     timer_kwargs(args)
-    if args.backends:
-        backends = list(args.backends)
-    else:
-        default = default_backend(device)
-        backends = [default] + other_backends(device, default)
+    backends = bench_backends(device, args.backends)
+    if not args.backends:
         if on_cuda and "native" not in backends:
             backends.append("native")  # the CUDA C++ kernel, when the extension was built with CUDA (else skipped)
     cases = [FULL_CASES[n].scaled_down() if args.small else FULL_CASES[n] for n in args.cases]
@@ -287,18 +283,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   target_fraction_of_copy=TARGET_COPY_FRACTION)
     result = make_result("slp", device, rows, config=config, validation_rel_errors=errors, skipped_backends=skipped)
     out = write_result(result, args.out or result_path("slp", device))
-    print(f"\n### SLP embedding assembly: {result['device']}, {result['threads']} threads, {args.dtype}, "
-          f"fused = {backends[0]} backend, {'small' if args.small else 'full'} sizes\n")
-    print(markdown_table(rows, ["case", "method", "mode", "ms", "ratio_to_base", "gb_per_s", "fraction_of_copy",
-                                "target_met"]))
-    if skipped:
-        print(f"backends not measured: {skipped}")
-    if not args.no_plot:
-        png = plot_grouped_bars(rows, plot_path(out), title=f"SLP embedding: {result['device']}, {args.dtype}",
-                                ylabel="time / copy (fwd), / reference (fwd_bwd)")
-        if png:
-            print(f"plot: {png}")
-    print(f"results: {out}")
+    report(rows, ["case", "method", "mode", "ms", "ratio_to_base", "gb_per_s", "fraction_of_copy", "target_met"],
+           out, f"SLP embedding assembly: {result['device']}, {result['threads']} threads, {args.dtype}, "
+           f"fused = {backends[0]} backend, {'small' if args.small else 'full'} sizes",
+           notes=[f"backends not measured: {skipped}"] if skipped else (), plot=not args.no_plot,
+           title=f"SLP embedding: {result['device']}, {args.dtype}", ylabel="time / copy (fwd), / reference (fwd_bwd)")
     return result
 
 

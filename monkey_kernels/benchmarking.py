@@ -86,7 +86,8 @@ import torch
 __all__ = [
     "SCHEMA_VERSION", "RESULTS_DIR", "REPO_ROOT", "CUDA_TIMERS", "Timing", "time_methods", "peak_memory_bytes",
     "make_row", "timing_rows", "make_result", "result_path", "plot_path", "write_result", "load_result",
-    "default_backend", "other_backends", "markdown_table", "plot_grouped_bars", "add_timer_args", "timer_kwargs",
+    "default_backend", "other_backends", "bench_backends", "patched_copies", "markdown_table", "plot_grouped_bars",
+    "report", "add_timer_args", "timer_kwargs",
     "cpu_name", "device_name", "slug", "git_commit", "package_version", "synchronize",
 ]
 
@@ -180,6 +181,30 @@ def other_backends(device: Union[torch.device, str], default: str) -> List[str]:
             continue
         found.append(name)
     return found
+
+
+def bench_backends(device: Union[torch.device, str], requested: Optional[Sequence[str]] = None) -> List[str]:
+    """The backends a bench runs: ``requested`` when given, else the device's default first (the ``fused`` /
+    ``patched`` method), then every other backend that runs there."""
+    if requested:
+        return list(requested)
+    default = default_backend(device)
+    return [default] + other_backends(device, default)
+
+
+def patched_copies(reference, backends: Sequence[str]):
+    """``(models, reports)``: a patched deep copy of ``reference`` per backend, named ``patched`` (the first) and
+    ``patched_<backend>``, and the ``str`` of each copy's patch report under the same names."""
+    import copy  # noqa: PLC0415
+
+    from monkey_kernels.patching import patch_model  # noqa: PLC0415
+
+    models, reports = {}, {}
+    for i, backend in enumerate(backends):
+        name = "patched" if i == 0 else f"patched_{backend}"
+        models[name] = copy.deepcopy(reference)
+        reports[name] = str(patch_model(models[name], backend=backend))
+    return models, reports
 
 
 def synchronize(device: Union[torch.device, str]) -> None:
@@ -518,6 +543,21 @@ def plot_grouped_bars(rows: Sequence[dict], path: Union[Path, str], *, value: st
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def report(rows: Sequence[dict], columns: Sequence[str], out: Union[Path, str], heading: str, *, plot: bool = True,
+           notes: Sequence[str] = (), **plot_options: Any) -> None:
+    """What every bench prints last: ``### heading``, the rows as a markdown table (``columns``), ``notes`` lines,
+    the PNG plot beside the JSON ``out`` (``plot_grouped_bars`` with ``plot_options``) and the JSON's path."""
+    print(f"\n### {heading}\n")
+    print(markdown_table(rows, columns))
+    for note in notes:
+        print(note)
+    if plot:
+        png = plot_grouped_bars(rows, plot_path(out), **plot_options)
+        if png:
+            print(f"plot: {png}")
+    print(f"results: {out}")
 
 
 # ---------------------------------------------------------------------------------------------------------
