@@ -11,9 +11,11 @@
 // residual. ATen GEMMs run inside the chunks: inside a parallel region they are single-threaded, so the
 // chunks are the only parallelism. The grouped outer product splits (adapter, column block) work items.
 // Half types (fp16 / bf16) accumulate in fp32 and round once into the output, like the Triton kernels;
-// fp64 accumulates in fp64. Dropout masks come from Python as bool tensors (the torch backend's masks,
-// so both backends draw identical masks for a seed).
+// fp64 accumulates in fp64. Dropout masks are counter-based (csrc/dropout_hash.h): a function of (seed, row,
+// column) computed where an element is read, so the backward recomputes the forward's mask without storing it.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
@@ -23,6 +25,7 @@
 #include <optional>
 #include <vector>
 
+#include "dropout_hash.h"
 #include "outputs.h"
 
 namespace monkey_kernels_native {
@@ -30,6 +33,8 @@ namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
+using monkey_kernels::DropoutMask;
+using monkey_kernels::dropout_mask;
 
 // ---------------------------------------------------------------------------------------------------
 // Segments and row chunks
@@ -169,31 +174,58 @@ std::vector<double> read_scale(const OptTensor& scale, int64_t num_adapters) {
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + num_adapters);
 }
 
-void check_keep(const OptTensor& keep, int64_t rows, int64_t cols, double p, const char* name) {
-  if (!keep.has_value()) return;
-  TORCH_CHECK(keep->device().is_cpu() && keep->scalar_type() == at::kBool && keep->dim() == 2 &&
-                  keep->size(0) == rows && keep->size(1) == cols,
-              name, " must be a bool CPU tensor [", rows, ", ", cols, "], got ", keep->scalar_type(), " ",
-              keep->sizes());
-  TORCH_CHECK(p > 0.0 && p < 1.0, name, " needs a dropout probability in (0, 1), got ", p);
-}
-
-// Inverted dropout of a row block, rounded to the input dtype as the torch backend and the kernels do,
-// then cast to the accumulation dtype.
-Tensor dropped(const Tensor& x, const OptTensor& keep, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double p,
+// Inverted dropout of the block x[r0:r1, c0:c1] into a fresh contiguous tensor of the accumulation dtype:
+// kept elements are x / (1 - p) rounded to the input dtype (as the torch backend and the kernels round),
+// dropped ones exactly 0 (selected, so a NaN or inf there is dropped too). Without dropout: the block itself,
+// converted (a view when x already has the accumulation dtype).
+Tensor dropped(const Tensor& x, const DropoutMask& mask, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
                at::ScalarType acc) {
   Tensor block = x.slice(0, r0, r1).slice(1, c0, c1);
-  if (!keep.has_value()) return block.to(acc);
-  Tensor mask = keep->slice(0, r0, r1).slice(1, c0, c1);
-  Tensor scaled = at::where(mask, block.to(acc).div(1.0 - p), at::zeros({}, block.options().dtype(acc)));
-  return scaled.to(x.scalar_type()).to(acc);
+  if (!mask.active) return block.to(acc);
+  if (block.stride(1) != 1) block = block.contiguous();
+  Tensor out = at::empty({r1 - r0, c1 - c0}, x.options().dtype(acc));
+  const int64_t rows = r1 - r0, cols = c1 - c0, ld = block.stride(0);
+  std::vector<uint8_t> keep(cols);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_dropped", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t inv_keep = static_cast<acc_t>(1.0 - mask.p);
+    const scalar_t* src = block.const_data_ptr<scalar_t>();
+    acc_t* dst = out.data_ptr<acc_t>();
+    for (int64_t i = 0; i < rows; ++i) {
+      monkey_kernels::mask_row_bytes(mask.row(r0 + i), c0, cols, keep.data());
+      const scalar_t* s = src + i * ld;
+      acc_t* d = dst + i * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t scaled = static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(s[j]) / inv_keep));
+        d[j] = keep[j] ? scaled : acc_t(0);
+      }
+    }
+  });
+  return out;
+}
+
+// term[i, j] = 0 where element (r0 + i, c0 + j) of the mask is dropped (selected, never multiplied);
+// `term` is a contiguous tensor of the accumulation dtype.
+void apply_mask_(Tensor& term, const DropoutMask& mask, int64_t r0, int64_t c0) {
+  if (!mask.active) return;
+  TORCH_INTERNAL_ASSERT(term.is_contiguous() && term.dim() == 2);
+  const int64_t rows = term.size(0), cols = term.size(1);
+  std::vector<uint8_t> keep(cols);
+  AT_DISPATCH_FLOATING_TYPES(term.scalar_type(), "multi_lora_apply_mask", [&] {
+    scalar_t* data = term.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < rows; ++i) {
+      monkey_kernels::mask_row_bytes(mask.row(r0 + i), c0, cols, keep.data());
+      scalar_t* d = data + i * cols;
+      for (int64_t j = 0; j < cols; ++j) d[j] = keep[j] ? d[j] : scalar_t(0);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
 // shrink
 // ---------------------------------------------------------------------------------------------------
 Tensor multi_lora_shrink(const Tensor& x, const Tensor& weight, const Tensor& seg_indptr, const Tensor& adapter_ids,
-                         const Tensor& ranks, int64_t r_block, const OptTensor& keep, double dropout_p) {
+                         const Tensor& ranks, int64_t r_block, int64_t seed, double dropout_p) {
   check_float(x, "x");
   check_float(weight, "weight");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K], got ", x.sizes());
@@ -205,7 +237,7 @@ Tensor multi_lora_shrink(const Tensor& x, const Tensor& weight, const Tensor& se
   TORCH_CHECK(r_block >= R, "r_block = ", r_block, " must be >= R = ", R);
   const Segments segs = read_segments(seg_indptr, adapter_ids, M, A);
   const std::vector<int64_t> rank = read_ranks(ranks, A, R);
-  check_keep(keep, M, K, dropout_p, "keep");
+  const DropoutMask mask = dropout_mask(seed, dropout_p);
   const at::ScalarType acc = acc_type(x.scalar_type());
   // Columns past a row's rank, and every column of base-only rows, stay zero.
   Tensor out = at::zeros({M, r_block}, x.options().dtype(acc));
@@ -215,7 +247,7 @@ Tensor multi_lora_shrink(const Tensor& x, const Tensor& weight, const Tensor& se
   auto piece = [&](int64_t p0, int64_t p1, int64_t a) {
     if (a < 0 || rank[a] == 0) return;
     Tensor dst = out.slice(0, p0, p1).slice(1, 0, rank[a]);  // row stride r_block: a valid BLAS output
-    at::mm_out(dst, dropped(x, keep, p0, p1, 0, K, dropout_p, acc), w[a].slice(0, 0, rank[a]).t());
+    at::mm_out(dst, dropped(x, mask, p0, p1, 0, K, acc), w[a].slice(0, 0, rank[a]).t());
   };
   if (long_segments(segs)) {
     for_each_piece(segs, 0, M, piece);  // one BLAS call per segment, every thread inside it
@@ -232,7 +264,7 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
                              const OptTensor& expand, const OptTensor& scale, const OptTensor& residual,
                              const Tensor& seg_indptr, const Tensor& adapter_ids, const Tensor& ranks,
                              int64_t num_rows, int64_t out_features, at::ScalarType out_dtype,
-                             const OptTensor& lora_keep, double lora_dropout_p) {
+                             int64_t seed, double dropout_p) {
   const int64_t M = num_rows, N = out_features;
   TORCH_CHECK(M >= 0 && N >= 0, "num_rows and out_features must be >= 0, got ", M, " and ", N);
   check_epilogue(out_dtype, bias, residual, M, N);
@@ -264,8 +296,8 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
   const std::vector<int64_t> rank = has_lora ? read_ranks(ranks, A, R) : std::vector<int64_t>();
   const std::vector<double> scales = has_lora ? read_scale(scale, A) : std::vector<double>();
   const Segments segs = read_segments(seg_indptr, adapter_ids, M, has_lora ? A : INT64_MAX);
-  const bool lora_dropout = has_lora && lora_keep.has_value();
-  if (has_lora) check_keep(lora_keep, M, N, lora_dropout_p, "lora_keep");
+  // Dropout of the LoRA term (the input gradient of a dropped LoRA input): a mask over [M, N].
+  const DropoutMask mask = dropout_mask(seed, has_lora ? dropout_p : 0.0);
 
   const at::TensorOptions opts = at::TensorOptions().device(at::kCPU);
   Tensor out = monkey_kernels::fresh_output({M, N}, opts.dtype(out_dtype));
@@ -274,6 +306,9 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
   const Tensor w_t = has_base ? weight->to(acc).t() : Tensor();  // [K, N]; W.t() views stay views
   const Tensor b = bias.has_value() ? bias->to(acc) : Tensor();
   const Tensor e = has_lora ? expand->to(acc) : Tensor();
+  const Tensor h_acc = has_lora ? h->slice(1, 0, R).to(acc) : Tensor();
+  std::vector<Tensor> expand_t(A);  // each adapter's [rank, N] slice, built once for all pieces
+  for (int64_t a = 0; a < A; ++a) expand_t[a] = e[a].slice(1, 0, rank[a]).t();
   const bool direct = out_dtype == acc;  // fp32 / fp64 accumulate in the output itself
 
   parallel_row_chunks(M, [&](int64_t r0, int64_t r1) {
@@ -297,13 +332,13 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
       if (has_lora) {
         for_each_piece(segs, b0, b1, [&](int64_t p0, int64_t p1, int64_t a) {
           if (a < 0 || rank[a] == 0) return;
-          Tensor hp = h->slice(0, p0, p1).slice(1, 0, rank[a]).to(acc);
-          Tensor ep = e[a].slice(1, 0, rank[a]).t();  // [rank, N]
+          Tensor hp = h_acc.slice(0, p0, p1).slice(1, 0, rank[a]);
+          const Tensor& ep = expand_t[a];  // [rank, N]
           Tensor dst = acc_c.slice(0, p0 - r0, p1 - r0);
-          if (lora_dropout) {
+          if (mask.active) {
             Tensor term = at::mm(hp, ep);
-            Tensor mask = lora_keep->slice(0, p0, p1);
-            dst.add_(at::where(mask, term, at::zeros({}, term.options())), scales[a] / (1.0 - lora_dropout_p));
+            apply_mask_(term, mask, p0, 0);
+            dst.add_(term, scales[a] / (1.0 - mask.p));
           } else {
             dst.addmm_(hp, ep, /*beta=*/1.0, /*alpha=*/scales[a]);
           }
@@ -324,9 +359,13 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
 // count, so results are bitwise reproducible across runs and thread settings.
 constexpr int64_t kOuterColumns = 128;
 
+//
+// With `ranks` given, adapter a's columns r >= ranks[a], and every column of an adapter that owns no rows, are
+// exactly 0 (not computed: no 0 * NaN from a NaN row past the rank, no 0 * inf from an inf scale); without it,
+// every column is the sum as written.
 Tensor multi_lora_outer(const Tensor& x, const Tensor& y, const Tensor& seg_indptr, const Tensor& adapter_ids,
-                        const OptTensor& scale, const OptTensor& keep, double dropout_p, int64_t num_adapters,
-                        int64_t rank, at::ScalarType out_dtype) {
+                        const OptTensor& scale, int64_t seed, double dropout_p, int64_t num_adapters,
+                        int64_t rank, at::ScalarType out_dtype, const OptTensor& ranks) {
   check_float(x, "x");
   check_float(y, "y");
   TORCH_CHECK(x.dim() == 2, "x must be [M, N], got ", x.sizes());
@@ -336,7 +375,8 @@ Tensor multi_lora_outer(const Tensor& x, const Tensor& y, const Tensor& seg_indp
               "], got ", y.sizes());
   const Segments segs = read_segments(seg_indptr, adapter_ids, M, A);
   const std::vector<double> scales = read_scale(scale, A);
-  check_keep(keep, M, N, dropout_p, "keep");
+  const std::vector<int64_t> live = ranks.has_value() ? read_ranks(*ranks, A, R) : std::vector<int64_t>(A, R);
+  const DropoutMask mask = dropout_mask(seed, dropout_p);
   const at::ScalarType acc = acc_type(out_dtype == at::kDouble || x.scalar_type() == at::kDouble ? at::kDouble
                                                                                                  : at::kFloat);
   Tensor out = monkey_kernels::fresh_output({A, N, R}, x.options().dtype(out_dtype));
@@ -345,6 +385,8 @@ Tensor multi_lora_outer(const Tensor& x, const Tensor& y, const Tensor& seg_indp
   std::vector<std::vector<int64_t>> owned(A);
   for (size_t g = 0; g < segs.adapter.size(); ++g)
     if (segs.adapter[g] >= 0 && segs.indptr[g + 1] > segs.indptr[g]) owned[segs.adapter[g]].push_back(g);
+  // y's live columns, converted once (not once per column block)
+  const Tensor y_acc = y.slice(1, 0, R).to(acc);
   const int64_t blocks = (N + kOuterColumns - 1) / kOuterColumns;
   const at::ThreadLocalState state;
   at::parallel_for(0, A * blocks, 1, [&](int64_t i0, int64_t i1) {
@@ -352,14 +394,18 @@ Tensor multi_lora_outer(const Tensor& x, const Tensor& y, const Tensor& seg_indp
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t a = item / blocks;
       const int64_t c0 = (item % blocks) * kOuterColumns, c1 = std::min(N, c0 + kOuterColumns);
-      Tensor sum = at::zeros({c1 - c0, R}, x.options().dtype(acc));
+      Tensor dst = out[a].slice(0, c0, c1);
+      const int64_t width = ranks.has_value() ? (owned[a].empty() ? 0 : live[a]) : R;
+      if (width < R) dst.slice(1, width, R).zero_();
+      if (width == 0) continue;
+      Tensor sum = at::zeros({c1 - c0, width}, x.options().dtype(acc));
       for (int64_t g : owned[a]) {
         const int64_t s0 = segs.indptr[g], s1 = segs.indptr[g + 1];
-        Tensor xs = dropped(x, keep, s0, s1, c0, c1, dropout_p, acc);
-        sum.addmm_(xs.t(), y.slice(0, s0, s1).slice(1, 0, R).to(acc));
+        Tensor xs = dropped(x, mask, s0, s1, c0, c1, acc);
+        sum.addmm_(xs.t(), y_acc.slice(0, s0, s1).slice(1, 0, width));
       }
       if (scales[a] != 1.0) sum.mul_(scales[a]);
-      out[a].slice(0, c0, c1).copy_(sum);
+      dst.slice(1, 0, width).copy_(sum);
     }
   });
   return out;
@@ -460,19 +506,35 @@ Tensor multi_lora_merged_gemm(const Tensor& x, const Tensor& weight, const OptTe
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// the dropout mask itself (for tests and references: the ops never materialise it)
+// ---------------------------------------------------------------------------------------------------
+Tensor multi_lora_keep_mask(int64_t seed, int64_t rows, int64_t cols, double p) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "rows and cols must be >= 0, got ", rows, " and ", cols);
+  const DropoutMask mask = dropout_mask(seed, p);
+  Tensor out = at::empty({rows, cols}, at::TensorOptions().device(at::kCPU).dtype(at::kBool));
+  static_assert(sizeof(bool) == sizeof(uint8_t), "bool tensors hold one byte per element");
+  uint8_t* data = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) monkey_kernels::mask_row_bytes(mask.row(i), 0, cols, data + i * cols);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(monkey_kernels_native, m) {
+  m.def("multi_lora_keep_mask(int seed, int rows, int cols, float p) -> Tensor");
   m.def(
       "multi_lora_shrink(Tensor x, Tensor weight, Tensor seg_indptr, Tensor adapter_ids, Tensor ranks, "
-      "int r_block, Tensor? keep, float dropout_p) -> Tensor");
+      "int r_block, int seed, float dropout_p) -> Tensor");
   m.def(
       "multi_lora_fused_gemm(Tensor? x, Tensor? weight, Tensor? bias, Tensor? h, Tensor? expand, Tensor? scale, "
       "Tensor? residual, Tensor seg_indptr, Tensor adapter_ids, Tensor ranks, int num_rows, int out_features, "
-      "ScalarType out_dtype, Tensor? lora_keep, float lora_dropout_p) -> Tensor");
+      "ScalarType out_dtype, int seed, float dropout_p) -> Tensor");
   m.def(
-      "multi_lora_outer(Tensor x, Tensor y, Tensor seg_indptr, Tensor adapter_ids, Tensor? scale, Tensor? keep, "
-      "float dropout_p, int num_adapters, int rank, ScalarType out_dtype) -> Tensor");
+      "multi_lora_outer(Tensor x, Tensor y, Tensor seg_indptr, Tensor adapter_ids, Tensor? scale, int seed, "
+      "float dropout_p, int num_adapters, int rank, ScalarType out_dtype, Tensor? ranks=None) -> Tensor");
   m.def(
       "multi_lora_merged_gemm(Tensor x, Tensor weight, Tensor? bias, Tensor down, Tensor up, Tensor? scale, "
       "Tensor? residual, Tensor seg_indptr, Tensor adapter_ids, Tensor ranks, ScalarType out_dtype) -> Tensor");
@@ -483,6 +545,11 @@ TORCH_LIBRARY_IMPL(monkey_kernels_native, CPU, m) {
   m.impl("multi_lora_fused_gemm", &multi_lora_fused_gemm);
   m.impl("multi_lora_outer", &multi_lora_outer);
   m.impl("multi_lora_merged_gemm", &multi_lora_merged_gemm);
+}
+
+// No tensor argument to dispatch on: one kernel for every key (it always returns a CPU tensor).
+TORCH_LIBRARY_IMPL(monkey_kernels_native, CompositeExplicitAutograd, m) {
+  m.impl("multi_lora_keep_mask", &multi_lora_keep_mask);
 }
 
 }  // namespace monkey_kernels_native

@@ -50,11 +50,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels.segments import SegmentInfo
@@ -73,6 +73,12 @@ _ROWS_ATTR = "_monkey_kernels_peft_rows"  # AdapterRows holder on fused layers
 _BACKEND_ATTR = "_monkey_kernels_peft_backend"
 _SELECTION_ATTR = "_monkey_kernels_peft_selection"  # on the model: (rows, hook handles, layers)
 _CONSTS_ATTR = "_monkey_kernels_peft_consts"  # per-layer cache of the scale / rank tensors
+_STACK_ATTR = "_monkey_kernels_peft_stack"  # per-layer cache of the stacked adapters for no-grad calls
+
+# Bumped whenever this rule patches or unpatches a layer: cached layer lists of a model are then stale.
+_generation = 0
+# model -> (structure key, fused layers, unfused LoRA layers); weak, so a dropped model leaves nothing behind
+_LAYER_LISTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 RowsLike = Union[Sequence[Union[str, int, None]], torch.Tensor]
 
@@ -134,13 +140,17 @@ def _skip_reason(module: nn.Module) -> Optional[str]:
 
 
 def _to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
+    global _generation
+    _generation += 1
     module.__dict__[_BACKEND_ATTR] = options.backend
     module.forward = InstanceForward(fused_peft_linear_forward, module)
     return module
 
 
 def _to_reference(module: nn.Module) -> nn.Module:
-    for attr in ("forward", _BACKEND_ATTR, _ROWS_ATTR, _CONSTS_ATTR):
+    global _generation
+    _generation += 1
+    for attr in ("forward", _BACKEND_ATTR, _ROWS_ATTR, _CONSTS_ATTR, _STACK_ATTR):
         module.__dict__.pop(attr, None)
     return module
 
@@ -253,16 +263,39 @@ def set_adapter_rows(model: nn.Module, rows: RowsLike) -> AdapterRows:
     selection = AdapterRows.from_rows(rows, peft_adapter_names(model))
     clear_adapter_rows(model)
     peft_names = [BASE_NAME if n is None else n for n in selection.names]
-    layers, handles = [], []
+    layers, unfused = _peft_layers(model)
+    for module in layers:
+        module.__dict__[_ROWS_ATTR] = selection
+    handles = [module.register_forward_pre_hook(partial(_adapter_names_pre_hook, names=peft_names),
+                                                with_kwargs=True) for module in unfused]
+    model.__dict__[_SELECTION_ATTR] = (selection, handles, list(layers))
+    return selection
+
+
+def _peft_layers(model: nn.Module) -> Tuple[Tuple[nn.Module, ...], Tuple[nn.Module, ...]]:
+    """``(fused layers, PEFT LoRA layers left unfused)`` of ``model``.
+
+    Walking every module costs as much as a small layer's forward (a PEFT model with several adapters has
+    hundreds of modules), so the lists are cached on the model under a key that changes whenever they can:
+    the adapter names in ``peft_config`` (``add_adapter`` / ``load_adapter`` / ``delete_adapter`` -- how PEFT
+    adds LoRA layers) and a counter bumped by every patch / unpatch of a layer. A model without
+    ``peft_config`` is walked on every call."""
+    config = getattr(model, "peft_config", None)
+    key = (tuple(config.keys()), _generation) if isinstance(config, dict) else None
+    cached = _LAYER_LISTS.get(model)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    lora = _lora_module()
+    fused, unfused = [], []
     for module in model.modules():
         if module.__dict__.get(_RULE_ATTR) == RULE_NAME:
-            module.__dict__[_ROWS_ATTR] = selection
-            layers.append(module)
-        elif _is_lora_layer(module):
-            handles.append(module.register_forward_pre_hook(
-                partial(_adapter_names_pre_hook, names=peft_names), with_kwargs=True))
-    model.__dict__[_SELECTION_ATTR] = (selection, handles, layers)
-    return selection
+            fused.append(module)
+        elif lora is not None and isinstance(module, lora.LoraLayer):
+            unfused.append(module)
+    result = (tuple(fused), tuple(unfused))
+    if key is not None:
+        _LAYER_LISTS[model] = (key,) + result
+    return result
 
 
 def clear_adapter_rows(model: nn.Module) -> None:
@@ -329,19 +362,63 @@ def _dropout_p(layer: nn.Module, name: str) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
+class _StackPadded(torch.autograd.Function):
+    """``[n, *shape]`` from ``n`` weights, each zero-padded at the end of dim ``dim`` to ``size``, in ``dtype``:
+    one allocation and one copy per weight (``F.pad`` + ``torch.stack`` cost two of each per adapter and layer,
+    as much as the layer's GEMMs at small sizes); the backward hands each weight its slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, dim: int, size: int, dtype: torch.dtype, *weights: torch.Tensor) -> torch.Tensor:
+        first = weights[0]
+        shape = list(first.shape)
+        shape[dim] = size
+        out = first.new_zeros((len(weights), *shape), dtype=dtype) if any(
+            w.shape[dim] != size for w in weights) else first.new_empty((len(weights), *shape), dtype=dtype)
+        for i, w in enumerate(weights):
+            out[i].narrow(dim, 0, w.shape[dim]).copy_(w)
+        ctx.dim = dim
+        ctx.meta = [(w.shape[dim], w.dtype) for w in weights]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grads = tuple(grad[i].narrow(ctx.dim, 0, size).to(dtype) for i, (size, dtype) in enumerate(ctx.meta))
+        return (None, None, None) + grads
+
+
 def _padded(weight: torch.Tensor, pad: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    weight = F.pad(weight, pad) if any(pad) else weight
+    weight = torch.nn.functional.pad(weight, pad) if any(pad) else weight
     return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _stacked_weights(layer: nn.Module, used: Tuple[str, ...], ranks: List[int], dtype: torch.dtype):
+    """``(A [n, r_max, K], B [n, N, r_max])``, differentiable towards PEFT's Parameters. Without autograd (eval,
+    ``no_grad``) the stacks are cached per layer and reused while the weights are unchanged (same storage
+    and version counter: an optimizer step or any in-place edit bumps the version)."""
+    weights_a = [layer.lora_A[a].weight for a in used]
+    weights_b = [layer.lora_B[a].weight for a in used]
+    r_max = max(ranks)
+    differentiable = torch.is_grad_enabled() and any(w.requires_grad for w in weights_a + weights_b)
+    if torch.compiler.is_compiling():  # traced: plain differentiable ops, which the compiler fuses anyway
+        return (torch.stack([_padded(w, (0, 0, 0, r_max - w.shape[0]), dtype) for w in weights_a]),
+                torch.stack([_padded(w, (0, r_max - w.shape[1]), dtype) for w in weights_b]))
+    if differentiable or any(w.is_inference() for w in weights_a + weights_b):
+        return (_StackPadded.apply(0, r_max, dtype, *weights_a), _StackPadded.apply(1, r_max, dtype, *weights_b))
+    stamp = (used, dtype, tuple((w.data_ptr(), w._version) for w in weights_a + weights_b))
+    cached = layer.__dict__.get(_STACK_ATTR)
+    if cached is not None and cached[0] == stamp:
+        return cached[1], cached[2]
+    with torch.no_grad():
+        stacks = (_StackPadded.apply(0, r_max, dtype, *weights_a), _StackPadded.apply(1, r_max, dtype, *weights_b))
+    layer.__dict__[_STACK_ATTR] = (stamp,) + stacks
+    return stacks
 
 
 def _stack(layer: nn.Module, used: Tuple[str, ...], dtype: torch.dtype, device: torch.device):
     """``(A [n, r_max, K], B [n, N, r_max], scale [n], ranks [n])`` of the adapters ``used``; ranks are padded
     with zeros to ``r_max`` (the op also masks past ``ranks``), differentiable towards PEFT's Parameters."""
     ranks = [layer.lora_A[a].weight.shape[0] for a in used]
-    r_max = max(ranks)
-    # padded only where a rank is below r_max (a pad call per adapter and layer costs more than the copy)
-    lora_a = torch.stack([_padded(layer.lora_A[a].weight, (0, 0, 0, r_max - r), dtype) for a, r in zip(used, ranks)])
-    lora_b = torch.stack([_padded(layer.lora_B[a].weight, (0, r_max - r), dtype) for a, r in zip(used, ranks)])
+    lora_a, lora_b = _stacked_weights(layer, used, ranks, dtype)
     cache = layer.__dict__.setdefault(_CONSTS_ATTR, {})
     scales = tuple(float(layer.scaling[a]) for a in used)
     scale_dtype = accumulation_dtype(dtype)  # float64 models keep alpha / r exact (it rarely is in float32)

@@ -16,7 +16,7 @@ from conftest import require_native
 from monkey_kernels import SegmentInfo, _native, multi_lora_linear, multi_lora_linear_ref
 from monkey_kernels.ops import backends
 from monkey_kernels.ops.backends import resolve_backend
-from monkey_kernels.ops.multi_lora.native_impl import NativeMultiLoRA
+from monkey_kernels.ops.multi_lora.native_impl import NativeMultiLoRA, native_keep_mask
 from monkey_kernels.ops.multi_lora.torch_impl import TorchMultiLoRA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,24 +146,51 @@ def test_monkeypatched_failed_load_falls_back_in_process(monkeypatch, caplog):
         _native.ops()
 
 
+def _drop(x, keep, p):
+    return torch.where(keep, x / (1.0 - p), 0.0) if p else x
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_primitives_match_the_torch_backend(dropout_p):
-    """Same masks for a seed (the torch backend's generator), so the two CPU paths agree on every primitive."""
+    """Each primitive equals the torch backend's on the native backend's own mask (applied here by hand: the
+    native masks are a hash in C++, the torch backend's come from torch.rand, so the two streams differ)."""
     t, segments = _problem()
     r_block = 16
-    args = (t["x"], t["lora_a"], segments, t["ranks"])
-    h = NativeMultiLoRA.shrink(*args, r_block, dropout_p=dropout_p, seed=5)
-    torch.testing.assert_close(h, TorchMultiLoRA.shrink(*args, r_block, dropout_p=dropout_p, seed=5))
+    m, k = t["x"].shape
+    keep = {seed: native_keep_mask(seed, m, k, dropout_p, "cpu") for seed in (3, 5, 9)}
+    args = (t["lora_a"], segments, t["ranks"])
+    h = NativeMultiLoRA.shrink(t["x"], *args, r_block, dropout_p=dropout_p, seed=5)
+    torch.testing.assert_close(h, TorchMultiLoRA.shrink(_drop(t["x"], keep[5], dropout_p), *args, r_block))
     assert h.dtype == torch.float32 and h.shape == (segments.num_rows, r_block)
-    kwargs = dict(out_features=t["x"].shape[1], out_dtype=torch.float32, dropout_p=dropout_p, seed=9)
-    dx_args = (t["dy"], t["weight"].t(), None, h, t["lora_a"].transpose(1, 2), t["scale"], None, segments, t["ranks"])
-    torch.testing.assert_close(NativeMultiLoRA.fused_gemm(*dx_args, **kwargs),
-                               TorchMultiLoRA.fused_gemm(*dx_args, **kwargs))
-    out_native = torch.full((3, t["x"].shape[1], 5), float("nan")).transpose(1, 2).contiguous().transpose(1, 2)
+    kwargs = dict(out_features=k, out_dtype=torch.float32)
+    base = (t["dy"], t["weight"].t(), None)
+    lora = (h, t["lora_a"].transpose(1, 2), t["scale"], None, segments, t["ranks"])
+    expected = (TorchMultiLoRA.fused_gemm(*base, None, None, None, None, segments, t["ranks"], **kwargs)
+                + _drop(TorchMultiLoRA.fused_gemm(None, None, None, *lora, **kwargs), keep[9], dropout_p))
+    torch.testing.assert_close(NativeMultiLoRA.fused_gemm(*base, *lora, **kwargs, dropout_p=dropout_p, seed=9),
+                               expected)
+    out_native = torch.full((3, k, 5), float("nan")).transpose(1, 2).contiguous().transpose(1, 2)
     out_torch = torch.empty_like(out_native)
-    for prims, out in ((NativeMultiLoRA, out_native), (TorchMultiLoRA, out_torch)):
-        prims.outer(t["x"], h, segments, out, scale=t["scale"], dropout_p=dropout_p, seed=3)
+    NativeMultiLoRA.outer(t["x"], h, segments, out_native, scale=t["scale"], dropout_p=dropout_p, seed=3)
+    TorchMultiLoRA.outer(_drop(t["x"], keep[3], dropout_p), h, segments, out_torch, scale=t["scale"])
     torch.testing.assert_close(out_native, out_torch)
+
+
+def test_native_mask_is_the_one_the_ops_apply_at_any_column_offset():
+    """The outer product cuts columns into blocks of 128 and rows into segments: its dropped input must be the
+    mask of the whole [M, K] (global row and column indices), also for a bf16 input and a strided one."""
+    t, segments = _problem(num_rows_per_segment=(70, 0, 9, 61), k=300, n=7)
+    p = 0.4
+    for x in (t["x"], t["x"].to(torch.bfloat16), t["x"].t().contiguous().t()):
+        m, k = x.shape
+        keep = native_keep_mask(17, m, k, p, "cpu")
+        y = torch.randn(m, 4, generator=torch.Generator().manual_seed(1))
+        out = torch.empty(3, k, 4)
+        NativeMultiLoRA.outer(x, y, segments, out, dropout_p=p, seed=17)
+        dropped = torch.where(keep, (x.float() / (1 - p)).to(x.dtype).float(), 0.0)
+        expected = torch.empty_like(out)
+        TorchMultiLoRA.outer(dropped, y, segments, expected)
+        torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
@@ -199,12 +226,13 @@ def test_native_ops_under_torch_compile_fullgraph():
     ops = _native.ops()
 
     def step(x, lora_a, lora_b, weight, bias, scale, ranks, indptr, ids):
-        h = ops.multi_lora_shrink(x, lora_a, indptr, ids, ranks, 16, None, 0.0)
+        h = ops.multi_lora_shrink(x, lora_a, indptr, ids, ranks, 16, 4, 0.25)
         y = ops.multi_lora_fused_gemm(x, weight, bias, h, lora_b, scale, None, indptr, ids, ranks, x.shape[0],
-                                      weight.shape[0], torch.float32, None, 0.0)
-        grad_b = ops.multi_lora_outer(y, h, indptr, ids, scale, None, 0.0, lora_b.shape[0], lora_b.shape[2],
+                                      weight.shape[0], torch.float32, 5, 0.25)
+        grad_b = ops.multi_lora_outer(y, h, indptr, ids, scale, 6, 0.25, lora_b.shape[0], lora_b.shape[2],
                                       torch.float32)
-        return torch.relu(y) * 2.0, grad_b
+        keep = ops.multi_lora_keep_mask(7, x.shape[0], 3, 0.5)
+        return torch.relu(y) * 2.0, grad_b, keep
 
     args = (t["x"], t["lora_a"], t["lora_b"], t["weight"], t["bias"], t["scale"], t["ranks"], segments.seg_indptr,
             segments.adapter_ids)
@@ -235,19 +263,20 @@ def test_module_with_native_backend_under_torch_compile_fullgraph():
     "call, message",
     [
         (lambda t, s: _native.ops().multi_lora_shrink(t["x"], t["lora_a"][:, :, :3], s.seg_indptr, s.adapter_ids,
-                                                      t["ranks"], 16, None, 0.0), "weight must be"),
+                                                      t["ranks"], 16, 0, 0.0), "weight must be"),
         (lambda t, s: _native.ops().multi_lora_shrink(t["x"], t["lora_a"], s.seg_indptr, s.adapter_ids,
-                                                      torch.tensor([9, 1, 1], dtype=torch.int32), 16, None, 0.0),
+                                                      torch.tensor([9, 1, 1], dtype=torch.int32), 16, 0, 0.0),
          "ranks\\[0\\] = 9"),
         (lambda t, s: _native.ops().multi_lora_shrink(t["x"], t["lora_a"], s.seg_indptr, s.adapter_ids, t["ranks"],
-                                                      16, torch.ones(2, 2, dtype=torch.bool), 0.5), "keep must be"),
+                                                      16, 0, 1.0), "dropout_p must be in \\[0, 1\\)"),
+        (lambda t, s: _native.ops().multi_lora_keep_mask(0, -1, 3, 0.5), "rows and cols must be >= 0"),
         (lambda t, s: _native.ops().multi_lora_shrink(t["x"], t["lora_a"], s.seg_indptr,
                                                       torch.tensor([1, 5, 0, 1], dtype=torch.int32), t["ranks"], 16,
-                                                      None, 0.0), "adapter_ids\\[1\\] = 5"),
+                                                      0, 0.0), "adapter_ids\\[1\\] = 5"),
         (lambda t, s: _native.ops().multi_lora_fused_gemm(t["x"], t["weight"][:, :3], None, None, None, None, None,
                                                           s.seg_indptr, s.adapter_ids, t["ranks"], t["x"].shape[0],
-                                                          20, torch.float32, None, 0.0), "weight must be"),
-        (lambda t, s: _native.ops().multi_lora_outer(t["x"], t["x"][:3], s.seg_indptr, s.adapter_ids, None, None,
+                                                          20, torch.float32, 0, 0.0), "weight must be"),
+        (lambda t, s: _native.ops().multi_lora_outer(t["x"], t["x"][:3], s.seg_indptr, s.adapter_ids, None, 0,
                                                      0.0, 3, 5, torch.float32), "y must be"),
     ],
 )
@@ -335,3 +364,32 @@ def test_inference_skips_h_and_training_keeps_it():
                             ranks=t["ranks"], backend="native")
     out.backward(t["dy"])
     assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
+
+
+def test_loading_the_extension_tunes_glibc_malloc_so_freed_activations_are_reused():
+    """A batched pass frees and reallocates MB-sized activations every layer: with the raised thresholds they
+    come back from the heap instead of fresh mmaps, so the steps fault (almost) no new pages; untuned, glibc
+    maps and unmaps them (tens of thousands of faults over the same steps)."""
+    code = """
+import resource, torch
+from monkey_kernels import _native
+assert _native.load() is not None
+tuned = _native.tune_cpu_allocator()
+def step(i):
+    kept = [torch.ones((1 << 18) + (i % 5) * (1 << 16)) for _ in range(4)]   # 1-2 MiB activations
+    return sum(t.sum() for t in kept)
+for i in range(5):
+    step(i)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(40):
+    step(i)
+print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    tuned, faults = _run_python(code).stdout.split()
+    if os.confstr("CS_GNU_LIBC_VERSION") is None:
+        assert tuned == "False"
+        return
+    untuned, untuned_faults = _run_python(code, MONKEY_KERNELS_MALLOC_TUNING="0").stdout.split()
+    assert (tuned, untuned) == ("True", "False")
+    assert int(faults) * 10 < int(untuned_faults), (faults, untuned_faults)
+    assert _run_python(code, MALLOC_TRIM_THRESHOLD_=str(1 << 30)).stdout.split()[0] == "False"

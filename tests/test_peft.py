@@ -381,3 +381,34 @@ def test_peft_nan_image_stays_in_its_row():
     assert torch.equal(out.isnan(), expected.isnan()) and not out[[0, 2]].isnan().any()
     finite = torch.isfinite(expected)
     torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-5)
+
+
+def test_inference_reuses_stacked_adapters_only_while_the_weights_are_unchanged():
+    """No-grad calls cache each layer's stacked adapters: an in-place edit (what an optimizer step does) or a
+    new Parameter tensor must show up in the next call."""
+    model = make_peft("siglip").eval()
+    patched = copy.deepcopy(model)
+    patch_model(patched, backend="native" if "native" in BACKENDS else BACKENDS[0])
+    x = pixels(model, len(ROWS), "cpu")
+
+    def both():
+        with torch.no_grad():
+            expected = model(pixel_values=x, adapter_names=ROWS).last_hidden_state
+            with adapter_selection(patched, ROWS):
+                got = patched(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(got, expected, **TOL)
+        return got
+
+    first = both()
+    assert both().data_ptr() != first.data_ptr()  # a second call hits the cache and still matches
+    with torch.no_grad():
+        for m in (model, patched):
+            for name, p in m.named_parameters():
+                if "lora_B.blue" in name:
+                    p.add_(0.5)  # in place: the version counter moves
+    assert not torch.allclose(both(), first)
+    for m in (model, patched):
+        for name, module in m.named_modules():
+            if name.endswith("lora_A") and "red" in module:
+                module["red"].weight = nn.Parameter(module["red"].weight.detach() * 2.0)  # a new tensor
+    both()

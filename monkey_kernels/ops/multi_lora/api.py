@@ -94,8 +94,10 @@ def multi_lora_linear(
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device, backend: Optional[str] = None):
     """The bool keep-mask ``[rows, cols]`` that ``backend`` applies to the LoRA input for ``(seed, p)``.
 
-    Masks are a pure function of the seed (regenerated in backward, never stored); ``native`` and ``torch``
-    draw the same mask for a seed, ``triton`` a different (equally distributed) one. ``seed`` in
+    Masks are a pure function of the seed (regenerated in backward, never stored); each backend has its own
+    stream (``native``: a counter-based hash in C++, ``torch``: ``torch.rand`` from a generator seeded with
+    ``seed``, ``triton``: Philox), equally distributed, so one seed gives different masks on different
+    backends. ``seed`` in
     ``[0, 2**31)``, ``p`` in ``[0, 1)``, ``rows``, ``cols`` >= 0 (``ValueError`` otherwise).
     """
     for name, value in (("seed", seed), ("rows", rows), ("cols", cols)):

@@ -121,7 +121,8 @@ def _linear_backward(
     r"""Backward of :func:`multi_lora_linear_fwd` for ``U``, ``V``, ``A``, ``B`` and ``s`` (``needs`` says which,
     in that order); ``dW``, ``db`` and ``dR`` are plain PyTorch in the autograd formula.
 
-    With :math:`G_i = dY_i B_a` (the shrink of ``dY``, fp32) and :math:`dH_i = s_a G_i`:
+    With :math:`G_i = dY_i B_a` (the shrink of ``dY``, fp32) and :math:`dH_i = s_a G_i` (never formed: the
+    ops reading it take ``s`` as their scale):
 
     .. math::
         ds_a = \sum_{i \in a} \langle G_i, H_i \rangle, \quad
@@ -157,37 +158,39 @@ def _linear_backward(
     merged_du = need_u and _merged_path(prims, segments, v, dropout_p)
     if (need_b or need_scale) and h.shape[1] == 0:
         raise RuntimeError("multi_lora_linear_bwd: dB / dscale wanted but the forward ran with need_h=False")
-    need_dh = need_a or need_v or (need_u and not merged_du)
-    g = dh = None
-    if need_dh or need_scale:
-        g = prims.shrink(dy, lora_b.transpose(1, 2), segments, ranks, r_block)
+    need_g = need_a or need_v or need_scale or (need_u and not merged_du)
+    # G = dY B_a; dH = s_a G is never formed: the ops that read it take the scale (dA = s_a sum G^T V,
+    # dV = s_a G A_a), and skip base-only rows, so an inf scale meets no 0 of a row without an adapter.
+    g = prims.shrink(dy, lora_b.transpose(1, 2), segments, ranks, r_block) if need_g else None
     if need_scale:
         per_row = (g * h).sum(dim=1)
         grad_scale = torch.zeros(num_adapters, device=dy.device, dtype=per_row.dtype)
         grad_scale.index_add_(0, segments.row_adapter.clamp(min=0), per_row)
         grad_scale = grad_scale.to(scale.dtype)
-    if need_dh:
-        active = segments.row_adapter >= 0
-        row_scale = scale.to(g.dtype)[segments.row_adapter.clamp(min=0)]
-        # base-only rows borrow adapter 0's scale here; selected away so that an inf scale gives no 0 * inf
-        dh = torch.where(active[:, None], g * row_scale[:, None], 0.0)
-    if need_a or need_b:
+    # dA and dB are exactly 0 past each rank and for adapters without rows: the native outer writes them so;
+    # elsewhere they are selected here (see _owned_rank_columns).
+    exact_outer = getattr(prims, "outer_zeroes_unowned", False)
+    outer_kwargs = {"ranks": ranks} if exact_outer else {}
+    if (need_a or need_b) and not exact_outer:
         owned = _owned_rank_columns(segments, ranks, num_adapters, lora_a.shape[1])
     if need_b:
         grad_b = alloc.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
-        prims.outer(dy, h, segments, grad_b, scale=scale)
-        grad_b = torch.where(owned[:, None, :], grad_b, 0.0)
+        prims.outer(dy, h, segments, grad_b, scale=scale, **outer_kwargs)
+        if not exact_outer:
+            grad_b = torch.where(owned[:, None, :], grad_b, 0.0)
     if need_a:
         grad_a = alloc.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
-        prims.outer(lora_in, dh, segments, grad_a.transpose(1, 2), dropout_p=dropout_p, seed=seed)
-        grad_a = torch.where(owned[:, :, None], grad_a, 0.0)
+        prims.outer(lora_in, g, segments, grad_a.transpose(1, 2), scale=scale, dropout_p=dropout_p, seed=seed,
+                    **outer_kwargs)
+        if not exact_outer:
+            grad_a = torch.where(owned[:, :, None], grad_a, 0.0)
     if merged_du:
         grad_u = prims.merged_linear(dy, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), scale,
                                      None, segments, ranks, out_dtype=u.dtype)
     elif v is None:
         if need_u:
             grad_u = prims.fused_gemm(
-                dy, weight.t(), None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
+                dy, weight.t(), None, g, lora_a.transpose(1, 2), scale, None, segments, ranks,
                 out_features=k_lora, out_dtype=u.dtype, dropout_p=dropout_p, seed=seed,
             )
     else:
@@ -198,7 +201,7 @@ def _linear_backward(
             )
         if need_v:
             grad_v = prims.fused_gemm(
-                None, None, None, dh, lora_a.transpose(1, 2), None, None, segments, ranks,
+                None, None, None, g, lora_a.transpose(1, 2), scale, None, segments, ranks,
                 out_features=k_lora, out_dtype=v.dtype, dropout_p=dropout_p, seed=seed,
             )
     return [grad_u, grad_v, grad_a, grad_b, grad_scale]
