@@ -276,7 +276,7 @@ def _peft_layers(model: nn.Module) -> Tuple[Tuple[nn.Module, ...], Tuple[nn.Modu
     """``(fused layers, PEFT LoRA layers left unfused)`` of ``model``.
 
     Walking every module costs as much as a small layer's forward (a PEFT model with several adapters has
-    hundreds of modules), so the lists are cached on the model under a key that changes whenever they can:
+    hundreds of modules), so the lists are cached per model (weakly) under a key that changes whenever they can:
     the adapter names in ``peft_config`` (``add_adapter`` / ``load_adapter`` / ``delete_adapter`` -- how PEFT
     adds LoRA layers) and a counter bumped by every patch / unpatch of a layer. A model without
     ``peft_config`` is walked on every call."""
@@ -285,12 +285,11 @@ def _peft_layers(model: nn.Module) -> Tuple[Tuple[nn.Module, ...], Tuple[nn.Modu
     cached = _LAYER_LISTS.get(model)
     if key is not None and cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    lora = _lora_module()
     fused, unfused = [], []
     for module in model.modules():
         if module.__dict__.get(_RULE_ATTR) == RULE_NAME:
             fused.append(module)
-        elif lora is not None and isinstance(module, lora.LoraLayer):
+        elif _is_lora_layer(module):
             unfused.append(module)
     result = (tuple(fused), tuple(unfused))
     if key is not None:

@@ -116,5 +116,5 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device, backend
     if device.type == "meta":
         raise ValueError("device 'meta' holds no values: a mask needs a real device")
     backend = resolve_backend(backend, device, "multi_lora")
-    # a copy: the CPU backends keep the last mask for their backward, which a caller's in-place edit would corrupt
+    # a copy: the torch backend keeps the last mask for its backward, which a caller's in-place edit would corrupt
     return implementation("multi_lora", backend).dropout_keep_mask(seed, rows, cols, float(p), device).clone()

@@ -21,7 +21,7 @@ _last_mask: tuple = (None, None)  # (key, mask) of the last mask drawn; replaced
 
 
 def torch_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
-    """The bool keep-mask ``[rows, cols]`` of the CPU backends for ``(seed, p)``: a pure function of the seed.
+    """The bool keep-mask ``[rows, cols]`` of the torch backend for ``(seed, p)``: a pure function of the seed.
 
     The backward needs a layer's mask twice in a row (``dA`` and ``dV``), so the last mask drawn is kept and
     returned again for the same key: one draw instead of two, and one mask of memory at most (callers only
