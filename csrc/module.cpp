@@ -6,6 +6,7 @@
 // pybind11 alone (not torch/extension.h): nothing here needs the torch C++ API, and the build is faster.
 #include <pybind11/pybind11.h>
 
+#include "lowrank_gemm.h"
 #include "outputs.h"
 
 namespace {
@@ -36,4 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("num_threads", []() { return at::get_num_threads(); }, "ATen's intra-op thread count (at::get_num_threads)");
   m.def("poison_outputs", &monkey_kernels::poison_outputs,
         "True when MONKEY_KERNELS_POISON is set: the ops' fresh outputs start as NaN (csrc/outputs.h)");
+  m.def("lowrank_isa", &monkey_kernels::lowrank_isa,
+        "The vector ISA of the fp32 low-rank GEMMs now: avx512, avx2 or portable (csrc/lowrank_gemm.h; "
+        "MONKEY_KERNELS_LOWRANK_ISA caps it)");
 }

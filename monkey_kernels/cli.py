@@ -115,6 +115,9 @@ def cmd_info(args: argparse.Namespace) -> dict:
     from monkey_kernels import _native
 
     info["native extension"] = _native.status()
+    if _native.available():
+        info["native low-rank GEMMs"] = (f"{_native.load().lowrank_isa()} "
+                                          "(csrc/lowrank_gemm.h; MONKEY_KERNELS_LOWRANK_ISA caps it)")
     info["backend for CPU tensors"] = _backend_for("cpu")
     info["backend for CUDA tensors"] = _backend_for("cuda") + ("" if cuda else " (no CUDA device here)")
     ptxas = _ptxas_path()

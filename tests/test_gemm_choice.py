@@ -8,6 +8,7 @@ On CPU the "cublas" variant runs torch's CPU matmul and the fused one Triton's i
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ def test_cublas_variant_matches_fp64_and_the_fused_kernel(case_name):
     tensors, segments = make_case(case)
     expected = reference(tensors, segments, case, seed)
     bound = error_bound(case, expected)
-    for name, variant in (("cublas", kernels.fused_lora_gemm_cublas), ("triton", kernels._fused_lora_gemm_triton)):
+    triton_path = functools.partial(kernels.fused_lora_gemm, path="triton")
+    for name, variant in (("cublas", kernels.fused_lora_gemm_cublas), ("triton", triton_path)):
         out = run_variant(variant, tensors, segments, case, seed)
         assert out.shape == (segments.num_rows, OUT_FEATURES) and out.dtype == case.dtype, name
         assert torch.isfinite(out).all(), f"{name}: unwritten (NaN-poisoned) or junk-polluted entries"
@@ -165,17 +167,20 @@ def test_cublas_variant_empty_output():
 
 @pytest.fixture
 def spied_variants(monkeypatch):
-    """Replaces both variants by recorders of which one ``fused_lora_gemm`` dispatched to."""
+    """Replaces both variants (the cuBLAS function, the Triton kernel's launch) by recorders of which one
+    ``fused_lora_gemm`` dispatched to."""
     calls = []
 
-    def recorder(name):
-        def run(*args, **kwargs):
-            calls.append(name)
-            return torch.zeros(args[7].num_rows, kwargs["out_features"], dtype=kwargs["out_dtype"])
-        return run
+    def cublas(*args, **kwargs):
+        calls.append("cublas")
+        return torch.zeros(args[7].num_rows, kwargs["out_features"], dtype=kwargs["out_dtype"])
 
-    monkeypatch.setattr(kernels, "_fused_lora_gemm_triton", recorder("triton"))
-    monkeypatch.setattr(kernels, "fused_lora_gemm_cublas", recorder("cublas"))
+    class TritonLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append("triton")
+
+    monkeypatch.setattr(kernels, "_fused_lora_gemm_kernel", TritonLaunch())
+    monkeypatch.setattr(kernels, "fused_lora_gemm_cublas", cublas)
     return calls
 
 

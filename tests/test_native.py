@@ -33,8 +33,22 @@ def _run_python(code: str, **env) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+LOWRANK_ISAS = ("avx512", "avx2", "portable")
+
+
+@pytest.fixture(params=LOWRANK_ISAS)
+def lowrank_isa(request, monkeypatch):
+    """Runs a test on each vector path of the fp32 low-rank GEMMs (csrc/lowrank_gemm.h) this CPU has; a path the
+    CPU cannot run is skipped, with the path it would have fallen back to named."""
+    monkeypatch.setenv("MONKEY_KERNELS_LOWRANK_ISA", request.param)
+    running = _native.load().lowrank_isa()
+    if running != request.param:
+        pytest.skip(f"this CPU has no {request.param} (the low-rank GEMMs run {running})")
+    return request.param
+
+
 def _problem(num_rows_per_segment=(7, 0, 40, 13), ids=(1, -1, 0, 1), k=24, n=20, num_adapters=3, r_max=5,
-             dtype=torch.float32):
+             dtype=torch.float32, ranks=None):
     indptr = [0]
     for length in num_rows_per_segment:
         indptr.append(indptr[-1] + length)
@@ -50,7 +64,7 @@ def _problem(num_rows_per_segment=(7, 0, 40, 13), ids=(1, -1, 0, 1), k=24, n=20,
         "scale": torch.rand(num_adapters, generator=g, dtype=dtype) + 0.5,
         "residual": torch.randn(m, n, generator=g, dtype=dtype),
         "dy": torch.randn(m, n, generator=g, dtype=dtype),
-        "ranks": torch.tensor([r_max, 2, 1][:num_adapters], dtype=torch.int32),
+        "ranks": torch.tensor(ranks or [r_max, 2, 1][:num_adapters], dtype=torch.int32),
     }
     return t, segments
 
@@ -151,29 +165,40 @@ def _drop(x, keep, p):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_primitives_match_the_torch_backend(dropout_p):
+@pytest.mark.parametrize("shape", ["r5", "r20"])
+def test_primitives_match_the_torch_backend(dropout_p, shape, lowrank_isa):
     """Each primitive equals the torch backend's on the native backend's own mask (applied here by hand: the
-    native masks are a hash in C++, the torch backend's come from torch.rand, so the two streams differ)."""
-    t, segments = _problem()
-    r_block = 16
+    native masks are a hash in C++, the torch backend's come from torch.rand, so the two streams differ), on
+    every vector path of the low-rank GEMMs: ranks below, at and above one 16-column tile (r20: 20, 16, 3),
+    odd widths (K = 29, N = 37) and segments of 7, 40 and 13 rows (tails of every tile height)."""
+    if shape == "r5":
+        t, segments = _problem()
+        r_block = 16
+    else:
+        t, segments = _problem(k=29, n=37, r_max=20, ranks=[20, 16, 3])
+        r_block = 32
     m, k = t["x"].shape
+
+    def close(actual, expected):  # two fp32 results of sums in different orders: eps-sized error of the terms
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
     keep = {seed: native_keep_mask(seed, m, k, dropout_p, "cpu") for seed in (3, 5, 9)}
     args = (t["lora_a"], segments, t["ranks"])
     h = NativeMultiLoRA.shrink(t["x"], *args, r_block, dropout_p=dropout_p, seed=5)
-    torch.testing.assert_close(h, TorchMultiLoRA.shrink(_drop(t["x"], keep[5], dropout_p), *args, r_block))
+    close(h, TorchMultiLoRA.shrink(_drop(t["x"], keep[5], dropout_p), *args, r_block))
     assert h.dtype == torch.float32 and h.shape == (segments.num_rows, r_block)
     kwargs = dict(out_features=k, out_dtype=torch.float32)
     base = (t["dy"], t["weight"].t(), None)
     lora = (h, t["lora_a"].transpose(1, 2), t["scale"], None, segments, t["ranks"])
     expected = (TorchMultiLoRA.fused_gemm(*base, None, None, None, None, segments, t["ranks"], **kwargs)
                 + _drop(TorchMultiLoRA.fused_gemm(None, None, None, *lora, **kwargs), keep[9], dropout_p))
-    torch.testing.assert_close(NativeMultiLoRA.fused_gemm(*base, *lora, **kwargs, dropout_p=dropout_p, seed=9),
-                               expected)
-    out_native = torch.full((3, k, 5), float("nan")).transpose(1, 2).contiguous().transpose(1, 2)
+    close(NativeMultiLoRA.fused_gemm(*base, *lora, **kwargs, dropout_p=dropout_p, seed=9), expected)
+    r_max = t["lora_a"].shape[1]
+    out_native = torch.full((3, k, r_max), float("nan")).transpose(1, 2).contiguous().transpose(1, 2)
     out_torch = torch.empty_like(out_native)
     NativeMultiLoRA.outer(t["x"], h, segments, out_native, scale=t["scale"], dropout_p=dropout_p, seed=3)
     TorchMultiLoRA.outer(_drop(t["x"], keep[3], dropout_p), h, segments, out_torch, scale=t["scale"])
-    torch.testing.assert_close(out_native, out_torch)
+    close(out_native, out_torch)
 
 
 def test_native_mask_is_the_one_the_ops_apply_at_any_column_offset():
@@ -219,6 +244,28 @@ def test_outer_is_bitwise_deterministic_across_runs_and_thread_counts():
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     assert results[0][2].abs().sum() > 0  # adapter 2 owns rows: a real sum, not zeros
+
+
+def test_merged_pass_is_bitwise_deterministic_across_thread_counts(lowrank_isa):
+    """The merged GEMM's shrink and outer product split rows / columns over the threads: each element is one sum
+    in one order, so both are bitwise equal for every thread count (the GEMM output itself is BLAS's, which
+    may pick another kernel for another thread count)."""
+    t, segments = _problem(num_rows_per_segment=(300, 0, 517, 9, 260), ids=(1, -1, 0, 1, 2), k=300, n=20,
+                           r_max=20, ranks=[20, 16, 3])
+    h = torch.randn(segments.num_rows, 32, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (threads, 1, 2):
+            torch.set_num_threads(count)
+            results.append(_native.ops().multi_lora_merged_gemm(
+                t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], None, segments.seg_indptr,
+                segments.adapter_ids, t["ranks"], torch.float32, 32, h))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert [torch.equal(a, b) for a, b in zip(results[0][1:], other[1:])] == [True, True]
+    assert all(r.abs().sum() > 0 for r in results[0])
 
 
 def test_native_ops_under_torch_compile_fullgraph():
@@ -286,34 +333,68 @@ def test_ops_check_their_arguments(call, message):
         call(t, segments)
 
 
+def _per_adapter_rows(segments, ranks, rows_fn, r_block, dtype):
+    """``[M, r_block]``: row i of segment g (adapter a) = ``rows_fn(a, slice of g)[:, :ranks[a]]``, 0 elsewhere."""
+    out = torch.zeros(segments.num_rows, r_block, dtype=dtype)
+    indptr = segments.seg_indptr.tolist()
+    for g, a in enumerate(segments.adapter_ids.tolist()):
+        if a >= 0 and ranks[a] > 0 and indptr[g + 1] > indptr[g]:
+            rows = slice(indptr[g], indptr[g + 1])
+            out[rows, :ranks[a]] = rows_fn(a, rows)[:, :ranks[a]]
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["float64", "float32", "bfloat16", "float16"])
-def test_merged_gemm_matches_float64_with_merged_and_unmerged_adapters(dtype):
+def test_merged_gemm_matches_float64_with_merged_and_unmerged_adapters(dtype, lowrank_isa):
     """``multi_lora_merged_gemm``: adapter 0 (60 rows) and 1 (45 rows) are worth merging at K=24, N=20
     (rows (N + K) >= N K), adapter 2 (4 rows) is not; the forward and the input-gradient form both match the
-    float64 loop, and adapter 0's merged weight leaves the base-only rows untouched."""
-    t, segments = _problem(num_rows_per_segment=(60, 7, 45, 4, 0), ids=(0, -1, 1, 2, 1), dtype=dtype)
-    ranks = torch.tensor([5, 2, 3], dtype=torch.int32)
+    float64 loop, and adapter 0's merged weight leaves the base-only rows untouched. The passes that ride along
+    match too: the shrink (forward H = X A^T, backward G = dY B) and the outer product dB = s sum dY^T H, exactly
+    0 past each rank, on base-only rows and for adapter 3, which owns no rows."""
+    t, segments = _problem(num_rows_per_segment=(60, 7, 45, 4, 0), ids=(0, -1, 1, 2, 1), dtype=dtype,
+                           num_adapters=4, ranks=[5, 2, 3, 4])
+    ranks = torch.tensor([5, 2, 3, 4], dtype=torch.int32)
+    r_block = 8
     ops = _native.ops()
-    out = ops.multi_lora_merged_gemm(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"],
-                                     t["residual"], segments.seg_indptr, segments.adapter_ids, ranks, dtype)
+    out, h, no_outer = ops.multi_lora_merged_gemm(
+        t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], t["residual"], segments.seg_indptr,
+        segments.adapter_ids, ranks, dtype, r_block)
     d = {n: t[n].double() for n in ("x", "weight", "bias", "lora_a", "lora_b", "scale", "residual", "dy")}
     expected = multi_lora_linear_ref(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], d["scale"], segments,
                                      ranks=ranks.tolist(), residual=d["residual"])
     tolerance = {torch.float64: 1e-13, torch.float32: 1e-6}.get(dtype, 1e-2)
-    assert out.dtype == dtype
-    assert ((out.double() - expected).norm() / expected.norm()).item() < tolerance
+
+    def close(actual, reference):
+        return ((actual.double() - reference).norm() / reference.norm()).item() < tolerance
+
+    assert out.dtype == dtype and no_outer.shape[0] == 0
+    assert close(out, expected)
     base_rows = slice(60, 67)
-    torch.testing.assert_close(out[base_rows].double(), (d["x"] @ d["weight"].t() + d["bias"] + d["residual"])[base_rows],
-                               rtol=tolerance, atol=tolerance)
-    # dX = dY (W + s B A): the forward's op with W^T, B^T, A^T as strided views
-    grad = ops.multi_lora_merged_gemm(t["dy"], t["weight"].t(), None, t["lora_b"].transpose(1, 2),
-                                      t["lora_a"].transpose(1, 2), t["scale"], None, segments.seg_indptr,
-                                      segments.adapter_ids, ranks, dtype)
+    base_expected = (d["x"] @ d["weight"].t() + d["bias"] + d["residual"])[base_rows]
+    # element-wise: an entry near 0 still carries the rounding of its O(max) terms
+    torch.testing.assert_close(out[base_rows].double(), base_expected, rtol=tolerance,
+                               atol=tolerance * base_expected.abs().max().item())
+    h_expected = _per_adapter_rows(segments, ranks.tolist(), lambda a, rows: d["x"][rows] @ d["lora_a"][a].t(),
+                                   r_block, torch.float64)
+    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and h.shape == (60 + 7 + 45 + 4, 8)
+    assert close(h, h_expected) and torch.equal(h == 0, h_expected == 0)
+    # dX = dY (W + s B A): the forward's op with W^T, B^T, A^T as strided views; G = dY B and dB from H with it
+    grad, g, grad_b = ops.multi_lora_merged_gemm(
+        t["dy"], t["weight"].t(), None, t["lora_b"].transpose(1, 2), t["lora_a"].transpose(1, 2), t["scale"], None,
+        segments.seg_indptr, segments.adapter_ids, ranks, dtype, r_block, h)
     x = d["x"].clone().requires_grad_(True)
-    multi_lora_linear_ref(x, d["weight"], None, d["lora_a"], d["lora_b"], d["scale"], segments,
+    lora_b = d["lora_b"].clone().requires_grad_(True)
+    multi_lora_linear_ref(x, d["weight"], None, d["lora_a"], lora_b, d["scale"], segments,
                           ranks=ranks.tolist()).backward(d["dy"])
-    assert ((grad.double() - x.grad).norm() / x.grad.norm()).item() < tolerance
+    assert close(grad, x.grad)
+    g_expected = _per_adapter_rows(segments, ranks.tolist(), lambda a, rows: d["dy"][rows] @ d["lora_b"][a],
+                                   r_block, torch.float64)
+    assert close(g, g_expected) and torch.equal(g == 0, g_expected == 0)
+    assert grad_b.dtype == dtype and grad_b.shape == t["lora_b"].shape
+    assert close(grad_b, lora_b.grad)
+    live = torch.arange(5)[None, :] < torch.tensor([5, 2, 3, 0])[:, None]  # adapter 3: rank 4, no rows
+    assert torch.equal(grad_b != 0, live[:, None, :].expand_as(grad_b))
 
 
 def test_op_uses_merged_weights_only_where_they_apply(monkeypatch):

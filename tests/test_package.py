@@ -151,3 +151,33 @@ def test_a_patched_block_reaches_the_kernel_in_at_most_six_project_frames(monkey
     with torch.no_grad():
         fused(views(1, 2, model.config, "cpu"))
     assert depths and max(depths) <= 6, depths
+
+
+def test_a_patched_block_reaches_the_triton_launch_in_at_most_six_project_frames(monkeypatch):
+    """The same on the Triton backend (the interpreter), counted down to the frame that launches the kernel
+    (``kernel[grid](...)``), launcher frames in ``triton_kernels/`` included."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import triton_kernels.multi_lora as kernels
+    from monkey_kernels import patch_model
+
+    project = (os.path.join(ROOT, "monkey_kernels"), os.path.join(ROOT, "triton_kernels"))
+    depths = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            frames = [f for f in inspect.stack()[1:] if f.filename.startswith(project)]
+            block = next(i for i, f in enumerate(frames) if f.function == "forward" and "fused_monkey" in f.filename
+                         and "block" in repr(f.frame.f_locals.get("self", "")).lower()[:80])
+            depths.append(block + 1)  # the launching frame down to the block's forward, both included
+            return self.kernel[grid]
+
+    monkeypatch.setattr(kernels, "_fused_lora_gemm_kernel", Spy(kernels._fused_lora_gemm_kernel))
+    model = make_model("cpu").eval()
+    patch_model(model, backend="triton")
+    with torch.no_grad():
+        model(views(1, 2, model.config, "cpu"))
+    assert depths and max(depths) <= 6, depths

@@ -420,6 +420,7 @@ def fused_lora_gemm(
     out_dtype: torch.dtype,
     dropout_p: float = 0.0,
     seed: int = 0,
+    path: Optional[str] = None,
 ) -> torch.Tensor:
     """``OUT = x @ weight^T + bias + drop(s[a] * h @ expand[a]^T) + residual`` in one pass over ``OUT``.
 
@@ -438,45 +439,27 @@ def fused_lora_gemm(
 
     Runs the fused Triton kernel or :func:`fused_lora_gemm_cublas` (same contract), chosen per shape by
     :mod:`triton_kernels.gemm_choice` (``MONKEY_KERNELS_GEMM=auto|triton|cublas``; ``auto`` times both once
-    per shape on CUDA and is the Triton kernel elsewhere).
+    per shape on CUDA and is the Triton kernel elsewhere); ``path="triton"`` / ``"cublas"`` forces one (what
+    the chooser times). The Triton launch is in this function itself: no wrapper frame between the op and
+    the kernel.
     """
-    args = (x, weight, bias, h, expand, scale, residual, segments, ranks)
-    options = dict(out_features=out_features, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
     M, N = segments.num_rows, int(out_features)
-    if M == 0 or N == 0:
-        return _fused_lora_gemm_triton(*args, **options)
-    path = gemm_choice.choose_gemm_path(
-        segments.device, out_dtype, M, N,
-        k=x.shape[1] if x is not None else 0,
-        r_block=h.shape[1] if h is not None else 0,
-        has_lora=h is not None,
-        candidates=lambda: {"triton": lambda: _fused_lora_gemm_triton(*args, **options),
-                            "cublas": lambda: fused_lora_gemm_cublas(*args, **options)},
-    )
+    if path is None and M > 0 and N > 0:
+        args = (x, weight, bias, h, expand, scale, residual, segments, ranks)
+        options = dict(out_features=out_features, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+        path = gemm_choice.choose_gemm_path(
+            segments.device, out_dtype, M, N,
+            k=x.shape[1] if x is not None else 0,
+            r_block=h.shape[1] if h is not None else 0,
+            has_lora=h is not None,
+            candidates=lambda: {"triton": lambda: fused_lora_gemm(*args, **options, path="triton"),
+                                "cublas": lambda: fused_lora_gemm_cublas(*args, **options)},
+        )
     if path == "cublas":
-        return fused_lora_gemm_cublas(*args, **options)
-    return _fused_lora_gemm_triton(*args, **options)
-
-
-def _fused_lora_gemm_triton(
-    x: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    h: Optional[torch.Tensor],
-    expand: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    segments: SegmentInfo,
-    ranks: torch.Tensor,
-    *,
-    out_features: int,
-    out_dtype: torch.dtype,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-) -> torch.Tensor:
-    """:func:`fused_lora_gemm` by the fused Triton kernel."""
-    M = segments.num_rows
-    N = int(out_features)
+        return fused_lora_gemm_cublas(x, weight, bias, h, expand, scale, residual, segments, ranks,
+                                      out_features=out_features, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+    if path not in (None, "triton"):
+        raise ValueError(f"path must be None, 'triton' or 'cublas', got {path!r}")
     out = alloc.empty((M, N), device=segments.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return out

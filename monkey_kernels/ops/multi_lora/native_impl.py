@@ -1,8 +1,11 @@
 """The multi-LoRA primitives on the C++ ops of the native extension (CPU tensors; the ``native`` backend).
 
 ``torch.ops.monkey_kernels_native.multi_lora_*`` (``csrc/multi_lora_cpu.cpp``): row chunks in parallel
-(``at::parallel_for``), ATen GEMMs inside, bias / residual fused; their fake implementations are registered
-here, when this module is imported (after :mod:`monkey_kernels._native` loaded the library).
+(``at::parallel_for``), the large GEMMs by ATen (BLAS), every rank-sized GEMM (shrink, expand, outer
+products, merges) by the register-tiled kernel of ``csrc/lowrank_gemm.h`` on raw pointers (AVX-512, AVX2 or
+portable, picked at run time; ``MONKEY_KERNELS_LOWRANK_ISA`` caps it), bias / residual fused; their fake
+implementations are registered here, when this module is imported (after :mod:`monkey_kernels._native`
+loaded the library).
 Dropout masks are counter-based (``csrc/dropout_hash.h``): the C++ ops compute ``keep(seed, row, col)`` where
 they read an element, so the backward recomputes the forward's mask from the seed and no mask is drawn
 ahead or stored. :func:`native_keep_mask` materialises one (for references and tests).
@@ -59,13 +62,21 @@ class NativeMultiLoRA:
         return segments.num_rows >= cls.merge_min_segment_rows * max(segments.num_segments, 1)
 
     @staticmethod
-    def merged_linear(x, weight, bias, down, up, scale, residual, segments, ranks, *, out_dtype):
-        """``[M, N]``: ``x @ (weight + scale[a] * up[a][:, :rank] @ down[a][:rank])^T + bias + residual`` per row
-        (no dropout, the LoRA reads ``x``): an adapter with enough rows gets its merged weight and ONE GEMM
-        (``csrc/multi_lora_cpu.cpp``, ``multi_lora_merged_gemm``). ``x [M, K]``, ``weight [N, K]``,
-        ``down [A, R, K]``, ``up [A, N, R]`` (any strides)."""
+    def merged_linear(x, weight, bias, down, up, scale, residual, segments, ranks, *, out_dtype, r_block=0,
+                      outer_y=None):
+        """``(out, shrink, outer)``: ``out [M, N] = x @ (weight + scale[a] * up[a][:, :rank] @ down[a][:rank])^T +
+        bias + residual`` per row (no dropout, the LoRA reads ``x``): an adapter with enough rows gets its merged
+        weight and ONE GEMM (``csrc/multi_lora_cpu.cpp``, ``multi_lora_merged_gemm``). ``x [M, K]``,
+        ``weight [N, K]``, ``down [A, R, K]``, ``up [A, N, R]`` (any strides).
+
+        In the same pass over ``x``, segment by segment while it is in cache: with ``r_block > 0``,
+        ``shrink [M, r_block]`` (fp32; fp64 for fp64) ``= x @ down[a][:rank]^T`` (the forward's ``H``, the
+        backward's ``G``); with ``outer_y [M, >= R]``, ``outer [A, K, R]`` (dtype of ``x``) ``= scale[a] *
+        sum over rows of a of x^T @ outer_y`` (the backward's ``dB`` from ``H``). Both are exactly 0 past each
+        rank, on base-only rows and for adapters without rows; unrequested, they come back empty."""
         return _native.ops().multi_lora_merged_gemm(
-            x, weight, bias, down, up, scale, residual, segments.seg_indptr, segments.adapter_ids, ranks, out_dtype)
+            x, weight, bias, down, up, scale, residual, segments.seg_indptr, segments.adapter_ids, ranks, out_dtype,
+            int(r_block), outer_y)
 
     #: ``outer(..., ranks=)`` writes exact zeros past each adapter's rank and for adapters without rows
     outer_zeroes_unowned = True
@@ -96,8 +107,12 @@ def _register_fakes() -> None:
         return seg_indptr.new_empty((num_rows, out_features), dtype=out_dtype)
 
     @torch.library.register_fake(f"{_NS}::multi_lora_merged_gemm")
-    def _merged_gemm_fake(x, weight, bias, down, up, scale, residual, seg_indptr, adapter_ids, ranks, out_dtype):
-        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+    def _merged_gemm_fake(x, weight, bias, down, up, scale, residual, seg_indptr, adapter_ids, ranks, out_dtype,
+                          r_block=0, outer_y=None):
+        out = x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+        shrink = x.new_empty((x.shape[0], r_block), dtype=accumulation_dtype(out_dtype))
+        outer = x.new_empty((down.shape[0] if outer_y is not None else 0, x.shape[1], down.shape[1]))
+        return out, shrink, outer
 
     @torch.library.register_fake(f"{_NS}::multi_lora_outer")
     def _outer_fake(x, y, seg_indptr, adapter_ids, scale, seed, dropout_p, num_adapters, rank, out_dtype,

@@ -62,8 +62,8 @@ def _linear_forward(
     with ``need_h=False`` (no such gradient wanted) ``H`` is ``[M, 0]``.
 
     A backend with ``merged_linear`` (the native CPU one) computes ``Y`` with each adapter's merged weight
-    ``W + s_a B_a A_a`` when there is no dropout and ``V = U`` (see ``native_impl.NativeMultiLoRA.merged_linear``); then
-    ``H`` is computed only when it is needed.
+    ``W + s_a B_a A_a`` when there is no dropout and ``V = U`` (see ``native_impl.NativeMultiLoRA.merged_linear``),
+    and ``H`` (only when it is needed) in the same pass over ``U``.
     """
     segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
     prims = implementation("multi_lora", backend)
@@ -74,8 +74,9 @@ def _linear_forward(
                              out_features=weight.shape[0], out_dtype=u.dtype)
         return y, u.new_zeros((u.shape[0], r_block if need_h else 0), dtype=accumulation_dtype(u.dtype))
     if _merged_path(prims, segments, v, dropout_p):
-        h = prims.shrink(u, lora_a, segments, ranks, r_block) if need_h else None
-        y = prims.merged_linear(u, weight, bias, lora_a, lora_b, scale, residual, segments, ranks, out_dtype=u.dtype)
+        # H comes out of the same pass over U as Y (segment by segment, while U is in cache)
+        y, h, _ = prims.merged_linear(u, weight, bias, lora_a, lora_b, scale, residual, segments, ranks,
+                                      out_dtype=u.dtype, r_block=r_block if need_h else 0)
     else:
         h = prims.shrink(lora_in, lora_a, segments, ranks, r_block, dropout_p=dropout_p, seed=seed)
         y = prims.fused_gemm(
@@ -135,7 +136,7 @@ def _linear_backward(
     ``dY W`` and ``dH A_a`` share one fused GEMM (the forward's with ``W^\top`` and ``A_a^\top`` as strided
     views); ``D`` is regenerated from ``seed``, never stored. Without dropout and with ``V = U``, a backend
     with ``merged_linear`` computes :math:`dU_i = dY_i (W + s_a B_a A_a)` instead: the merged weight of the
-    forward, transposed (``W^\top + s_a A_a^\top B_a^\top``).
+    forward, transposed (``W^\top + s_a A_a^\top B_a^\top``), with ``G`` and ``dB`` from the same pass over ``dY``.
     """
     need_u, need_v, need_a, need_b, need_scale = needs
     segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
@@ -161,7 +162,18 @@ def _linear_backward(
     need_g = need_a or need_v or need_scale or (need_u and not merged_du)
     # G = dY B_a; dH = s_a G is never formed: the ops that read it take the scale (dA = s_a sum G^T V,
     # dV = s_a G A_a), and skip base-only rows, so an inf scale meets no 0 of a row without an adapter.
-    g = prims.shrink(dy, lora_b.transpose(1, 2), segments, ranks, r_block) if need_g else None
+    g = None
+    if merged_du:
+        # dU, and G and dB that read the same dY, in one pass over dY (segment by segment, while it is in cache)
+        grad_u, g, fused_b = prims.merged_linear(
+            dy, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), scale, None, segments, ranks,
+            out_dtype=u.dtype, r_block=r_block if need_g else 0, outer_y=h if need_b else None)
+        if need_b:
+            grad_b = fused_b
+        if not need_g:
+            g = None
+    elif need_g:
+        g = prims.shrink(dy, lora_b.transpose(1, 2), segments, ranks, r_block)
     if need_scale:
         per_row = (g * h).sum(dim=1)
         grad_scale = torch.zeros(num_adapters, device=dy.device, dtype=per_row.dtype)
@@ -173,7 +185,7 @@ def _linear_backward(
     outer_kwargs = {"ranks": ranks} if exact_outer else {}
     if (need_a or need_b) and not exact_outer:
         owned = _owned_rank_columns(segments, ranks, num_adapters, lora_a.shape[1])
-    if need_b:
+    if need_b and not merged_du:
         grad_b = alloc.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
         prims.outer(dy, h, segments, grad_b, scale=scale, **outer_kwargs)
         if not exact_outer:
@@ -184,11 +196,8 @@ def _linear_backward(
                     **outer_kwargs)
         if not exact_outer:
             grad_a = torch.where(owned[:, :, None], grad_a, 0.0)
-    if merged_du:
-        grad_u = prims.merged_linear(dy, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), scale,
-                                     None, segments, ranks, out_dtype=u.dtype)
-    elif v is None:
-        if need_u:
+    if v is None:
+        if need_u and not merged_du:  # (merged: dU came with G above)
             grad_u = prims.fused_gemm(
                 dy, weight.t(), None, g, lora_a.transpose(1, 2), scale, None, segments, ranks,
                 out_features=k_lora, out_dtype=u.dtype, dropout_p=dropout_p, seed=seed,
