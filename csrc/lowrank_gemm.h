@@ -134,9 +134,9 @@ __attribute__((target("avx2,fma"))) inline void run_avx2(const Problem<double>& 
 inline void run_portable(const Problem<float>& p) { run<float, 16, 3>(p); }
 inline void run_portable(const Problem<double>& p) { run<double, 16, 1>(p); }
 
-// 2: AVX-512, 1: AVX2 + FMA, 0: portable. The widest path this CPU runs, capped by
-// MONKEY_KERNELS_LOWRANK_ISA ("avx512", "avx2" or "portable"; read on every call, so tests can run each path
-// on one machine). A cap above what the CPU supports, or an unknown value, leaves the best path.
+// 2: AVX-512, 1: AVX2 + FMA, 0: portable (the only path outside GCC on x86-64). The widest path this CPU runs,
+// capped by MONKEY_KERNELS_LOWRANK_ISA ("avx512", "avx2" or "portable"; read on every call, so tests can run
+// each path on one machine). A cap above what the CPU supports, or an unknown value, leaves the best path.
 inline int isa_level() {
   int level = 0;
 #ifdef MONKEY_LOWRANK_X86

@@ -147,6 +147,18 @@ class ImageLayout:
 # ---------------------------------------------------------------------------------------------------------
 # Size rules (pure Python on sizes: a 20000x20000 image is planned without allocating it)
 # ---------------------------------------------------------------------------------------------------------
+def _scaled_to_pixels(width: int, height: int, pixels: int, image_index: int, option: str, verb: str,
+                      hint: str) -> Tuple[int, int]:
+    """``(width, height)`` scaled by ``sqrt(pixels / (width * height))``, each side truncated (LLaMA-Factory's
+    rounding); a side of 0 raises ``ValueError`` naming the image and the option."""
+    factor = math.sqrt(pixels / (width * height))
+    new_w, new_h = int(width * factor), int(height * factor)
+    if new_w < 1 or new_h < 1:
+        raise ValueError(f"images[{image_index}]: {option}={pixels} {verb} {width}x{height} to {new_w}x{new_h} "
+                         f"(a side of 0 pixels){hint}")
+    return new_w, new_h
+
+
 def apply_pixel_budget(width: int, height: int, max_pixels: Optional[int], min_pixels: Optional[int],
                        *, image_index: int = 0) -> Tuple[int, int]:
     """LLaMA-Factory's budget: ``(width, height)`` after ``image_max_pixels`` then ``image_min_pixels``.
@@ -155,23 +167,10 @@ def apply_pixel_budget(width: int, height: int, max_pixels: Optional[int], min_p
         ValueError: naming ``images[image_index]`` and the option when a side truncates to 0.
     """
     if max_pixels is not None and width * height > max_pixels:
-        factor = math.sqrt(max_pixels / (width * height))
-        new_w, new_h = int(width * factor), int(height * factor)
-        if new_w < 1 or new_h < 1:
-            raise ValueError(
-                f"images[{image_index}]: image_max_pixels={max_pixels} shrinks {width}x{height} to {new_w}x{new_h} "
-                "(a side of 0 pixels); raise image_max_pixels or pass a less extreme aspect ratio"
-            )
-        width, height = new_w, new_h
+        width, height = _scaled_to_pixels(width, height, max_pixels, image_index, "image_max_pixels", "shrinks",
+                                          "; raise image_max_pixels or pass a less extreme aspect ratio")
     if min_pixels is not None and width * height < min_pixels:
-        factor = math.sqrt(min_pixels / (width * height))
-        new_w, new_h = int(width * factor), int(height * factor)
-        if new_w < 1 or new_h < 1:
-            raise ValueError(
-                f"images[{image_index}]: image_min_pixels={min_pixels} scales {width}x{height} to {new_w}x{new_h} "
-                "(a side of 0 pixels)"
-            )
-        width, height = new_w, new_h
+        width, height = _scaled_to_pixels(width, height, min_pixels, image_index, "image_min_pixels", "scales", "")
     return width, height
 
 
