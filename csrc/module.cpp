@@ -9,6 +9,10 @@
 #include "lowrank_gemm.h"
 #include "outputs.h"
 
+namespace monkey_kernels_native {
+bool tiled_base_gemm_choice(int64_t K, int64_t N, bool float64);  // multi_lora_cpu.cpp
+}
+
 namespace {
 
 bool built_with_cuda() {
@@ -37,6 +41,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("num_threads", []() { return at::get_num_threads(); }, "ATen's intra-op thread count (at::get_num_threads)");
   m.def("poison_outputs", &monkey_kernels::poison_outputs,
         "True when MONKEY_KERNELS_POISON is set: the ops' fresh outputs start as NaN (csrc/outputs.h)");
+  m.def("tiled_base_gemm", &monkey_kernels_native::tiled_base_gemm_choice, pybind11::arg("K"), pybind11::arg("N"),
+        pybind11::arg("float64"),
+        "Whether the native ops' base GEMM X W^T (K inputs, N outputs) runs the register-tiled kernel instead of "
+        "BLAS: measured once per shape and dtype (MONKEY_KERNELS_CPU_GEMM=auto|blas|tiled)");
   m.def("lowrank_isa", &monkey_kernels::lowrank_isa,
         "The vector ISA of the fp32 low-rank GEMMs now: avx512, avx2 or portable (csrc/lowrank_gemm.h; "
         "MONKEY_KERNELS_LOWRANK_ISA caps it)");

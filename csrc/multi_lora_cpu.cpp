@@ -26,7 +26,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -281,6 +286,91 @@ void add_block(T* c, int64_t ld, const Tensor& src, int64_t r0, int64_t rows, in
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The base GEMM: BLAS, or the register-tiled kernel where it measured faster on this machine
+// ---------------------------------------------------------------------------------------------------
+// MKL's sgemm runs at about 100 GFLOP/s on the AMD EPYC of our CI (one thread), where the tiled kernel computes
+// [1024, 256] x [256, 256] at 180 (512: 160); on Intel CPUs MKL is the fast one. So the choice is measured once
+// per (K, N, dtype) and process, on shapes the tiled kernel runs without cache blocking (W^T packed within
+// kTiledMaxPackedBytes, K <= kTiledMaxDepth); MONKEY_KERNELS_CPU_GEMM=blas / tiled pins it (tiled: every shape).
+constexpr int64_t kTiledMaxDepth = 512;
+constexpr int64_t kTiledMaxPackedBytes = int64_t(1) << 20;
+constexpr double kTiledMinSpeedup = 1.1;  // a margin, so that timing noise does not flip a close call
+
+template <typename T, typename F>
+double best_seconds(const F& f) {
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+// rows of C (+)= L R by the tiled kernel, split over the threads when `parallel` (outside a parallel region)
+template <typename T>
+void tiled_rows(const T* l, int64_t l_row, int64_t l_col, const T* r, int64_t r_ld, int64_t rows, int64_t depth,
+                T* c, int64_t c_ld, int64_t width, const T* bias, bool parallel) {
+  auto body = [&](int64_t i0, int64_t i1) {
+    lowrank_gemm<T>(l + i0 * l_row, l_row, l_col, r, r_ld, i1 - i0, depth, c + i0 * c_ld, c_ld, width, T(1),
+                    /*accumulate=*/false, bias, /*c_in_ld=*/0);  // C = bias (every row) + L R
+  };
+  if (parallel) {
+    at::parallel_for(0, rows, 48, body);
+  } else {
+    body(0, rows);
+  }
+}
+
+template <typename T>
+bool tiled_measured_faster(int64_t K, int64_t N) {
+  const int64_t rows = 256 * std::max<int64_t>(1, at::get_num_threads()), ld = lowrank_padded(N);
+  const at::TensorOptions opts = at::TensorOptions().device(at::kCPU).dtype(c10::CppTypeToScalarType<T>::value);
+  // deterministic values in [-1, 1) (not torch.rand: the measurement must not move the user's RNG stream)
+  Tensor x = at::empty({rows, K}, opts), w = at::empty({N, K}, opts);
+  uint32_t state = 12345;
+  for (Tensor* t : {&x, &w}) {
+    T* p = t->data_ptr<T>();
+    for (int64_t i = 0; i < t->numel(); ++i) {
+      state = state * 1664525u + 1013904223u;
+      p[i] = static_cast<T>(static_cast<double>(state >> 8) / 8388608.0 - 1.0);
+    }
+  }
+  Tensor out = at::empty({rows, N}, opts);
+  std::vector<T> packed(static_cast<size_t>(K * ld));
+  pack_operand<T>(w, 0, w.stride(1), w.stride(0), K, N, packed.data(), ld);
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const double blas = best_seconds<T>([&] { at::mm_out(out, x, w.t()); });
+  const double tiled = best_seconds<T>([&] {
+    tiled_rows<T>(xp, K, 1, packed.data(), ld, rows, K, op, N, N, nullptr, /*parallel=*/true);
+  });
+  return tiled * kTiledMinSpeedup < blas;
+}
+
+// Whether the base GEMM X [., K] W^T (W [N, K]) runs the tiled kernel; measured at first use per shape.
+template <typename T>
+bool tiled_base_gemm(int64_t K, int64_t N) {
+  const char* mode = std::getenv("MONKEY_KERNELS_CPU_GEMM");
+  if (mode != nullptr && std::strcmp(mode, "blas") == 0) return false;
+  if (mode != nullptr && std::strcmp(mode, "tiled") == 0) return true;
+  TORCH_CHECK(mode == nullptr || mode[0] == '\0' || std::strcmp(mode, "auto") == 0,
+              "MONKEY_KERNELS_CPU_GEMM must be auto, blas or tiled, got '", mode, "'");
+  if (K > kTiledMaxDepth || K * lowrank_padded(N) * static_cast<int64_t>(sizeof(T)) > kTiledMaxPackedBytes) return false;
+  static std::mutex lock;
+  static std::map<std::tuple<int64_t, int64_t, size_t>, bool> decided;
+  const auto key = std::make_tuple(K, N, sizeof(T));
+  {
+    std::lock_guard<std::mutex> guard(lock);
+    const auto it = decided.find(key);
+    if (it != decided.end()) return it->second;
+  }
+  const bool tiled = tiled_measured_faster<T>(K, N);  // outside the lock: it runs GEMMs on every thread
+  std::lock_guard<std::mutex> guard(lock);
+  return decided.emplace(key, tiled).first->second;  // a concurrent first call may have decided already
+}
+
+// ---------------------------------------------------------------------------------------------------
 // shrink
 // ---------------------------------------------------------------------------------------------------
 Tensor multi_lora_shrink(const Tensor& x, const Tensor& weight, const Tensor& seg_indptr, const Tensor& adapter_ids,
@@ -386,11 +476,24 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
     const T* hp = has_lora ? h_acc.const_data_ptr<T>() : nullptr;
     const int64_t h_row = has_lora ? h_acc.stride(0) : 0, h_col = has_lora ? h_acc.stride(1) : 0;
     const bool residual_raw = residual.has_value() && residual->scalar_type() == acc;
+    const int64_t K = has_base ? x->size(1) : 0;
+    const bool tiled = has_base && tiled_base_gemm<T>(K, N);
+    std::vector<T> w_packed;  // W^T [K, N] for the tiled base GEMM
+    if (tiled) {
+      w_packed.resize(static_cast<size_t>(K * ld));
+      pack_operand<T>(*weight, 0, weight->stride(1), weight->stride(0), K, N, w_packed.data(), ld);
+    }
+    const Tensor b_dense = b.defined() ? b.contiguous() : Tensor();
 
     parallel_row_chunks(M, [&](int64_t r0, int64_t r1) {
       const int64_t n = r1 - r0;
       Tensor acc_c = direct ? out.slice(0, r0, r1) : at::empty({n, N}, opts.dtype(acc));
-      if (has_base) {
+      if (tiled) {
+        const Tensor xc = x->slice(0, r0, r1).to(acc);
+        tiled_rows<T>(xc.const_data_ptr<T>(), xc.stride(0), xc.stride(1), w_packed.data(), ld, n, K,
+                      acc_c.data_ptr<T>(), N, N, b_dense.defined() ? b_dense.const_data_ptr<T>() : nullptr,
+                      /*parallel=*/false);
+      } else if (has_base) {
         Tensor xc = x->slice(0, r0, r1).to(acc);
         if (b.defined()) {
           at::addmm_out(acc_c, b, xc, w_t);
@@ -602,6 +705,14 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
       pack_operand<T>(*outer_y, 0, outer_y->stride(0), outer_y->stride(1), M, R, y_packed.data(), ld_r);
     }
     std::vector<T> down_packed, up_packed, merge_packed, h_buffer, x_buffer, outer_sum;
+    // The tiled base GEMM reads W_eff^T packed [K, N]: the base once per call, each merged adapter's from it.
+    const bool tiled = tiled_base_gemm<T>(K, N);
+    std::vector<T> base_packed, merged_packed;
+    if (tiled) {
+      base_packed.resize(static_cast<size_t>(K * ld_n));
+      pack_operand<T>(weight, 0, weight.stride(1), weight.stride(0), K, N, base_packed.data(), ld_n);
+    }
+    const Tensor b_dense = b.defined() ? b.contiguous() : Tensor();
     Tensor merged_buffer;  // one buffer for every merged adapter: allocated (and page-faulted) once
     T* shrink = shrink_out.data_ptr<T>();
     int64_t current = -2;
@@ -631,6 +742,25 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
           if (!merged) {  // UP_a^T [rank, N] for the LoRA term
             up_packed.resize(static_cast<size_t>(ra * ld_n));
             pack_operand<T>(up, a * up.stride(0), up.stride(2), up.stride(1), ra, N, up_packed.data(), ld_n);
+          } else if (tiled) {
+            // W_eff^T = Wb^T + s DOWN^T UP^T, packed [K, N]: from the packed base, in one pass
+            up_packed.resize(static_cast<size_t>(ra * ld_n));
+            pack_operand<T>(up, a * up.stride(0), up.stride(2), up.stride(1), ra, N, up_packed.data(), ld_n);
+            merged_packed.resize(static_cast<size_t>(K * ld_n));
+            const T* dp = down.scalar_type() == acc ? down.select(0, a).const_data_ptr<T>() : nullptr;
+            std::vector<T> down_t;  // DOWN_a^T [K, rank] when down is not in T
+            if (dp == nullptr) {
+              down_t.resize(static_cast<size_t>(K * ra));
+              pack_operand<T>(down, a * down.stride(0), down.stride(2), down.stride(1), K, ra, down_t.data(), ra);
+            }
+            const int64_t d_row = dp != nullptr ? down.stride(2) : ra, d_col = dp != nullptr ? down.stride(1) : 1;
+            const T* dl = dp != nullptr ? dp : down_t.data();
+            const T alpha = static_cast<T>(scales[a]);
+            at::parallel_for(0, K, 48, [&](int64_t k0, int64_t k1) {
+              lowrank_gemm<T>(dl + k0 * d_row, d_row, d_col, up_packed.data(), ld_n, k1 - k0, ra,
+                              merged_packed.data() + k0 * ld_n, ld_n, N, alpha, /*accumulate=*/true,
+                              base_packed.data() + k0 * ld_n, ld_n);
+            });
           } else {
             // W_eff = Wb + s UP DOWN. When weight is W^T of a row-major W (the input gradient), merge in W's own
             // layout, W_eff^T = W + s DOWN^T UP^T, never reading W column-wise once per adapter.
@@ -679,7 +809,11 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
       }
       const Tensor xs = x.slice(0, s0, s1).to(acc);
       Tensor dst = direct ? out.slice(0, s0, s1) : at::empty({rows, N}, opts);
-      if (b.defined()) {
+      if (tiled) {
+        const T* r = lora && merged ? merged_packed.data() : base_packed.data();
+        tiled_rows<T>(xs.const_data_ptr<T>(), xs.stride(0), xs.stride(1), r, ld_n, rows, K, dst.data_ptr<T>(), N, N,
+                      b_dense.defined() ? b_dense.const_data_ptr<T>() : nullptr, /*parallel=*/true);
+      } else if (b.defined()) {
         at::addmm_out(dst, b, xs, w_eff.t());
       } else {
         at::mm_out(dst, xs, w_eff.t());
@@ -748,6 +882,11 @@ Tensor multi_lora_keep_mask(int64_t seed, int64_t rows, int64_t cols, double p) 
 }
 
 }  // namespace
+
+bool tiled_base_gemm_choice(int64_t K, int64_t N, bool float64) {
+  TORCH_CHECK(K >= 0 && N >= 0, "K and N must be >= 0, got ", K, " and ", N);
+  return float64 ? tiled_base_gemm<double>(K, N) : tiled_base_gemm<float>(K, N);
+}
 
 TORCH_LIBRARY_FRAGMENT(monkey_kernels_native, m) {
   m.def("multi_lora_keep_mask(int seed, int rows, int cols, float p) -> Tensor");

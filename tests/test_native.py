@@ -47,6 +47,13 @@ def lowrank_isa(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["blas", "tiled"])
+def cpu_gemm(request, monkeypatch):
+    """Runs a test with the base GEMM by BLAS and by the register-tiled kernel (``MONKEY_KERNELS_CPU_GEMM``)."""
+    monkeypatch.setenv("MONKEY_KERNELS_CPU_GEMM", request.param)
+    return request.param
+
+
 def _problem(num_rows_per_segment=(7, 0, 40, 13), ids=(1, -1, 0, 1), k=24, n=20, num_adapters=3, r_max=5,
              dtype=torch.float32, ranks=None):
     indptr = [0]
@@ -166,7 +173,7 @@ def _drop(x, keep, p):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", ["r5", "r20"])
-def test_primitives_match_the_torch_backend(dropout_p, shape, lowrank_isa):
+def test_primitives_match_the_torch_backend(dropout_p, shape, lowrank_isa, cpu_gemm):
     """Each primitive equals the torch backend's on the native backend's own mask (applied here by hand: the
     native masks are a hash in C++, the torch backend's come from torch.rand, so the two streams differ), on
     every vector path of the low-rank GEMMs: ranks below, at and above one 16-column tile (r20: 20, 16, 3),
@@ -244,6 +251,27 @@ def test_outer_is_bitwise_deterministic_across_runs_and_thread_counts():
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     assert results[0][2].abs().sum() > 0  # adapter 2 owns rows: a real sum, not zeros
+
+
+def test_base_gemm_choice_is_measured_once_per_shape_and_can_be_pinned(monkeypatch):
+    """``auto`` measures BLAS against the tiled kernel once per (K, N, dtype) and keeps the answer; shapes the tiled
+    kernel would need cache blocking for stay on BLAS; ``blas`` / ``tiled`` pin it; anything else is refused."""
+    module = _native.load()
+    monkeypatch.delenv("MONKEY_KERNELS_CPU_GEMM", raising=False)
+    first = module.tiled_base_gemm(96, 80, False)
+    assert all(module.tiled_base_gemm(96, 80, False) == first for _ in range(3))
+    assert module.tiled_base_gemm(1024, 64, False) is False  # K past the tiled kernel's depth limit
+    monkeypatch.setenv("MONKEY_KERNELS_CPU_GEMM", "blas")
+    assert module.tiled_base_gemm(96, 80, False) is False
+    monkeypatch.setenv("MONKEY_KERNELS_CPU_GEMM", "tiled")
+    assert module.tiled_base_gemm(4096, 4096, True) is True
+    monkeypatch.setenv("MONKEY_KERNELS_CPU_GEMM", "cublas")
+    with pytest.raises(RuntimeError, match="MONKEY_KERNELS_CPU_GEMM must be auto, blas or tiled"):
+        module.tiled_base_gemm(96, 80, False)
+    t, segments = _problem()
+    with pytest.raises(RuntimeError, match="MONKEY_KERNELS_CPU_GEMM"):
+        multi_lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], segments,
+                          ranks=t["ranks"], backend="native")
 
 
 def test_merged_pass_is_bitwise_deterministic_across_thread_counts(lowrank_isa):
@@ -346,7 +374,7 @@ def _per_adapter_rows(segments, ranks, rows_fn, r_block, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["float64", "float32", "bfloat16", "float16"])
-def test_merged_gemm_matches_float64_with_merged_and_unmerged_adapters(dtype, lowrank_isa):
+def test_merged_gemm_matches_float64_with_merged_and_unmerged_adapters(dtype, lowrank_isa, cpu_gemm):
     """``multi_lora_merged_gemm``: adapter 0 (60 rows) and 1 (45 rows) are worth merging at K=24, N=20
     (rows (N + K) >= N K), adapter 2 (4 rows) is not; the forward and the input-gradient form both match the
     float64 loop, and adapter 0's merged weight leaves the base-only rows untouched. The passes that ride along
