@@ -15,6 +15,9 @@ denominator):
   its backward is ``dX = dY @ W`` alone.
 - ``fused``: ``multi_lora_linear`` with the device's DEFAULT backend (native on CPU when the extension loads,
   triton on CUDA); ``fused_<backend>``: the same with each other backend that runs on the device.
+- ``fused_blas`` (native default): ``fused`` with ``MONKEY_KERNELS_CPU_GEMM=blas`` around forward and backward, so
+  its base GEMM is BLAS's, as in ``base``: the LoRA's own cost (``fused`` may run the base GEMM by the native
+  register-tiled kernel where that measured faster on the machine).
 - ``loop``: base + a Python loop over segments (Monkey's reference).
 - ``peft_masked``: base + every adapter on all rows, masked to its rows (PEFT's mixed batch, by hand).
 - ``peft``: a real PEFT ``LoraModel`` with 4 adapters called with ``adapter_names=`` (forward only: PEFT
@@ -274,6 +277,14 @@ def _env(name: str, value: str):
             os.environ[name] = previous
 
 
+# Methods that run with an environment variable set around forward AND backward (the ops read it per call).
+METHOD_ENV = {"fused_blas": ("MONKEY_KERNELS_CPU_GEMM", "blas")}
+
+
+def _method_env(method: str):
+    return _env(*METHOD_ENV[method]) if method in METHOD_ENV else contextlib.nullcontext()
+
+
 def method_forwards(p: Problem, default: str, others: Sequence[str], methods: Sequence[str],
                     gemm: bool) -> Dict[str, Callable[[InputSet], torch.Tensor]]:
     """``{method: inputs -> Y}`` for the methods that apply to this problem and device."""
@@ -283,6 +294,8 @@ def method_forwards(p: Problem, default: str, others: Sequence[str], methods: Se
         table["fused"] = lambda x: fused_forward(p, x, default)
         for name in others:
             table[f"fused_{name}"] = lambda x, name=name: fused_forward(p, x, name)
+        if default == "native":  # the same with the base GEMM pinned to BLAS: the LoRA's cost over F.linear's GEMM
+            table["fused_blas"] = lambda x: fused_forward(p, x, default)
     if "loop" in methods:
         table["loop"] = lambda x: loop_forward(p, x)
     if "peft_masked" in methods:
@@ -349,8 +362,9 @@ def validate(p: Problem, forwards: Dict[str, Callable]) -> Dict[str, float]:
         if method in ("base", "triton_gemm", "fused_r0"):
             continue
         if method.startswith("fused"):
-            out = forward(x)
-            grads = torch.autograd.grad(out, wrt, x.grad_out)
+            with _method_env(method):
+                out = forward(x)
+                grads = torch.autograd.grad(out, wrt, x.grad_out)
             for name, got, want in zip(names, grads, expected_grads):
                 errors[f"{method}.{name}"] = _rel(got, want)
         else:
@@ -378,13 +392,14 @@ def timed_calls(p: Problem, forwards: Dict[str, Callable], mode: str) -> Dict[st
             continue
         rotation = p.rotation()
         if mode == "fwd":
-            def call(forward=forward, rotation=rotation):
-                with torch.no_grad():
+            def call(forward=forward, rotation=rotation, method=method):
+                with torch.no_grad(), _method_env(method):
                     forward(next(rotation))
         else:
-            def call(forward=forward, rotation=rotation):
+            def call(forward=forward, rotation=rotation, method=method):
                 x = next(rotation)
-                forward(x).backward(x.grad_out)
+                with _method_env(method):
+                    forward(x).backward(x.grad_out)
         calls[method] = call
     return calls
 
@@ -415,7 +430,8 @@ def check_targets(rows: List[dict], on_cuda: bool) -> None:
             goal = CPU_TARGETS.get(row["mode"])
             others = [r["ratio_to_base"] for (c, m, meth), r in by.items()
                       if c == row["case"] and m == row["mode"] and meth.startswith("fused_")
-                      and r["ratio_to_base"] is not None and not meth.startswith("fused_gemm")]
+                      and r["ratio_to_base"] is not None and not meth.startswith("fused_gemm")
+                      and meth not in METHOD_ENV]
             if others:
                 row["le_other_backends"] = row["ratio_to_base"] <= min(others)
         if goal is not None:
