@@ -6,8 +6,8 @@
 //   multi_lora_outer       OUT[a]         = s[a] * sum_{rows i of a} drop(X)[i]^T @ Y[i, :R]
 //   multi_lora_merged_gemm the forward / input gradient with each adapter's merged weight (no dropout)
 //
-// with a = adapter of the segment that owns row i (-1: no LoRA term). The large GEMMs (the base X Wb^T) are
-// ATen's (BLAS); every rank-sized GEMM runs the register-tiled kernel of csrc/lowrank_gemm.h on raw pointers,
+// with a = adapter of the segment that owns row i (-1: no LoRA term). The base GEMM X Wb^T is BLAS's, or the
+// register-tiled kernel's where that measured faster on the machine (tiled_base_gemm); every rank-sized GEMM runs the register-tiled kernel of csrc/lowrank_gemm.h on raw pointers,
 // with its operands packed here once per call: BLAS runs those shapes far below its peak, and on small
 // tiles the dispatcher round trips of ATen calls per segment piece cost more than the arithmetic. Rows are cut
 // into one chunk per thread, run in parallel (at::parallel_for); a chunk does its base GEMM (bias included) in

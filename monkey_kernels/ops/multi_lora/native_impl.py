@@ -1,7 +1,8 @@
 """The multi-LoRA primitives on the C++ ops of the native extension (CPU tensors; the ``native`` backend).
 
 ``torch.ops.monkey_kernels_native.multi_lora_*`` (``csrc/multi_lora_cpu.cpp``): row chunks in parallel
-(``at::parallel_for``), the large GEMMs by ATen (BLAS), every rank-sized GEMM (shrink, expand, outer
+(``at::parallel_for``), the base GEMM by BLAS or by the register-tiled kernel where that measured faster on the
+machine (``MONKEY_KERNELS_CPU_GEMM=auto|blas|tiled``), every rank-sized GEMM (shrink, expand, outer
 products, merges) by the register-tiled kernel of ``csrc/lowrank_gemm.h`` on raw pointers (AVX-512, AVX2 or
 portable, picked at run time; ``MONKEY_KERNELS_LOWRANK_ISA`` caps it), bias / residual fused; their fake
 implementations are registered here, when this module is imported (after :mod:`monkey_kernels._native`
