@@ -116,8 +116,15 @@ def cmd_info(args: argparse.Namespace) -> dict:
 
     info["native extension"] = _native.status()
     if _native.available():
-        info["native low-rank GEMMs"] = (f"{_native.load().lowrank_isa()} "
-                                          "(csrc/lowrank_gemm.h; MONKEY_KERNELS_LOWRANK_ISA caps it)")
+        module = _native.load()
+        info["native low-rank GEMMs"] = f"{module.lowrank_isa()} (csrc/lowrank_gemm.h; MONKEY_KERNELS_LOWRANK_ISA caps it)"
+        mode = os.environ.get("MONKEY_KERNELS_CPU_GEMM") or "auto"
+        try:
+            sample = "tiled kernel" if module.tiled_base_gemm(256, 256, False) else "BLAS"
+        except RuntimeError as error:  # a bad MONKEY_KERNELS_CPU_GEMM value
+            sample = f"error: {error}".splitlines()[0]
+        info["native base GEMM"] = (f"{mode}: a 256x256 fp32 layer runs on {sample} "
+                                    "(measured once per shape; MONKEY_KERNELS_CPU_GEMM=auto|blas|tiled)")
     info["backend for CPU tensors"] = _backend_for("cpu")
     info["backend for CUDA tensors"] = _backend_for("cuda") + ("" if cuda else " (no CUDA device here)")
     ptxas = _ptxas_path()

@@ -27,6 +27,7 @@ def test_info_prints_backends(capsys):
     assert info["backend for CUDA tensors"].startswith("triton")
     if info["native extension"] in ("prebuilt", "jit"):
         assert info["native low-rank GEMMs"].split()[0] in ("avx512", "avx2", "portable")
+        assert "runs on tiled kernel" in info["native base GEMM"] or "runs on BLAS" in info["native base GEMM"]
     assert cli.main(["info"]) == 0
 
 
