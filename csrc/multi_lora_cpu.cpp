@@ -459,8 +459,7 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
   Tensor out = monkey_kernels::fresh_output({M, N}, opts.dtype(out_dtype));
   if (M == 0 || N == 0) return out;
   // Operands converted once, outside the chunks (copies only when a dtype differs from `acc`).
-  const Tensor w_t = has_base ? weight->to(acc).t() : Tensor();  // [K, N]; W.t() views stay views
-  const Tensor b = bias.has_value() ? bias->to(acc) : Tensor();
+  const Tensor b = bias.has_value() ? bias->to(acc).contiguous() : Tensor();  // dense: the tiled GEMM reads it raw
   const Tensor h_acc = has_lora ? h->slice(1, 0, R).to(acc) : Tensor();  // a view for an fp32 / fp64 h
   const bool direct = out_dtype == acc;  // fp32 / fp64 accumulate in the output itself
 
@@ -478,12 +477,12 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
     const bool residual_raw = residual.has_value() && residual->scalar_type() == acc;
     const int64_t K = has_base ? x->size(1) : 0;
     const bool tiled = has_base && tiled_base_gemm<T>(K, N);
-    std::vector<T> w_packed;  // W^T [K, N] for the tiled base GEMM
+    std::vector<T> w_packed;  // W^T [K, N] for the tiled base GEMM, else W^T for BLAS (W.t() views stay views)
     if (tiled) {
       w_packed.resize(static_cast<size_t>(K * ld));
       pack_operand<T>(*weight, 0, weight->stride(1), weight->stride(0), K, N, w_packed.data(), ld);
     }
-    const Tensor b_dense = b.defined() ? b.contiguous() : Tensor();
+    const Tensor w_t = has_base && !tiled ? weight->to(acc).t() : Tensor();
 
     parallel_row_chunks(M, [&](int64_t r0, int64_t r1) {
       const int64_t n = r1 - r0;
@@ -491,8 +490,7 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
       if (tiled) {
         const Tensor xc = x->slice(0, r0, r1).to(acc);
         tiled_rows<T>(xc.const_data_ptr<T>(), xc.stride(0), xc.stride(1), w_packed.data(), ld, n, K,
-                      acc_c.data_ptr<T>(), N, N, b_dense.defined() ? b_dense.const_data_ptr<T>() : nullptr,
-                      /*parallel=*/false);
+                      acc_c.data_ptr<T>(), N, N, b.defined() ? b.const_data_ptr<T>() : nullptr, /*parallel=*/false);
       } else if (has_base) {
         Tensor xc = x->slice(0, r0, r1).to(acc);
         if (b.defined()) {
@@ -684,7 +682,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
   if (M == 0) return {out, shrink_out, outer_out};
   const Tensor w = weight.to(acc);
   const bool transposed = !w.is_contiguous() && w.t().is_contiguous();
-  const Tensor b = bias.has_value() ? bias->to(acc) : Tensor();
+  const Tensor b = bias.has_value() ? bias->to(acc).contiguous() : Tensor();  // dense: the tiled GEMM reads it raw
   const bool direct = out_dtype == acc;
   std::vector<int64_t> rows_of(A, 0);
   for (size_t g = 0; g < segs.adapter.size(); ++g)
@@ -704,7 +702,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
       y_packed.resize(static_cast<size_t>(M * ld_r));
       pack_operand<T>(*outer_y, 0, outer_y->stride(0), outer_y->stride(1), M, R, y_packed.data(), ld_r);
     }
-    std::vector<T> down_packed, up_packed, merge_packed, h_buffer, x_buffer, outer_sum;
+    std::vector<T> down_packed, up_packed, merge_packed, h_buffer, outer_sum;
     // The tiled base GEMM reads W_eff^T packed [K, N]: the base once per call, each merged adapter's from it.
     const bool tiled = tiled_base_gemm<T>(K, N);
     std::vector<T> base_packed, merged_packed;
@@ -712,7 +710,6 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
       base_packed.resize(static_cast<size_t>(K * ld_n));
       pack_operand<T>(weight, 0, weight.stride(1), weight.stride(0), K, N, base_packed.data(), ld_n);
     }
-    const Tensor b_dense = b.defined() ? b.contiguous() : Tensor();
     Tensor merged_buffer;  // one buffer for every merged adapter: allocated (and page-faulted) once
     T* shrink = shrink_out.data_ptr<T>();
     int64_t current = -2;
@@ -736,32 +733,26 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
         w_eff = w;
         if (lora) {
           const int64_t ra = rank[a];
-          // DOWN_a^T [K, rank] for the shrink
-          down_packed.resize(static_cast<size_t>(K * ld_r));
-          pack_operand<T>(down, a * down.stride(0), down.stride(2), down.stride(1), K, ra, down_packed.data(), ld_r);
-          if (!merged) {  // UP_a^T [rank, N] for the LoRA term
+          // DOWN_a^T [K, rank]: the shrink's R operand, and the left factor of a tiled merge
+          if (r_block > 0 || !merged || tiled) {
+            down_packed.resize(static_cast<size_t>(K * ld_r));
+            pack_operand<T>(down, a * down.stride(0), down.stride(2), down.stride(1), K, ra, down_packed.data(), ld_r);
+          }
+          // UP_a^T [rank, N]: the LoRA term's R operand, and the right factor of a tiled merge
+          if (!merged || tiled) {
             up_packed.resize(static_cast<size_t>(ra * ld_n));
             pack_operand<T>(up, a * up.stride(0), up.stride(2), up.stride(1), ra, N, up_packed.data(), ld_n);
-          } else if (tiled) {
+          }
+          if (merged && tiled) {
             // W_eff^T = Wb^T + s DOWN^T UP^T, packed [K, N]: from the packed base, in one pass
-            up_packed.resize(static_cast<size_t>(ra * ld_n));
-            pack_operand<T>(up, a * up.stride(0), up.stride(2), up.stride(1), ra, N, up_packed.data(), ld_n);
             merged_packed.resize(static_cast<size_t>(K * ld_n));
-            const T* dp = down.scalar_type() == acc ? down.select(0, a).const_data_ptr<T>() : nullptr;
-            std::vector<T> down_t;  // DOWN_a^T [K, rank] when down is not in T
-            if (dp == nullptr) {
-              down_t.resize(static_cast<size_t>(K * ra));
-              pack_operand<T>(down, a * down.stride(0), down.stride(2), down.stride(1), K, ra, down_t.data(), ra);
-            }
-            const int64_t d_row = dp != nullptr ? down.stride(2) : ra, d_col = dp != nullptr ? down.stride(1) : 1;
-            const T* dl = dp != nullptr ? dp : down_t.data();
             const T alpha = static_cast<T>(scales[a]);
             at::parallel_for(0, K, 48, [&](int64_t k0, int64_t k1) {
-              lowrank_gemm<T>(dl + k0 * d_row, d_row, d_col, up_packed.data(), ld_n, k1 - k0, ra,
+              lowrank_gemm<T>(down_packed.data() + k0 * ld_r, ld_r, 1, up_packed.data(), ld_n, k1 - k0, ra,
                               merged_packed.data() + k0 * ld_n, ld_n, N, alpha, /*accumulate=*/true,
                               base_packed.data() + k0 * ld_n, ld_n);
             });
-          } else {
+          } else if (merged) {
             // W_eff = Wb + s UP DOWN. When weight is W^T of a row-major W (the input gradient), merge in W's own
             // layout, W_eff^T = W + s DOWN^T UP^T, never reading W column-wise once per adapter.
             // [rows_b, cols_b], read in place with its row stride (unit column stride, else a copy)
@@ -812,7 +803,7 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
       if (tiled) {
         const T* r = lora && merged ? merged_packed.data() : base_packed.data();
         tiled_rows<T>(xs.const_data_ptr<T>(), xs.stride(0), xs.stride(1), r, ld_n, rows, K, dst.data_ptr<T>(), N, N,
-                      b_dense.defined() ? b_dense.const_data_ptr<T>() : nullptr, /*parallel=*/true);
+                      b.defined() ? b.const_data_ptr<T>() : nullptr, /*parallel=*/true);
       } else if (b.defined()) {
         at::addmm_out(dst, b, xs, w_eff.t());
       } else {
