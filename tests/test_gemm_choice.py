@@ -198,6 +198,14 @@ def test_env_forces_the_path(monkeypatch, spied_variants, mode):
     assert spied_variants == [mode.strip().lower()]
 
 
+def test_fused_lora_gemm_rejects_an_unknown_path():
+    segments = SegmentInfo.from_indptr([0, 4], [0], device=DEVICE)
+    with pytest.raises(ValueError, match="path must be None, 'triton' or 'cublas'"):
+        kernels.fused_lora_gemm(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None,
+                                None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
+                                out_features=5, out_dtype=torch.float32, path="cutlass")
+
+
 def test_env_rejects_an_unknown_path(monkeypatch):
     monkeypatch.setenv(gemm_choice.ENV_GEMM, "cutlass")
     with pytest.raises(ValueError, match=gemm_choice.ENV_GEMM):
