@@ -21,6 +21,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 EXT_NAME = "monkey_kernels._C"
+TRITON_PACKAGE = "monkey_kernels._triton"
 
 
 def _warn(message: str) -> None:
@@ -102,7 +103,10 @@ setup(
     description="Fused Triton kernels for per-tile multi-LoRA vision encoders (Monkey) and the SLP projector",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["monkey_kernels", "monkey_kernels.*", "triton_kernels", "triton_kernels.*"]),
+    # The repository's top-level triton_kernels/ folder installs as monkey_kernels._triton: the top-level name
+    # triton_kernels is OpenAI's package (imported by vLLM and sglang), which it must not shadow.
+    packages=find_packages(include=["monkey_kernels", "monkey_kernels.*"]) + [TRITON_PACKAGE],
+    package_dir={TRITON_PACKAGE: "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.10",

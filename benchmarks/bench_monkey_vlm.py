@@ -1,6 +1,6 @@
 """Benchmark of the full Monkey VLM (``MonkeyLMHeadModel``): the public per-window forward vs the ``monkey_vlm`` rule.
 
-The model is the structural double of the public remote code (``tests/monkey_vlm_double.py``: Qwen-style LM with
+The model is the structural double of the public remote code (``tests/helpers/monkey_vlm_double.py``: Qwen-style LM with
 ``wte`` / ``drop`` / ``h`` / ``ln_f``, ``MonkeyModel.forward`` looping the vision encoder once per window, the
 in-place feature write), random weights. Each sequence holds one image (896x896 in the release's terms: 2x2
 windows + the global view, a span of 5 x n_queries placeholders) between text tokens; ``visual.encode`` returns
@@ -44,12 +44,12 @@ from tqdm import tqdm
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it,
-# the structural double of the public Monkey code in tests/.
+# the structural double of the public Monkey code in tests/helpers/.
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
 from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
                     report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
-from monkey_vlm_double import MonkeyLMHeadModel, QWenConfig  # noqa: E402
+from helpers.monkey_vlm_double import MonkeyLMHeadModel, QWenConfig  # noqa: E402
 
 TARGETS = {"prefill": 2.0, "train_step": 1.5}  # GPU speed-ups of ``patched`` over ``reference``
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -26,7 +26,7 @@ denominator):
 - ``triton_gemm`` (CUDA, ``--gemm``): the fused Triton GEMM kernel with no LoRA term, against ``base``
   (cuBLAS) -- the question "is our GEMM as fast as cuBLAS"; ``fused_r0``: ``multi_lora_linear`` with every
   rank 0; ``fused_gemm_<choice>``: ``fused`` with ``MONKEY_KERNELS_GEMM=<choice>`` (triton / cublas) set around
-  each call, when ``triton_kernels.gemm_choice`` exists (its per-shape decisions go into the JSON).
+  each call, when ``monkey_kernels._triton.gemm_choice`` exists (its per-shape decisions go into the JSON).
 
 Modes: ``fwd`` (``torch.no_grad``) and ``fwd_bwd`` (``U``, ``V``, ``A``, ``B``, ``scale`` trainable). Every
 method's output (and the fused gradients) is first checked against a float64 loop on the same inputs; a
@@ -240,12 +240,12 @@ def fused_forward(p: Problem, x: InputSet, backend: Optional[str] = None, ranks=
 
 
 def unfused_forward(p: Problem, x: InputSet) -> torch.Tensor:
-    from triton_kernels.multi_lora import fused_lora_gemm, segmented_shrink  # noqa: PLC0415
+    from monkey_kernels._triton.multi_lora import fused_lora_gemm, segmented_shrink  # noqa: PLC0415
 
     try:
-        from triton_kernels.layout import rank_block  # noqa: PLC0415
+        from monkey_kernels.ops.layout import rank_block  # noqa: PLC0415
     except ImportError:  # before the layout module
-        from triton_kernels.multi_lora import rank_block  # noqa: PLC0415
+        from monkey_kernels._triton.multi_lora import rank_block  # noqa: PLC0415
 
     base = base_forward(p, x)
     ranks = torch.full((NUM_ADAPTERS,), p.case.rank, device=p.device, dtype=torch.int32)
@@ -256,7 +256,7 @@ def unfused_forward(p: Problem, x: InputSet) -> torch.Tensor:
 
 def triton_gemm_forward(p: Problem, x: InputSet) -> torch.Tensor:
     """The fused Triton GEMM kernel with no LoRA term (``MONKEY_KERNELS_GEMM=triton``: never the cuBLAS path)."""
-    from triton_kernels.multi_lora import fused_lora_gemm  # noqa: PLC0415
+    from monkey_kernels._triton.multi_lora import fused_lora_gemm  # noqa: PLC0415
 
     ranks = torch.zeros(NUM_ADAPTERS, device=p.device, dtype=torch.int32)
     with _env(GEMM_ENV, "triton"):
@@ -321,10 +321,10 @@ FORWARD_ONLY = ("peft", "unfused", "triton_gemm", "fused_r0")
 
 
 def gemm_decisions():
-    """``triton_kernels.gemm_choice.gemm_choices()`` (the per-shape GEMM path decisions), or ``None`` when that
+    """``monkey_kernels._triton.gemm_choice.gemm_choices()`` (the per-shape GEMM path decisions), or ``None`` when that
     module does not exist in this version."""
     try:
-        from triton_kernels import gemm_choice  # noqa: PLC0415
+        from monkey_kernels._triton import gemm_choice  # noqa: PLC0415
     except ImportError:
         return None
     try:

@@ -12,7 +12,7 @@ The multi-LoRA op (``multi_lora_linear``, the default backend on CUDA: triton) a
 
 The SLP embedding assembly (``slp_embed``) at LayTextLLM / Monkey sizes, forward + backward, the same dtypes.
 
-Judged as the unit tests judge (``tests/accuracy.py``): the op's error against float64 may be at most
+Judged as the unit tests judge (``tests/helpers/accuracy.py``): the op's error against float64 may be at most
 ``tolerance_factor`` times the error of the same computation by plain PyTorch in the op's dtype, plus a floor.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from accuracy import assert_within_pytorch_error  # noqa: E402
+from helpers.accuracy import assert_within_pytorch_error  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 
@@ -130,7 +130,7 @@ def test_multi_lora_dropout_matches_fp64_with_the_ops_mask(layer, dtype):
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 def test_both_gemm_paths_match_fp64(gemm, monkeypatch):
     """``MONKEY_KERNELS_GEMM`` forces each path of the fused GEMM (when this version has the choice)."""
-    pytest.importorskip("triton_kernels.gemm_choice", reason="no per-shape GEMM choice in this version")
+    pytest.importorskip("monkey_kernels._triton.gemm_choice", reason="no per-shape GEMM choice in this version")
     monkeypatch.setenv("MONKEY_KERNELS_GEMM", gemm)
     check_multi_lora("out_proj", torch.bfloat16)
 

@@ -1,6 +1,6 @@
 """The plan of a GPU session (``benchmarks/gpu_session.sh``): its arguments, steps and time budget.
 
-Pure Python (no torch import), so it is fast and unit-tested on CPU (``tests/test_gpu_session.py``).
+Pure Python (no torch import), so it is fast and unit-tested on CPU (``tests/tools/test_gpu_session.py``).
 
 Budget rule, applied before each step with the time actually left (``remaining_s``):
 
@@ -54,7 +54,7 @@ class Step:
 STEPS: Tuple[Step, ...] = (
     Step("environment", 3, 10, 10, True, False, "nvidia-smi, versions (no native build)"),
     Step("correctness", 60, 170, 90, True, False,
-         "compiled kernels at Monkey sizes vs float64 (benchmarks/gpu_correctness.py) + tests/test_cuda_graphs.py"),
+         "compiled kernels at Monkey sizes vs float64 (benchmarks/gpu_correctness.py) + tests/ops/test_cuda_graphs.py"),
     Step("op_batch1", 30, 90, 40, True, False,
          "multi-LoRA op at Monkey shapes, batch 1: fused vs F.linear, unfused, loop, PEFT; Triton GEMM (rank 0) "
          "vs cuBLAS; both GEMM paths"),

@@ -62,7 +62,7 @@ def step_command(step: Step, work: Path, quick: bool, dry_run: bool) -> List[str
     if step.name == "correctness":
         return [py, "-m", "pytest", "-q", "-rfE", "--maxfail=50", "-p", "no:cacheprovider",
                 f"--junitxml={work / 'correctness.xml'}", str(bench / "gpu_correctness.py"),
-                str(REPO_ROOT / "tests" / "test_cuda_graphs.py")]
+                str(REPO_ROOT / "tests" / "ops" / "test_cuda_graphs.py")]
     if step.name in ("op_batch1", "op_batch2_8"):
         batches = ["1"] if step.name == "op_batch1" else ["2", "8"]
         return [py, str(bench / "bench_multi_lora.py"), "--gemm", "--batches", *batches, "--rounds", "1",

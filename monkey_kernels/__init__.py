@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {
-    "SegmentInfo": "triton_kernels.segments",
+    "SegmentInfo": "monkey_kernels.ops.segments",
     "multi_lora_linear": "monkey_kernels.ops.multi_lora",
     "multi_lora_linear_ref": "monkey_kernels.ops.multi_lora",
     "multi_lora_linear_fwd": "monkey_kernels.ops.multi_lora",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from triton_kernels.segments import SegmentInfo
+from monkey_kernels.ops.segments import SegmentInfo
 
 from .ops.multi_lora import multi_lora_linear
 

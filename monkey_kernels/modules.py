@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from triton_kernels.segments import SegmentInfo
+from monkey_kernels.ops.segments import SegmentInfo
 
 from .ops.multi_lora import multi_lora_linear, normalize_ranks
 from .ops.slp import SLPEmbeddingRef, SpatialLayoutProjector, slp_embed

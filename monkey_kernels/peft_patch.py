@@ -57,7 +57,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from triton_kernels.segments import SegmentInfo
+from monkey_kernels.ops.segments import SegmentInfo
 
 from .fused_monkey import InstanceForward
 from .ops.checks import FLOAT_DTYPES, accumulation_dtype

@@ -37,5 +37,5 @@ PY
 
 export MONKEY_KERNELS_COMPILE_LEAN=1
 exec "$VENV_PYTHON" -m pytest -p no:cacheprovider \
-    tests/test_multi_lora.py tests/test_slp.py tests/test_gemm_choice.py tests/test_compile.py \
+    tests/ops/test_multi_lora.py tests/ops/test_slp.py tests/ops/test_gemm_choice.py tests/ops/test_compile.py \
     -k "triton or grouped_outer or test_gemm_choice or test_compile"

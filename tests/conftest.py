@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
 
-from triton_kernels import alloc  # noqa: E402
+from monkey_kernels.ops import alloc  # noqa: E402
 
 SEED_ENV = "MONKEY_KERNELS_TEST_SEED"
 FUZZ_ENV = "MONKEY_KERNELS_FUZZ"
@@ -125,7 +125,7 @@ hypothesis_settings.load_profile("monkey_kernels_fuzz" if fuzz_mode() else "monk
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every buffer a kernel should overwrite starts as NaN for the duration of each test: the Triton launchers'
-    (``triton_kernels.alloc``) and the native ops' (``csrc/outputs.h`` reads the environment variable)."""
+    (``monkey_kernels.ops.alloc``) and the native ops' (``csrc/outputs.h`` reads the environment variable)."""
     monkeypatch.setenv("MONKEY_KERNELS_POISON", "1")
     previous = alloc.set_poison(True)
     yield

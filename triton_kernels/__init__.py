@@ -1,8 +1,8 @@
 """Pure Triton kernels of monkey-kernels and their host launchers (no ``nn.Module`` here).
 
-``segments`` holds :class:`SegmentInfo`, the one segment-metadata type every kernel shares; it imports
-without Triton. The kernel modules import Triton when first imported.
+This folder installs as ``monkey_kernels._triton`` (``setup.py`` maps it there), never as a top-level package:
+the name ``triton_kernels`` belongs to OpenAI's kernel package, which vLLM and sglang import. Import the kernels
+as ``monkey_kernels._triton.multi_lora`` / ``monkey_kernels._triton.slp``. The segment metadata and the other
+non-Triton helpers the launchers share live with the ops (``monkey_kernels.ops.segments``, ``.alloc``,
+``.layout``). Nothing is imported here: a kernel module imports Triton when it is first imported.
 """
-from .segments import SegmentInfo
-
-__all__ = ["SegmentInfo"]

@@ -1,6 +1,6 @@
 """Per-shape choice between the fused Triton GEMM and its cuBLAS-based twin, by measurement.
 
-``triton_kernels.multi_lora.fused_lora_gemm`` has two implementations with one contract:
+``monkey_kernels._triton.multi_lora.fused_lora_gemm`` has two implementations with one contract:
 
 - ``"triton"``: ``_fused_lora_gemm_kernel``, base GEMM and LoRA expand in one pass over the output;
 - ``"cublas"``: ``fused_lora_gemm_cublas``, the base GEMM by ``torch.addmm`` (cuBLAS on a GPU) and the

@@ -30,10 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import alloc, gemm_choice
-from .layout import rank_block
+from monkey_kernels.ops import alloc
+from monkey_kernels.ops.layout import rank_block
+from monkey_kernels.ops.segments import SegmentInfo
+
+from . import gemm_choice
 from .env import install_interpreter_compat, interpreter_active
-from .segments import SegmentInfo
 
 install_interpreter_compat()
 
@@ -438,7 +440,7 @@ def fused_lora_gemm(
         ``[M, N]`` of ``out_dtype``.
 
     Runs the fused Triton kernel or :func:`fused_lora_gemm_cublas` (same contract), chosen per shape by
-    :mod:`triton_kernels.gemm_choice` (``MONKEY_KERNELS_GEMM=auto|triton|cublas``; ``auto`` times both once
+    :mod:`monkey_kernels._triton.gemm_choice` (``MONKEY_KERNELS_GEMM=auto|triton|cublas``; ``auto`` times both once
     per shape on CUDA and is the Triton kernel elsewhere); ``path="triton"`` / ``"cublas"`` forces one (what
     the chooser times). The Triton launch is in this function itself: no wrapper frame between the op and
     the kernel.

@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import alloc
-from .layout import KIND_BOX, KIND_IMAGE, KIND_TEXT, KIND_ZERO
+from monkey_kernels.ops import alloc
+from monkey_kernels.ops.layout import KIND_BOX, KIND_IMAGE, KIND_TEXT, KIND_ZERO
+
 from .env import install_interpreter_compat, interpreter_active
 
 install_interpreter_compat()

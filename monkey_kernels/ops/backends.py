@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from triton_kernels.env import interpreter_active
+from monkey_kernels._triton.env import interpreter_active
 
 from .. import _native  # the loader only: the extension itself loads on first use
 

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from triton_kernels.segments import SegmentInfo
+from monkey_kernels.ops.segments import SegmentInfo
 
 from ..backends import implementation, resolve_backend
 from ..custom import through_custom_op

@@ -8,8 +8,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from triton_kernels.layout import rank_block
-from triton_kernels.segments import SegmentInfo
+from monkey_kernels.ops.layout import rank_block
+from monkey_kernels.ops.segments import SegmentInfo
 
 from ..checks import FLOAT_DTYPES, KERNEL_DTYPES, check_device, check_dtype, check_tensor
 

@@ -11,8 +11,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from triton_kernels import alloc
-from triton_kernels.segments import SegmentInfo
+from monkey_kernels.ops import alloc
+from monkey_kernels.ops.segments import SegmentInfo
 
 from ..backends import implementation
 from ..checks import accumulation_dtype

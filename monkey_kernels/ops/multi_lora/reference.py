@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from triton_kernels.segments import SegmentInfo
+from monkey_kernels.ops.segments import SegmentInfo
 
 __all__ = ["multi_lora_linear_ref"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from triton_kernels.segments import SegmentInfo
+from monkey_kernels.ops.segments import SegmentInfo
 
 from ..checks import accumulation_dtype
 

@@ -3,7 +3,7 @@
 The launchers are bound directly (no wrapper frame): ``shrink`` = ``segmented_shrink``, ``fused_gemm`` =
 ``fused_lora_gemm``, ``outer`` = ``segmented_outer``. Importing this module imports Triton.
 """
-import triton_kernels.multi_lora as kernels
+import monkey_kernels._triton.multi_lora as kernels
 
 __all__ = ["TritonMultiLoRA", "IMPLEMENTATION"]
 

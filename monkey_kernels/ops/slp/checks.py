@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from triton_kernels.layout import KIND_BOX, KIND_IMAGE, KIND_TEXT, KIND_ZERO
+from monkey_kernels.ops.layout import KIND_BOX, KIND_IMAGE, KIND_TEXT, KIND_ZERO
 
 from ..checks import FLOAT_DTYPES, KERNEL_DTYPES, check_device, check_tensor
 from .reference import PAD_TOKEN_ID

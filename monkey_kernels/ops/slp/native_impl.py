@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import torch
 
-from triton_kernels import alloc
+from monkey_kernels.ops import alloc
 
 from ... import _native
 from .torch_impl import torch_backward

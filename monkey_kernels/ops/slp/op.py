@@ -4,7 +4,7 @@ formula (``torch.ops.monkey_kernels.slp_embed_fwd`` / ``_bwd``), and its eager t
 Both ops take flattened tokens (validated inputs and the built :class:`~.checks.TokenIndex`) and run the
 backend's implementation (:func:`monkey_kernels.ops.backends.implementation`).
 
-Forward: ``Y[t]`` as in :mod:`triton_kernels.slp`. Backward, with ``dY [T, H]``:
+Forward: ``Y[t]`` as in :mod:`monkey_kernels._triton.slp`. Backward, with ``dY [T, H]``:
 
 .. math::
     d\mathrm{table}[v] = \sum_{t:\,\mathrm{text},\ \mathrm{id}_t = v} dY_t \quad (\text{row } v =

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import torch
 
-from triton_kernels.layout import KIND_BOX, KIND_IMAGE, KIND_TEXT
+from monkey_kernels.ops.layout import KIND_BOX, KIND_IMAGE, KIND_TEXT
 
 from ..checks import accumulation_dtype
 
@@ -51,7 +51,7 @@ def gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_features) -> torch.Tensor:
-    """``[T, H]``: vectorized PyTorch version of ``triton_kernels.slp.slp_embed_forward`` (same arguments).
+    """``[T, H]``: vectorized PyTorch version of ``monkey_kernels._triton.slp.slp_embed_forward`` (same arguments).
 
     One gather of table rows for all tokens, zeroed where not text, then the box / image rows are written
     by slot (``O(N H)``, not ``O(T H)``) into a buffer with one spare row ``T`` that absorbs unused slots.

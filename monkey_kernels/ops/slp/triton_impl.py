@@ -1,7 +1,7 @@
 """The SLP embedding assembly on the Triton kernel (``triton_kernels/slp.py``; the ``triton`` backend): forward
 by the kernel, backward by the shared PyTorch one (gathers, and ATen's ``embedding_dense_backward`` for the
 table: deterministic, where a Triton kernel would need float atomics). Importing this module imports Triton."""
-from triton_kernels.slp import slp_embed_forward
+from monkey_kernels._triton.slp import slp_embed_forward
 
 from .torch_impl import torch_backward
 

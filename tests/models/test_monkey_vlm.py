@@ -1,4 +1,4 @@
-"""The ``monkey_vlm`` rule on the structural double of the public Monkey VLM (``tests/monkey_vlm_double.py``):
+"""The ``monkey_vlm`` rule on the structural double of the public Monkey VLM (``tests/helpers/monkey_vlm_double.py``):
 patched vs unpatched logits, loss and gradients (float64 on the CPU backends, float32 under the Triton
 interpreter), one encoder pass per forward, 4 and 6 windows and a batch mixing both, generation with the KV cache,
 gradient checkpointing, unpatching, pickling and ``save_pretrained``, and the errors on bad spans."""
@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from accuracy import rel_err
+from helpers.accuracy import rel_err
 from conftest import kernel_device, require_native
 from monkey_kernels.fused_monkey import FusedMonkeyBlock
 from monkey_kernels.models import MonkeyVisionBlock
 from monkey_kernels.monkey_vlm import MonkeyVLMForward, find_image_spans, is_monkey_vlm
 from monkey_kernels.patching import is_patched, patch_model, unpatch_model
-from monkey_vlm_double import MonkeyLMHeadModel, QWenConfig, tiny_visual_config
+from helpers.monkey_vlm_double import MonkeyLMHeadModel, QWenConfig, tiny_visual_config
 
 START = tiny_visual_config()["image_start_id"]
 END, PAD = START + 1, START + 2

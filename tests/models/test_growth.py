@@ -30,7 +30,7 @@ from monkey_kernels.growth import (
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel
 from monkey_kernels.patching import patch_model, unpatch_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_with_trainer as twt  # noqa: E402
 
 from monkey_kernels.fused_monkey import FusedMonkeyBlock  # noqa: E402

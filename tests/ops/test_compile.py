@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def compile_reports():
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     process = subprocess.run(
-        [sys.executable, os.path.join(HERE, "compile_kernels.py")],
+        [sys.executable, os.path.join(HERE, os.pardir, "helpers", "compile_kernels.py")],
         capture_output=True, text=True, env=env, timeout=1200,
     )
     assert process.returncode == 0, process.stderr[-4000:]

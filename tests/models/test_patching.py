@@ -6,62 +6,23 @@ from __future__ import annotations
 
 import copy
 import re
-import math
-from collections import OrderedDict
 
 import pytest
 import torch
 from torch import nn
 
-from accuracy import rel_err
+from helpers.accuracy import rel_err
 from conftest import kernel_device
-from triton_kernels.env import interpreter_active
+from helpers.monkey_models import UserTower, VisualAttentionBlock, make_model, randomize_, views
+from helpers.peft_towers import build_peft
+from monkey_kernels._triton.env import interpreter_active
 from monkey_kernels.fused_monkey import FusedMonkeyBlock
-from monkey_kernels.models import MonkeyVisionBlock, MonkeyVisionConfig, MonkeyVisionModel
-from monkey_kernels import adapter_selection
+from monkey_kernels.models import MonkeyVisionBlock, MonkeyVisionModel
 from monkey_kernels.patching import NothingToPatchError, is_patched, patch_model, unpatch_model
-from test_slp import LayoutModel
-from test_slp_inputs import H, V, slp_inputs
+from helpers.slp_models import H, LayoutModel, V, slp_inputs
 
 BACKENDS = ["triton", "torch"]
 GRIDS = {"2x2": 4, "3x2": 6}  # tiles per image
-
-
-def tiny_config(**overrides) -> MonkeyVisionConfig:
-    values = dict(tile_size=56, image_size=112, patch_size=14, width=32, layers=2, heads=2, mlp_ratio=2,
-                  num_positions=4, n_queries=4, output_dim=16, resampler_heads=2, lora_repeat_num=6,
-                  attn_lora_rank=4, mlp_lora_rank=8, lora_dropout=0.0)
-    values.update(overrides)
-    return MonkeyVisionConfig(**values)
-
-
-def randomize_(model: nn.Module) -> nn.Module:
-    """Non-trivial weights everywhere (lora_b starts at zeros, scales at ones)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_scale"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("lora_b.weight"):
-                p.normal_(0.0, 0.3)
-            elif p.dim() >= 1:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def release_trainable_(model: nn.Module) -> nn.Module:
-    """The release's recipe: only parameters whose name contains "lora" and the resampler train."""
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora" in name or name.startswith("attn_pool"))
-    return model
-
-
-def make_model(device, dtype=torch.float32, **overrides) -> MonkeyVisionModel:
-    model = MonkeyVisionModel(tiny_config(**overrides))
-    return release_trainable_(randomize_(model)).to(device=device, dtype=dtype)
-
-
-def views(batch: int, tiles: int, cfg: MonkeyVisionConfig, device, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(batch, tiles + 1, 3, cfg.tile_size, cfg.tile_size, device=device, dtype=dtype)
 
 
 def run_with_grads(model: nn.Module, pixel_values: torch.Tensor, weights: torch.Tensor):
@@ -279,101 +240,6 @@ def test_gradient_checkpointing_with_dropout(patch_first):
     assert all(b.gradient_checkpointing for b in model.transformer.resblocks)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# A user's copy of the public Monkey code (monkey_model/visual.py), written independently of the package
-# ---------------------------------------------------------------------------------------------------------
-class Lora_Adapter(nn.Module):
-    def __init__(self, d_model=None, out_feat=None, r=16, dropout=0.05):
-        super().__init__()
-        self.lora_scale = nn.Parameter(torch.ones(1))
-        self.lora_a = nn.Linear(d_model, r, bias=False)
-        self.lora_b = nn.Linear(r, out_feat, bias=False)
-        self.lora_dropout = nn.Dropout(p=dropout)
-        with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_b.weight)
-
-    def forward(self, x):
-        return self.lora_b(self.lora_a(self.lora_dropout(x))) * self.lora_scale
-
-
-class VisualAttention(nn.Module):
-    def __init__(self, embed_dim, num_heads, lora_repeat_num=4):
-        super().__init__()
-        self.hidden_size_per_attention_head = embed_dim // num_heads
-        self.num_attention_heads_per_partition = num_heads
-        self.hidden_size_per_partition = embed_dim
-        self.in_proj = nn.Linear(embed_dim, 3 * embed_dim)
-        self.in_proj_lora = nn.ModuleList([Lora_Adapter(embed_dim, 3 * embed_dim) for _ in range(lora_repeat_num)])
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj_lora = nn.ModuleList([Lora_Adapter(embed_dim, embed_dim) for _ in range(lora_repeat_num)])
-        self.norm_factor = math.sqrt(self.hidden_size_per_attention_head)
-
-    def forward(self, query, key, value, attn_mask=None, idx=None):
-        sq, b, _ = query.size()
-        mixed_x_layer = self.in_proj(query)
-        if idx is not None:
-            mixed_x_layer += self.in_proj_lora[idx](query)
-        np_, hn = self.num_attention_heads_per_partition, self.hidden_size_per_attention_head
-        mixed_x_layer = mixed_x_layer.view(sq, b, np_, 3 * hn)
-        query_layer, key_layer, value_layer = mixed_x_layer.split(hn, dim=-1)
-        query_layer = query_layer.reshape(sq, b * np_, hn).transpose(0, 1)
-        key_layer = key_layer.reshape(sq, b * np_, hn).transpose(0, 1)
-        attention_probs = torch.bmm(query_layer / self.norm_factor, key_layer.transpose(-2, -1)).softmax(dim=-1)
-        value_layer = value_layer.reshape(sq, b * np_, hn).transpose(0, 1)
-        context_layer = torch.bmm(attention_probs, value_layer).view(b, np_, sq, hn)
-        context_layer = context_layer.permute(2, 0, 1, 3).contiguous().view(sq, b, self.hidden_size_per_partition)
-        output = self.out_proj(context_layer)
-        if idx is not None:
-            output += self.out_proj_lora[idx](context_layer)
-        return output
-
-
-class VisualAttentionBlock(nn.Module):
-    def __init__(self, d_model, n_head, mlp_ratio=4.0, lora_repeat_num=4):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(d_model, eps=1e-6)
-        self.ln_2 = nn.LayerNorm(d_model, eps=1e-6)
-        mlp_width = int(d_model * mlp_ratio)
-        self.attn = VisualAttention(d_model, n_head, lora_repeat_num=lora_repeat_num)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(d_model, mlp_width)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(mlp_width, d_model)),
-        ]))
-        self.mlp_lora = nn.ModuleList([Lora_Adapter(d_model, d_model, r=32) for _ in range(lora_repeat_num)])
-
-    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None, idx=None):
-        x = q_x + self.attn(self.ln_1(q_x), self.ln_1(q_x), self.ln_1(q_x), attn_mask=attn_mask, idx=idx)
-        residual = x
-        x = x + self.mlp(self.ln_2(x))
-        if idx is not None:
-            x += self.mlp_lora[idx](residual)
-        return x
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, width, layers, heads, mlp_ratio=4.0, lora_repeat_num=4):
-        super().__init__()
-        self.resblocks = nn.ModuleList(
-            [VisualAttentionBlock(width, heads, mlp_ratio, lora_repeat_num=lora_repeat_num) for _ in range(layers)]
-        )
-
-    def forward(self, x, attn_mask=None, idx=None):
-        for r in self.resblocks:
-            x = r(x, attn_mask=attn_mask, idx=idx)
-        return x
-
-
-class UserTower(nn.Module):
-    """Just enough of a user's vision tower around the copied transformer."""
-
-    def __init__(self):
-        super().__init__()
-        self.transformer = TransformerBlock(width=64, layers=2, heads=4, mlp_ratio=2.0, lora_repeat_num=4)
-
-    def forward(self, x, idx=None):
-        return self.transformer(x, idx=idx)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_user_copy_of_the_public_code_is_patched(backend):
     device = kernel_device(backend)
@@ -445,29 +311,6 @@ def build_monkey():
     model = make_model("cpu")
     pixel_values = views(2, 3, model.config, "cpu")
     return model, lambda m: m(pixel_values), 1
-
-
-def build_peft():
-    pytest.importorskip("peft")
-    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
-    from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: PLC0415
-
-    tower = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                 num_attention_heads=2, image_size=28, patch_size=14,
-                                                 vision_use_head=False))
-    model = get_peft_model(tower, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"],
-                                             init_lora_weights=False), adapter_name="red")
-    model.add_adapter("blue", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "fc2"],
-                                         init_lora_weights=False))
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
-    pixel_values = torch.randn(3, 3, 28, 28)
-
-    def forward(m):
-        with adapter_selection(m, ["red", "__base__", "blue"]):
-            return m(pixel_values=pixel_values.to(next(m.parameters()).dtype)).last_hidden_state
-
-    return model, forward, 12
 
 
 def build_slp():

@@ -15,7 +15,7 @@ import torch
 from conftest import require_native
 from monkey_kernels import cli
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_info_prints_backends(capsys):

@@ -16,7 +16,7 @@ import itertools
 import pytest
 import torch
 
-from accuracy import non_finite_pattern
+from helpers.accuracy import non_finite_pattern
 from conftest import available_backends, kernel_device
 from monkey_kernels import SegmentInfo, dropout_keep_mask, multi_lora_linear, multi_lora_linear_ref
 

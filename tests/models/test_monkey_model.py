@@ -20,7 +20,7 @@ from monkey_kernels.models import (
 from conftest import available_backends, kernel_device
 from monkey_kernels import patch_model
 from monkey_kernels.models.monkey_vision import get_2d_sincos_pos_embed
-from test_patching import VisualAttentionBlock, make_model, randomize_, tiny_config, views
+from helpers.monkey_models import VisualAttentionBlock, make_model, randomize_, tiny_config, views
 
 BACKENDS = available_backends()
 

@@ -13,9 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from test_patching import make_model, views
+from helpers.monkey_models import make_model, views
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -88,7 +88,7 @@ def test_compile_fullgraph_with_the_default_backend_in_a_fresh_process(what):
         body = """
             import sys
             sys.path.insert(0, "tests")
-            from test_patching import make_model, views
+            from helpers.monkey_models import make_model, views
             from monkey_kernels import patch_model
             model = make_model("cpu").eval()
             patch_model(model)
@@ -158,7 +158,7 @@ def test_a_patched_block_reaches_the_triton_launch_in_at_most_six_project_frames
     (``kernel[grid](...)``), launcher frames in ``triton_kernels/`` included."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    import triton_kernels.multi_lora as kernels
+    import monkey_kernels._triton.multi_lora as kernels
     from monkey_kernels import patch_model
 
     project = (os.path.join(ROOT, "monkey_kernels"), os.path.join(ROOT, "triton_kernels"))

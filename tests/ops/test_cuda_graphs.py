@@ -12,7 +12,7 @@ import torch
 from monkey_kernels import SegmentInfo, multi_lora_linear
 from monkey_kernels.cuda_graphs import capture_forward
 from monkey_kernels.patching import patch_model
-from test_patching import make_model, views
+from helpers.monkey_models import make_model, views
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 

@@ -1,6 +1,6 @@
 """Distributed training of a PATCHED Monkey encoder: 2 ranks on CPU with gloo under ``torch.distributed.run``.
 
-``tests/dist_grad_check.py`` runs DDP and FSDP2 (``fully_shard``), with and without gradient checkpointing, each
+``tests/helpers/dist_grad_check.py`` runs DDP and FSDP2 (``fully_shard``), with and without gradient checkpointing, each
 rank on its half of a fixed global batch (float64, ``backend="torch"``); its averaged gradients, its weights after
 one AdamW step and its checkpoint must equal a single-process run of the whole global batch in this process.
 FSDP2 bf16 mixed precision is checked against the float64 run with the error bf16 itself makes.
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import dist_grad_check as worker
+from helpers import dist_grad_check as worker
 from monkey_kernels.models import MonkeyVisionModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300  # a hung collective must not hang CI; a normal launch takes ~15 s on 2 cores
 
 # Cases run in this order: the DDP results exist even if an FSDP2 case breaks the launch.
@@ -53,7 +53,7 @@ def _tail(proc: subprocess.CompletedProcess, lines: int = 40) -> str:
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    proc = _launch(ROOT / "tests" / "dist_grad_check.py", "--out", str(out), "--cases", ",".join(CASES))
+    proc = _launch(ROOT / "tests" / "helpers" / "dist_grad_check.py", "--out", str(out), "--cases", ",".join(CASES))
     return out, proc
 
 

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("peft")
 
 from monkey_kernels import adapter_selection, patch_model  # noqa: E402
-from test_peft import make_peft, pixels  # noqa: E402
+from helpers.peft_towers import make_peft, pixels  # noqa: E402
 
 ADAPTERS = {
     "red": dict(r=3, lora_alpha=7, target_modules=["q_proj", "v_proj", "fc1"]),  # 7 / 3

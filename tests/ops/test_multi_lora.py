@@ -13,10 +13,10 @@ from typing import Optional
 import pytest
 import torch
 
-from accuracy import assert_within_pytorch_error
+from helpers.accuracy import assert_within_pytorch_error
 from conftest import available_backends, kernel_device
 from monkey_kernels import SegmentInfo, dropout_keep_mask, multi_lora_linear, multi_lora_linear_ref
-from triton_kernels.env import interpreter_active
+from monkey_kernels._triton.env import interpreter_active
 
 BACKENDS = available_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -269,7 +269,7 @@ def test_empty_batch(backend):
 def test_grouped_outer_product_with_row_splits(num_splits, dropout_p):
     """The dA/dB kernel, its parallel row splits included, against float64 on segments that the splits
     cut unevenly (lengths not multiples of the split count, empty segments, an adapter used twice)."""
-    from triton_kernels.multi_lora import segmented_outer
+    from monkey_kernels._triton.multi_lora import segmented_outer
 
     device = kernel_device("triton")
     lengths, ids = [10, 0, 7, 31, 2], [1, 0, 1, -1, 2]

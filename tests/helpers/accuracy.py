@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from triton_kernels.env import interpreter_active
+from monkey_kernels._triton.env import interpreter_active
 
 
 def tolerance_factor(backend: str, dtype: torch.dtype) -> float:

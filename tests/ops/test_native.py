@@ -19,7 +19,7 @@ from monkey_kernels.ops.backends import resolve_backend
 from monkey_kernels.ops.multi_lora.native_impl import NativeMultiLoRA, native_keep_mask
 from monkey_kernels.ops.multi_lora.torch_impl import TorchMultiLoRA
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(autouse=True)

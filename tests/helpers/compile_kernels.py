@@ -1,7 +1,7 @@
 """Compiles every variant of the multi-LoRA and SLP kernels for sm_90 (Hopper) and prints one JSON line each.
 
 Run as a script in a process WITHOUT ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives
-interpreted functions that cannot be compiled); ``tests/test_compile.py`` does that.
+interpreted functions that cannot be compiled); ``tests/ops/test_compile.py`` does that.
 
 ``MONKEY_KERNELS_COMPILE_LEAN=1`` compiles every kernel and flag set in every dtype once, with one config each
 (not the sweep over the autotuner's GEMM and SLP configs): the second CI pass on another Triton
@@ -12,14 +12,14 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-import triton_kernels.multi_lora as kernels  # noqa: E402
-import triton_kernels.slp as slp_kernels  # noqa: E402
-from triton_kernels.aot import compile_kernel  # noqa: E402
-from triton_kernels.env import interpreter_active  # noqa: E402
+import monkey_kernels._triton.multi_lora as kernels  # noqa: E402
+import monkey_kernels._triton.slp as slp_kernels  # noqa: E402
+from monkey_kernels._triton.aot import compile_kernel  # noqa: E402
+from monkey_kernels._triton.env import interpreter_active  # noqa: E402
 
 INDEX_POINTERS = {"row_segment_ptr": "int32", "adapter_ids_ptr": "int32", "ranks_ptr": "int32"}
 LEAN = os.environ.get("MONKEY_KERNELS_COMPILE_LEAN", "0") not in ("", "0")

@@ -12,58 +12,19 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel  # noqa: E402
+from peft import PeftModel  # noqa: E402
 
 from conftest import kernel_device  # noqa: E402
+from helpers.peft_towers import ADAPTERS, make_peft, pixels, tiny_tower  # noqa: E402
 from monkey_kernels.patching import NothingToPatchError, is_patched, patch_model, unpatch_model  # noqa: E402
 from monkey_kernels.peft_patch import (  # noqa: E402
     RULE_NAME, adapter_selection, clear_adapter_rows, peft_adapter_names, set_adapter_rows,
 )
-from test_patching import build_peft  # noqa: E402
+from helpers.peft_towers import build_peft  # noqa: E402
 
 BACKENDS = ["triton", "torch"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-# Names avoid substrings of PEFT's "lora_" prefix (PEFT warns about e.g. "a").
-ADAPTERS = {
-    "red": dict(r=4, lora_alpha=8, target_modules=TARGETS),
-    "green": dict(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj", "fc1"]),  # fewer layers
-    "blue": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=TARGETS),  # alpha / sqrt(r)
-}
 ROWS = ["red", "__base__", "green", "blue", "red"]
 TOL = dict(atol=2e-5, rtol=2e-5)
-
-
-def tiny_tower(family: str) -> nn.Module:
-    if family == "siglip":
-        cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 image_size=28, patch_size=14, vision_use_head=False)
-        return SiglipVisionModel(cfg)
-    cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=16, projection_dim=16)
-    return CLIPVisionModel(cfg)
-
-
-def make_peft(family: str, adapters=ADAPTERS, device="cpu") -> PeftModel:
-    """A PEFT model with the adapters loaded, lora_B non-zero (init_lora_weights=False), dropout 0."""
-    base = tiny_tower(family)
-    model = None
-    for name, kwargs in adapters.items():
-        config = LoraConfig(lora_dropout=0.0, init_lora_weights=False, **kwargs)
-        if model is None:
-            model = get_peft_model(base, config, adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-    return model.to(device)
-
-
-def image_size(model: nn.Module) -> int:
-    return model.base_model.model.config.image_size
-
-
-def pixels(model: nn.Module, batch: int, device) -> torch.Tensor:
-    size = image_size(model)
-    return torch.randn(batch, 3, size, size, device=device)
 
 
 def lora_params(model: nn.Module, adapter: str):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import available_backends, kernel_device
 from monkey_kernels import SegmentInfo, multi_lora_linear, multi_lora_linear_ref
-from triton_kernels.env import interpreter_active
+from monkey_kernels._triton.env import interpreter_active
 
 NUM_ADAPTERS = 3
 

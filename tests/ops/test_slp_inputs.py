@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from accuracy import non_finite_pattern
+from helpers.accuracy import non_finite_pattern
 from conftest import available_backends, kernel_device
+from helpers.slp_models import B, BOX_ID, H, IMAGE_ID, S, V, slp_inputs
 from monkey_kernels import FusedSLPEmbedding, slp_embed
 from monkey_kernels.ops.slp.reference import SpatialLayoutProjector, assemble_inputs_embeds_ref
 
@@ -18,27 +19,6 @@ BACKENDS = available_backends()
 
 def meta(t):
     return t.to("meta")
-
-
-B, S, V, H, IMAGE_ID, BOX_ID = 2, 10, 12, 8, 11, 0
-
-
-def slp_inputs(device="cpu", dtype=torch.float32):
-    ids = torch.randint(1, IMAGE_ID, (B, S))
-    ids[0, [2, 5]] = BOX_ID
-    ids[0, [7, 8]] = IMAGE_ID
-    ids[1, 1] = BOX_ID
-    ids[1, [3, 4]] = IMAGE_ID
-    ids[1, 9] = -1  # padding
-    corner = torch.rand(B, 2, 2) * 0.5
-    boxes = torch.cat([corner, corner + 0.25], dim=-1)
-    boxes[1, 1] = 0  # padded box of sequence 1
-    return dict(
-        input_ids=ids.to(device), embedding_weight=torch.randn(V, H, device=device, dtype=dtype),
-        proj_weight=torch.randn(H, 4, device=device, dtype=dtype), proj_bias=torch.randn(H, device=device, dtype=dtype),
-        boxes=boxes.to(device, dtype), num_boxes=torch.tensor([2, 1], device=device),
-        image_features=torch.randn(B, 2, H, device=device, dtype=dtype), image_token_id=IMAGE_ID,
-    )
 
 
 def call_slp(inputs, backend, **kwargs):

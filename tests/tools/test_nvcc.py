@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KERNEL = ROOT / "csrc" / "cuda" / "slp_embed_kernel.cu"
 GLUE = ROOT / "csrc" / "cuda" / "slp_cuda.cpp"
 # One kernel per (element type, pack width): float 1/2/4, half and bfloat16 1/2/4/8.

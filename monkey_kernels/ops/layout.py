@@ -7,7 +7,7 @@ Triton, lets a CPU user without Triton run those backends.
 
 __all__ = ["rank_block", "KIND_ZERO", "KIND_TEXT", "KIND_BOX", "KIND_IMAGE"]
 
-# Row kinds of the SLP embedding assembly (``kind[t]`` of a flattened token; see ``triton_kernels.slp``).
+# Row kinds of the SLP embedding assembly (``kind[t]`` of a flattened token; see ``monkey_kernels._triton.slp``).
 KIND_ZERO, KIND_TEXT, KIND_BOX, KIND_IMAGE = 0, 1, 2, 3
 
 

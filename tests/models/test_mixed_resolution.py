@@ -11,7 +11,7 @@ import torch
 
 from conftest import available_backends, kernel_device
 from monkey_kernels import patch_model, unpatch_model
-from test_patching import make_model
+from helpers.monkey_models import make_model
 
 BACKENDS = available_backends()
 # Positions and queries match the 4x4 patches of a 56 px view: the release interpolates both tables in float32
@@ -117,7 +117,7 @@ def test_benchmark_of_a_mixed_batch_runs_and_checks_outputs(tmp_path):
     import importlib
     import sys as _sys
 
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     if root not in _sys.path:
         _sys.path.insert(0, root)
     bench = importlib.import_module("benchmarks.bench_mixed_resolution")

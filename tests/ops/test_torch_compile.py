@@ -12,7 +12,7 @@ import torch
 from conftest import kernel_device
 from monkey_kernels import SegmentInfo, multi_lora_linear, multi_lora_linear_bwd, multi_lora_linear_fwd
 from monkey_kernels.patching import patch_model
-from test_patching import make_model, views
+from helpers.monkey_models import make_model, views
 
 BACKENDS = ["triton", "torch"]
 

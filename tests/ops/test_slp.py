@@ -20,8 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-from accuracy import assert_within_pytorch_error, rel_err
+from helpers.accuracy import assert_within_pytorch_error, rel_err
 from conftest import available_backends, kernel_device, require_native
+from helpers.slp_models import LayoutModel
 from monkey_kernels.ops.slp.reference import PAD_TOKEN_ID, SLPEmbeddingRef, SpatialLayoutProjector
 from monkey_kernels import FusedSLPEmbedding, slp_embed
 
@@ -382,21 +383,6 @@ def test_valid_error_inputs_pass_and_validate_false_gives_zero_rows(backend):
     torch.testing.assert_close(out[unchanged], base[unchanged])
 
 
-class LayoutModel(nn.Module):
-    """A LayTextLLM-like holder of the reference embedding layer (what patch_model meets in practice)."""
-
-    def __init__(self, vocab: int, hidden: int, device):
-        super().__init__()
-        self.embed = SLPEmbeddingRef(
-            nn.Embedding(vocab, hidden, device=device), SpatialLayoutProjector(hidden, device=device),
-            box_token_id=BOX_ID, image_token_id=vocab - 1,
-        )
-        self.head = nn.Linear(hidden, 3, device=device)
-
-    def forward(self, ids, boxes, feats):
-        return self.head(self.embed(ids, boxes, None, feats))
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_patch_model_swaps_the_reference_embedding_and_back(backend):
     from monkey_kernels import patch_model, unpatch_model
@@ -536,7 +522,7 @@ def _bench_slp():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     return importlib.import_module("benchmarks.bench_slp")
 
 

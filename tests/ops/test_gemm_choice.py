@@ -1,5 +1,5 @@
 """The cuBLAS-based twin of the fused GEMM (``fused_lora_gemm_cublas``) and the per-shape chooser between the two
-(``triton_kernels.gemm_choice``).
+(``monkey_kernels._triton.gemm_choice``).
 
 Both variants are checked against a float64 evaluation of the contract
 ``OUT = x @ W^T + bias + drop(s[a] * h[:, :rank] @ E[a][:, :rank]^T) + residual`` (per row, base-only rows get no
@@ -12,16 +12,15 @@ import functools
 import itertools
 import json
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
 
 from conftest import kernel_device
-import triton_kernels.multi_lora as kernels
-from triton_kernels import gemm_choice
-from triton_kernels.gemm_choice import GemmChooser, GemmKey
-from triton_kernels.segments import SegmentInfo
+import monkey_kernels._triton.multi_lora as kernels
+from monkey_kernels._triton import gemm_choice
+from monkey_kernels._triton.gemm_choice import GemmChooser, GemmKey
+from monkey_kernels.ops.segments import SegmentInfo
 
 DEVICE = kernel_device("triton")
 LENGTHS = [7, 0, 12, 5, 9, 3]  # ragged, an empty segment, an adapter used twice, base-only segments

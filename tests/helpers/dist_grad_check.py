@@ -1,4 +1,4 @@
-"""Worker of ``tests/test_distributed.py``, launched by ``torch.distributed.run`` (2 ranks, CPU, gloo).
+"""Worker of ``tests/models/test_distributed.py``, launched by ``torch.distributed.run`` (2 ranks, CPU, gloo).
 
 For each case (``ddp``, ``fsdp2``, each with and without gradient checkpointing, and ``fsdp2_bf16``: FSDP2
 mixed precision over float32 weights) every rank builds the same PATCHED tiny Monkey encoder (float64 unless
@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 if str(ROOT) not in sys.path:
     sys.path.insert(1, str(ROOT))
