@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TRITON_PIN="3.6.0"
-VENV="${MONKEY_KERNELS_CACHE:-$HOME/.cache/monkey_kernels}/venv-triton36"
+# MONKEY_KERNELS_CACHE as the package reads it (monkey_kernels/settings.py: its default, ~ expanded, checked)
+VENV="$("$PYTHON" -c 'from monkey_kernels import settings; print(settings.CACHE.get())')/venv-triton36"
 VENV_PYTHON="$VENV/bin/python"
 
 has_pin() {
@@ -35,7 +36,7 @@ if torch.__version__ != base_torch:
 print(f"second pass: triton {triton.__version__}, torch {torch.__version__}")
 PY
 
-export MONKEY_KERNELS_COMPILE_LEAN=1
+export MONKEY_KERNELS_COMPILE_LEAN=1  # declared in monkey_kernels/settings.py
 exec "$VENV_PYTHON" -m pytest -p no:cacheprovider \
     tests/ops/test_multi_lora.py tests/ops/test_slp.py tests/ops/test_gemm_choice.py tests/ops/test_compile.py \
     -k "triton or grouped_outer or test_gemm_choice or test_compile"
