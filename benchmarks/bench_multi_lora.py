@@ -246,13 +246,13 @@ def unfused_forward(p: Problem, x: InputSet) -> torch.Tensor:
     """The base GEMM, then the shrink kernel and the triton backend's expand-only GEMM (its per-shape path)."""
     from monkey_kernels._triton.multi_lora import segmented_shrink  # noqa: PLC0415
     from monkey_kernels.ops.layout import rank_block  # noqa: PLC0415
-    from monkey_kernels.ops.multi_lora.triton_impl import fused_gemm  # noqa: PLC0415
+    from monkey_kernels.ops.multi_lora.triton_impl import TritonMultiLoRA  # noqa: PLC0415
 
     base = base_forward(p, x)
     ranks = torch.full((NUM_ADAPTERS,), p.case.rank, device=p.device, dtype=torch.int32)
     h = segmented_shrink(x.lora_input, p.lora_a, p.segments, ranks, rank_block(p.case.rank))
-    return fused_gemm(None, None, None, h, p.lora_b, p.scale, base, p.segments, ranks,
-                      out_features=p.case.out_features, out_dtype=base.dtype)
+    return TritonMultiLoRA.fused_gemm(None, None, None, h, p.lora_b, p.scale, base, p.segments, ranks,
+                                      out_features=p.case.out_features, out_dtype=base.dtype)
 
 
 def triton_gemm_forward(p: Problem, x: InputSet) -> torch.Tensor:

@@ -219,7 +219,7 @@ def extension() -> ModuleType:
     """The extension module with the current settings passed to it (for its reporting functions, e.g.
     ``lowrank_isa()``, ``tiled_base_gemm()``); raises ``RuntimeError`` with :func:`status` when unavailable and
     ``ValueError`` naming the variable for a bad setting."""
-    module = load()
+    module = _module if _status is not None else load()  # after the first call: no lock, no function call
     if module is None:
         raise RuntimeError(f"the native extension is not available: {status()}")
     _configure(module)

@@ -143,8 +143,9 @@ def cmd_info(args: argparse.Namespace) -> dict:
         interpret = settings.TRITON_INTERPRET.get()
     except ValueError as error:
         interpret = f"error: {error}"
-    info["TRITON_INTERPRET"] = ("set: Triton kernels run on CPU through the interpreter (slow)" if interpret is True
-                                else "not set" if interpret is False else interpret)
+    info[settings.TRITON_INTERPRET.name] = (
+        "set: Triton kernels run on CPU through the interpreter (slow)" if interpret is True
+        else "not set" if interpret is False else interpret)
     info.update(_native_facts())
     info["backend for CPU tensors"] = _backend_for("cpu")
     info["backend for CUDA tensors"] = _backend_for("cuda") + ("" if cuda else " (no CUDA device here)")

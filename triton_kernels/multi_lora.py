@@ -24,7 +24,7 @@ function of the seed, regenerated in backward, never stored.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -420,10 +420,10 @@ def fused_lora_gemm(
     out_dtype: torch.dtype,
     dropout_p: float = 0.0,
     seed: int = 0,
+    alternative: Optional[Callable[..., Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """``OUT = x @ weight^T + bias + drop(s[a] * h @ expand[a]^T) + residual`` in one pass over ``OUT`` (the
-    Triton kernel; the triton backend runs it or its cuBLAS twin, whichever is faster for the shape, see
-    ``monkey_kernels.ops.multi_lora.triton_impl``).
+    Triton kernel).
 
     Args:
         x: ``[M, K]`` or ``None`` (no base GEMM: expand only).
@@ -435,9 +435,18 @@ def fused_lora_gemm(
         residual: ``[M, N]`` or ``None``.
         dropout_p: when > 0, the LoRA term (not the base) is multiplied by the dropout mask of the
             logical ``[M, N]`` output (used for the input gradient through the LoRA dropout).
+        alternative: called first with the same arguments; its output, unless ``None``, is returned instead of
+            running the kernel. The triton backend passes its per-shape choice of the cuBLAS twin here
+            (``monkey_kernels.ops.multi_lora.triton_impl``), so the launch stays in this frame, the one the op
+            calls.
     Returns:
         ``[M, N]`` of ``out_dtype``.
     """
+    if alternative is not None:
+        out = alternative(x, weight, bias, h, expand, scale, residual, segments, ranks, out_features=out_features,
+                          out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+        if out is not None:
+            return out
     M, N = segments.num_rows, int(out_features)
     out = alloc.empty((M, N), device=segments.device, dtype=out_dtype)
     if M == 0 or N == 0:

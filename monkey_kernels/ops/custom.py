@@ -37,32 +37,24 @@ def _no_second_derivative(grads, message: bytes):
 
 def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
                    num_user_outputs: int = 1):
-    """An ``autograd.Function`` whose ``forward`` IS ``forward(*inputs)`` (the custom op's implementation: a tensor
-    or a tuple), with ``setup_context(ctx, inputs, outputs)`` and ``backward(ctx, *grads)`` (the registered
-    autograd formula, called with the gradients of the first ``num_user_outputs`` outputs, the user-facing ones;
-    it must not go through the custom backward op, so that the twin skips the dispatcher both ways). ``apply``
-    returns what ``forward`` returns, like the custom op; the outputs past ``num_user_outputs`` (e.g. the
-    multi-LoRA op's ``H``) are marked non-differentiable.
-
-    ``forward`` runs as the Function's own forward (the separate-``setup_context`` form of
-    ``torch.autograd.Function``), so the twin adds no Python frame between the public function and the kernels."""
+    """An ``autograd.Function`` running ``forward(*inputs)`` (the custom op's implementation: a tensor or a tuple),
+    ``setup_context(ctx, inputs, outputs)`` and ``backward(ctx, *grads)`` (the registered autograd formula, called
+    with the gradients of the user-facing outputs; it must not go through the custom backward op, so that the
+    twin skips the dispatcher both ways). Only the first ``num_user_outputs`` outputs are returned."""
     message = (f"{name} has no second derivative: its backward is not differentiable "
                "(create_graph=True gives first-order gradients only)").encode()
-    implementation, setup = forward, setup_context
 
     class EagerFunction(torch.autograd.Function):
-        forward = staticmethod(implementation)
-
         @staticmethod
-        def setup_context(ctx, inputs, output):
-            setup(ctx, inputs, output)
-            if not isinstance(output, torch.Tensor):
-                ctx.mark_non_differentiable(*output[num_user_outputs:])
-                ctx.set_materialize_grads(False)  # no zero gradients allocated for the non-differentiable outputs
+        def forward(ctx, *inputs):
+            outputs = forward(*inputs)
+            setup_context(ctx, inputs, outputs)
+            if isinstance(outputs, torch.Tensor):
+                return outputs
+            return outputs[0] if num_user_outputs == 1 else tuple(outputs[:num_user_outputs])
 
         @staticmethod
         def backward(ctx, *grads):
-            grads = grads[:num_user_outputs]
             with torch.no_grad():
                 result = backward(ctx, *grads)
             if torch.is_grad_enabled() and any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads):

@@ -1,6 +1,6 @@
 """The cuBLAS-based twin of the fused GEMM (``monkey_kernels.ops.multi_lora.cublas_gemm``), the per-shape chooser
 between the two (``monkey_kernels.ops.multi_lora.gemm_choice``) and the triton backend's ``fused_gemm`` that runs
-the one chosen (``monkey_kernels.ops.multi_lora.triton_impl``).
+the one chosen (the launcher with ``monkey_kernels.ops.multi_lora.triton_impl.cublas_if_chosen`` as its hook).
 
 Both variants are checked against a float64 evaluation of the contract
 ``OUT = x @ W^T + bias + drop(s[a] * h[:, :rank] @ E[a][:, :rank]^T) + residual`` (per row, base-only rows get no
@@ -9,6 +9,7 @@ On CPU the "cublas" variant runs torch's CPU matmul and the fused one Triton's i
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -185,9 +186,9 @@ def spied_variants(monkeypatch):
 
 def _dispatch_once():
     segments = SegmentInfo.from_indptr([0, 4], [0], device=DEVICE)
-    triton_impl.fused_gemm(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None,
-                           None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
-                           out_features=5, out_dtype=torch.float32)
+    triton_impl.TritonMultiLoRA.fused_gemm(
+        torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None, None, None, segments,
+        torch.tensor([2], dtype=torch.int32, device=DEVICE), out_features=5, out_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["triton", "cublas", " CUBLAS "])
@@ -200,17 +201,18 @@ def test_env_forces_the_path(monkeypatch, spied_variants, mode):
 def test_fused_gemm_rejects_an_unknown_path():
     segments = SegmentInfo.from_indptr([0, 4], [0], device=DEVICE)
     with pytest.raises(ValueError, match="path must be None, 'triton' or 'cublas'"):
-        triton_impl.fused_gemm(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None,
-                               None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
-                               out_features=5, out_dtype=torch.float32, path="cutlass")
+        triton_impl.cublas_if_chosen(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None,
+                                     None, None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
+                                     out_features=5, out_dtype=torch.float32, path="cutlass")
 
 
 @pytest.mark.parametrize("path", ["triton", "cublas"])
 def test_fused_gemm_runs_a_forced_path(spied_variants, path):
     segments = SegmentInfo.from_indptr([0, 4], [0], device=DEVICE)
-    triton_impl.fused_gemm(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None,
-                           None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
-                           out_features=5, out_dtype=torch.float32, path=path)
+    kernels.fused_lora_gemm(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None,
+                            None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
+                            out_features=5, out_dtype=torch.float32,
+                            alternative=functools.partial(triton_impl.cublas_if_chosen, path=path))
     assert spied_variants == [path]
 
 

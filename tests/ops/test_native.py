@@ -140,8 +140,8 @@ def test_failed_build_falls_back_to_torch_and_logs_the_reason_once(tmp_path):
 
 
 def test_auto_picks_native_for_cpu_and_logs_one_line(monkeypatch, caplog):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("MONKEY_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "0")
+    monkeypatch.delenv(settings.BACKEND.name, raising=False)
     monkeypatch.setattr(backends, "_logged_device_types", set())
     cpu = torch.device("cpu")
     with caplog.at_level(logging.INFO, logger="monkey_kernels"):
@@ -151,7 +151,7 @@ def test_auto_picks_native_for_cpu_and_logs_one_line(monkeypatch, caplog):
     assert len(records) == 1 and records[0].levelno == logging.INFO
     assert records[0].getMessage().startswith("monkey-kernels: CPU tensors use the native C++ backend (")
     # Under the interpreter auto keeps picking triton (the test suite relies on it); native stays explicit.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "1")
     assert resolve_backend(None, cpu) == "triton"
     assert resolve_backend("native", cpu) == "native"
     with pytest.raises(ValueError, match="native.*cpu"):
@@ -162,8 +162,8 @@ def test_monkeypatched_failed_load_falls_back_in_process(monkeypatch, caplog):
     monkeypatch.setattr(_native, "_module", None)
     monkeypatch.setattr(_native, "_status", "unavailable: simulated compiler failure")
     monkeypatch.setattr(backends, "_logged_device_types", set())
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("MONKEY_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "0")
+    monkeypatch.delenv(settings.BACKEND.name, raising=False)
     with caplog.at_level(logging.INFO, logger="monkey_kernels"):
         assert resolve_backend(None, torch.device("cpu")) == "torch"
     assert [r.levelno for r in caplog.records] == [logging.WARNING]

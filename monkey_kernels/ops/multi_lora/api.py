@@ -84,8 +84,10 @@ def multi_lora_linear(
         NO_LENGTH if segments.segment_length is None else segments.segment_length,
         p.r_block, p.dropout_p, p.seed, backend, need_h,
     )
-    op = multi_lora_linear_fwd if through_custom_op(u) else EagerMultiLoRALinear.apply
-    y, _ = op(*op_inputs)
+    if through_custom_op(u):
+        y, _ = multi_lora_linear_fwd(*op_inputs)
+    else:
+        y = EagerMultiLoRALinear.apply(*op_inputs)
     return y.view(*p.lead, p.N)
 
 

@@ -7,7 +7,6 @@ Both ops take flattened, validated rows (see :mod:`.checks`) and run the backend
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -171,8 +170,7 @@ class _Needs(NamedTuple):
     scale: bool
 
 
-@dataclass(frozen=True)
-class _BackwardPass:
+class _BackwardPass(NamedTuple):
     """What every step of one backward call shares: the backend, the segments, the ranks and scale, and the
     dropout of the LoRA input (its mask regenerated from ``seed``)."""
 

@@ -1,11 +1,14 @@
 """The multi-LoRA primitives on the Triton kernels (``triton_kernels/multi_lora.py``; the ``triton`` backend).
 
-``shrink`` and ``outer`` are the launchers themselves (no wrapper frame); ``fused_gemm`` picks, per shape, the
-fused Triton GEMM or its cuBLAS twin (:mod:`.cublas_gemm`), by the measurement of :mod:`.gemm_choice`, and
-calls the one it picked. Importing this module imports Triton.
+The launchers are bound directly (no wrapper frame between the op and the launch): ``shrink`` =
+``segmented_shrink``, ``outer`` = ``segmented_outer``, ``fused_gemm`` = ``fused_lora_gemm`` with
+:func:`cublas_if_chosen` as its ``alternative``: the launcher asks it first, and it returns the cuBLAS twin's output
+(:mod:`.cublas_gemm`) when the per-shape measurement of :mod:`.gemm_choice` picked cuBLAS, else ``None`` (the Triton
+kernel runs). Importing this module imports Triton.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -17,18 +20,20 @@ from ..registry import register_backend
 from . import gemm_choice
 from .cublas_gemm import fused_lora_gemm_cublas
 
-__all__ = ["TritonMultiLoRA", "IMPLEMENTATION", "fused_gemm"]
+__all__ = ["TritonMultiLoRA", "IMPLEMENTATION", "cublas_if_chosen"]
 
-def fused_gemm(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               h: Optional[torch.Tensor], expand: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-               residual: Optional[torch.Tensor], segments: SegmentInfo, ranks: torch.Tensor, *, out_features: int,
-               out_dtype: torch.dtype, dropout_p: float = 0.0, seed: int = 0,
-               path: Optional[str] = None) -> torch.Tensor:
-    """``[M, out_features]``: the contract of ``MultiLoRABackend.fused_gemm`` (shapes there), by the fused Triton
-    kernel or its cuBLAS twin: ``path`` (``"triton"`` / ``"cublas"``) when given, else
-    :func:`.gemm_choice.choose_gemm_path` (``MONKEY_KERNELS_GEMM``; ``auto`` times both once per shape on CUDA
-    and is the Triton kernel elsewhere). The chosen function is called from here: one frame between the op and
-    the kernel's launch."""
+
+def cublas_if_chosen(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     h: Optional[torch.Tensor], expand: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                     residual: Optional[torch.Tensor], segments: SegmentInfo, ranks: torch.Tensor, *,
+                     out_features: int, out_dtype: torch.dtype, dropout_p: float = 0.0, seed: int = 0,
+                     path: Optional[str] = None) -> Optional[torch.Tensor]:
+    """The per-shape path of the triton backend's fused GEMM (arguments and result as
+    ``MultiLoRABackend.fused_gemm``): the cuBLAS twin's ``[M, out_features]`` output when the path is
+    ``"cublas"``, ``None`` when it is ``"triton"`` (the caller, the Triton launcher, then runs its kernel).
+
+    The path: ``path`` when given, else :func:`.gemm_choice.choose_gemm_path` (``MONKEY_KERNELS_GEMM``; ``auto``
+    times both once per shape on CUDA and is the Triton kernel elsewhere)."""
     args = (x, weight, bias, h, expand, scale, residual, segments, ranks)
     options = dict(out_features=out_features, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
     M, N = segments.num_rows, int(out_features)
@@ -43,7 +48,7 @@ def fused_gemm(x: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: 
         return fused_lora_gemm_cublas(*args, **options)
     if path not in (None, "triton"):
         raise ValueError(f"path must be None, 'triton' or 'cublas', got {path!r}")
-    return kernels.fused_lora_gemm(*args, **options)
+    return None
 
 
 class TritonMultiLoRA:
@@ -51,7 +56,8 @@ class TritonMultiLoRA:
     outer_zeroes_unowned = False
     supports_merged_weights = False
     shrink = staticmethod(kernels.segmented_shrink)
-    fused_gemm = staticmethod(fused_gemm)
+    # a partial, not a wrapper function: no Python frame between the op and the launch
+    fused_gemm = staticmethod(functools.partial(kernels.fused_lora_gemm, alternative=cublas_if_chosen))
     outer = staticmethod(kernels.segmented_outer)
     dropout_keep_mask = staticmethod(kernels.dropout_keep_mask)
 
