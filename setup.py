@@ -23,6 +23,10 @@ ROOT = Path(__file__).parent
 EXT_NAME = "monkey_kernels._C"
 TRITON_PACKAGE = "monkey_kernels._triton"
 
+# The one declaration of the environment variables (light: no torch); this checkout's, whatever is installed.
+sys.path.insert(0, str(ROOT))
+from monkey_kernels import settings  # noqa: E402
+
 
 def _warn(message: str) -> None:
     # print, not warnings.warn: pip shows a build's stderr with -v only, but this must be seen in logs
@@ -30,14 +34,10 @@ def _warn(message: str) -> None:
     print(f"\n{bar}\nWARNING (monkey-kernels): {message}\n{bar}\n", file=sys.stderr, flush=True)
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
-
-
 def native_extension():
     """``(ext_modules, cmdclass)`` for the extension, or ``([], {})`` when it is not to be built."""
-    if _flag("MONKEY_KERNELS_NO_BUILD"):
-        _warn("MONKEY_KERNELS_NO_BUILD=1: not building the native extension (monkey_kernels._C).")
+    if settings.NO_BUILD.get():
+        _warn(f"{settings.NO_BUILD.name}=1: not building the native extension ({EXT_NAME}).")
         return [], {}
     try:
         import torch

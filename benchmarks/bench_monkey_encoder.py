@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from monkey_kernels.cuda_graphs import capture_forward
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, tile_grid
+from monkey_kernels.ops.backends import BACKENDS
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -155,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 4 8 (CUDA), 1 2 (CPU)")
     parser.add_argument("--resolutions", nargs="+", choices=list(RESOLUTIONS), default=None,
                         help="default: all (--quick: 896x896)")
-    parser.add_argument("--backends", nargs="+", choices=["triton", "native", "torch"], default=None,
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="backends of the patched models, the first being 'patched' (default: the device's "
                              "default backend, then the others that run there)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the train step")

@@ -42,6 +42,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from monkey_kernels.ops.backends import BACKENDS
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it,
 # the structural double of the public Monkey code in tests/helpers/.
@@ -173,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 4 (--quick: 1 4)")
     parser.add_argument("--lm-layers", type=int, default=None,
                         help="language-model depth (default: 4 at the release's width, 2 in the small config)")
-    parser.add_argument("--backends", nargs="+", choices=["triton", "native", "torch"], default=None,
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="backends of the patched models, the first being 'patched' (default: the device's "
                              "default backend, then the others that run there)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few rounds")

@@ -26,7 +26,7 @@ denominator):
 - ``triton_gemm`` (CUDA, ``--gemm``): the fused Triton GEMM kernel with no LoRA term, against ``base``
   (cuBLAS) -- the question "is our GEMM as fast as cuBLAS"; ``fused_r0``: ``multi_lora_linear`` with every
   rank 0; ``fused_gemm_<choice>``: ``fused`` with ``MONKEY_KERNELS_GEMM=<choice>`` (triton / cublas) set around
-  each call, when ``monkey_kernels._triton.gemm_choice`` exists (its per-shape decisions go into the JSON).
+  each call, when ``monkey_kernels.ops.multi_lora.gemm_choice`` exists (its per-shape decisions go into the JSON).
 
 Modes: ``fwd`` (``torch.no_grad``) and ``fwd_bwd`` (``U``, ``V``, ``A``, ``B``, ``scale`` trainable). Every
 method's output (and the fused gradients) is first checked against a float64 loop on the same inputs; a
@@ -51,6 +51,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from monkey_kernels import settings
+from monkey_kernels.ops.backends import BACKENDS
+
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_timer_args, default_backend, make_result, other_backends, peak_memory_bytes,  # noqa: E402
@@ -62,7 +65,7 @@ SEGMENT_ADAPTERS = (0, 1, 2, 3, -1)  # one image: four adapter segments, then a 
 NUM_ADAPTERS = 4
 ADAPTER_SCALES = (0.5, 1.0, 1.5, 2.0)
 SMALL_DIVISOR = 8
-GEMM_ENV = "MONKEY_KERNELS_GEMM"
+GEMM_ENV = settings.GEMM.name
 GEMM_CHOICES = ("triton", "cublas")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Largest accepted max|method - float64 loop| / max|loop| (forward, gradients) per dtype.
@@ -240,28 +243,25 @@ def fused_forward(p: Problem, x: InputSet, backend: Optional[str] = None, ranks=
 
 
 def unfused_forward(p: Problem, x: InputSet) -> torch.Tensor:
-    from monkey_kernels._triton.multi_lora import fused_lora_gemm, segmented_shrink  # noqa: PLC0415
-
-    try:
-        from monkey_kernels.ops.layout import rank_block  # noqa: PLC0415
-    except ImportError:  # before the layout module
-        from monkey_kernels._triton.multi_lora import rank_block  # noqa: PLC0415
+    """The base GEMM, then the shrink kernel and the triton backend's expand-only GEMM (its per-shape path)."""
+    from monkey_kernels._triton.multi_lora import segmented_shrink  # noqa: PLC0415
+    from monkey_kernels.ops.layout import rank_block  # noqa: PLC0415
+    from monkey_kernels.ops.multi_lora.triton_impl import TritonMultiLoRA  # noqa: PLC0415
 
     base = base_forward(p, x)
     ranks = torch.full((NUM_ADAPTERS,), p.case.rank, device=p.device, dtype=torch.int32)
     h = segmented_shrink(x.lora_input, p.lora_a, p.segments, ranks, rank_block(p.case.rank))
-    return fused_lora_gemm(None, None, None, h, p.lora_b, p.scale, base, p.segments, ranks,
-                           out_features=p.case.out_features, out_dtype=base.dtype)
+    return TritonMultiLoRA.fused_gemm(None, None, None, h, p.lora_b, p.scale, base, p.segments, ranks,
+                                      out_features=p.case.out_features, out_dtype=base.dtype)
 
 
 def triton_gemm_forward(p: Problem, x: InputSet) -> torch.Tensor:
-    """The fused Triton GEMM kernel with no LoRA term (``MONKEY_KERNELS_GEMM=triton``: never the cuBLAS path)."""
+    """The fused Triton GEMM kernel with no LoRA term (the Triton launcher itself: never the cuBLAS path)."""
     from monkey_kernels._triton.multi_lora import fused_lora_gemm  # noqa: PLC0415
 
     ranks = torch.zeros(NUM_ADAPTERS, device=p.device, dtype=torch.int32)
-    with _env(GEMM_ENV, "triton"):
-        return fused_lora_gemm(x.u, p.weight, p.bias, None, None, None, x.residual, p.segments, ranks,
-                               out_features=p.case.out_features, out_dtype=x.u.dtype)
+    return fused_lora_gemm(x.u, p.weight, p.bias, None, None, None, x.residual, p.segments, ranks,
+                           out_features=p.case.out_features, out_dtype=x.u.dtype)
 
 
 @contextlib.contextmanager
@@ -278,7 +278,7 @@ def _env(name: str, value: str):
 
 
 # Methods that run with an environment variable set around forward AND backward (the ops read it per call).
-METHOD_ENV = {"fused_blas": ("MONKEY_KERNELS_CPU_GEMM", "blas")}
+METHOD_ENV = {"fused_blas": (settings.CPU_GEMM.name, "blas")}
 
 
 def _method_env(method: str):
@@ -321,10 +321,10 @@ FORWARD_ONLY = ("peft", "unfused", "triton_gemm", "fused_r0")
 
 
 def gemm_decisions():
-    """``monkey_kernels._triton.gemm_choice.gemm_choices()`` (the per-shape GEMM path decisions), or ``None`` when that
-    module does not exist in this version."""
+    """``monkey_kernels.ops.multi_lora.gemm_choice.gemm_choices()`` (the per-shape GEMM path decisions), or ``None``
+    when that module does not exist in this version."""
     try:
-        from monkey_kernels._triton import gemm_choice  # noqa: PLC0415
+        from monkey_kernels.ops.multi_lora import gemm_choice  # noqa: PLC0415
     except ImportError:
         return None
     try:
@@ -455,7 +455,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None, help="rows per segment (default 1024; /8 with --small)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                         help="base is always added; fused includes one column per other available backend")
-    parser.add_argument("--backends", nargs="+", choices=["triton", "native", "torch"], default=None,
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="backends of the fused methods, the first being 'fused' (default: the device's "
                              "default backend, then the others that run there)")
     parser.add_argument("--gemm", action="store_true",

@@ -39,6 +39,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from monkey_kernels.ops.backends import BACKENDS
+
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
@@ -153,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--adapters", type=int, nargs="+", default=None, help="default: 4 16 (--quick: 4)")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help="batch sizes (default: 8 32 on CUDA, 4 8 on CPU; --quick: the first)")
-    parser.add_argument("--backends", nargs="+", choices=["triton", "native", "torch"], default=None,
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="backends of the patched models, the first being 'patched' (default: the device's "
                              "default backend, then the others that run there)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 adapters, one batch, few rounds")

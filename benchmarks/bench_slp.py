@@ -45,6 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from monkey_kernels import slp_embed
+from monkey_kernels.ops.backends import BACKENDS
 from monkey_kernels.ops.slp.reference import SLPEmbeddingRef, SpatialLayoutProjector
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
@@ -188,7 +189,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Time the fused SLP embedding assembly against the reference.")
     parser.add_argument("--cases", nargs="+", choices=list(FULL_CASES), default=list(FULL_CASES))
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--backends", nargs="+", choices=["triton", "torch", "native"], default=None,
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="backends of the fused methods, the first being 'fused' (default: the device's "
                              "default backend, then the others that run there)")
     parser.add_argument("--modes", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])

@@ -130,8 +130,9 @@ def test_multi_lora_dropout_matches_fp64_with_the_ops_mask(layer, dtype):
 @pytest.mark.parametrize("gemm", ["triton", "cublas"])
 def test_both_gemm_paths_match_fp64(gemm, monkeypatch):
     """``MONKEY_KERNELS_GEMM`` forces each path of the fused GEMM (when this version has the choice)."""
-    pytest.importorskip("monkey_kernels._triton.gemm_choice", reason="no per-shape GEMM choice in this version")
-    monkeypatch.setenv("MONKEY_KERNELS_GEMM", gemm)
+    gemm_choice = pytest.importorskip("monkey_kernels.ops.multi_lora.gemm_choice",
+                                      reason="no per-shape GEMM choice in this version")
+    monkeypatch.setenv(gemm_choice.ENV_GEMM, gemm)
     check_multi_lora("out_proj", torch.bfloat16)
 
 

@@ -31,11 +31,13 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, str(REPO_ROOT))  # monkey_kernels.settings: light, no torch (the dry run stays fast)
 import gpu_plan  # noqa: E402
 from gpu_plan import KILL_GRACE_S, MAX_FILE_BYTES, MAX_FILES, Step  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from monkey_kernels import settings  # noqa: E402
 CACHE_TARBALL = "cache.tar.gz"
 OUTPUT_FILES = ("session.log", "results.json", "summary.md", CACHE_TARBALL)
 # Targets (issue 14): (what, goal op, goal value)
@@ -86,13 +88,13 @@ def step_command(step: Step, work: Path, quick: bool, dry_run: bool) -> List[str
 def step_env(step: Step, cache_dir: Path, work: Path) -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.update(PYTHONUNBUFFERED="1", TRITON_CACHE_DIR=str(cache_dir / "triton"),
-               MONKEY_KERNELS_AUTOTUNE_CACHE=str(cache_dir / "autotune"), MAX_JOBS=str(os.cpu_count() or 1),
-               MONKEY_KERNELS_CACHE=str(work / "native"), MPLBACKEND="Agg")
+    env.update(PYTHONUNBUFFERED="1", MAX_JOBS=str(os.cpu_count() or 1), MPLBACKEND="Agg")
+    env.update({settings.TRITON_CACHE_DIR.name: str(cache_dir / "triton"),
+                settings.AUTOTUNE_CACHE.name: str(cache_dir / "autotune"), settings.CACHE.name: str(work / "native")})
     if step.name in ("build_native", "slp_native"):
-        env.pop("MONKEY_KERNELS_NO_JIT", None)
+        env.pop(settings.NO_JIT.name, None)
     else:
-        env["MONKEY_KERNELS_NO_JIT"] = "1"
+        env[settings.NO_JIT.name] = "1"
     return env
 
 
@@ -290,17 +292,17 @@ def save_cache(cache_dir: Path, tarball: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The stub of --dry-run
 # ---------------------------------------------------------------------------------------------------------
-STUB_SLEEP_ENV = "MONKEY_KERNELS_GPU_SESSION_STUB_SLEEP"  # "step=seconds,...": a stub that takes that long
+STUB_SLEEP_ENV = settings.GPU_SESSION_STUB_SLEEP.name  # "step=seconds,...": a stub that takes that long
 
 
 def write_stub(step: str, out: Path) -> None:
     """A sample result in the harness's schema (no torch import: the dry run stays fast); also one file in the
     Triton cache, so the cache round trip is exercised. ``MONKEY_KERNELS_GPU_SESSION_STUB_SLEEP`` makes chosen
     steps slow (for tests of the timeouts)."""
-    sleeps = dict(item.split("=", 1) for item in os.environ.get(STUB_SLEEP_ENV, "").split(",") if "=" in item)
+    sleeps = settings.GPU_SESSION_STUB_SLEEP.get()
     if step in sleeps:
-        time.sleep(float(sleeps[step]))
-    cache = Path(os.environ.get("TRITON_CACHE_DIR", str(out.parent / "triton")))
+        time.sleep(sleeps[step])
+    cache = settings.TRITON_CACHE_DIR.get() or out.parent / "triton"
     (cache / "stub").mkdir(parents=True, exist_ok=True)
     (cache / "stub" / f"{step}.json").write_text(json.dumps({"step": step}))
     rows: List[dict] = []

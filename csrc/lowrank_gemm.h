@@ -19,8 +19,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
+
+#include "settings.h"
 
 namespace monkey_kernels {
 
@@ -135,8 +135,8 @@ inline void run_portable(const Problem<float>& p) { run<float, 16, 3>(p); }
 inline void run_portable(const Problem<double>& p) { run<double, 16, 1>(p); }
 
 // 2: AVX-512, 1: AVX2 + FMA, 0: portable (the only path outside GCC on x86-64). The widest path this CPU runs,
-// capped by MONKEY_KERNELS_LOWRANK_ISA ("avx512", "avx2" or "portable"; read on every call, so tests can run
-// each path on one machine). A cap above what the CPU supports, or an unknown value, leaves the best path.
+// capped by MONKEY_KERNELS_LOWRANK_ISA (settings.h; passed in before every op call, so tests can run each path
+// on one machine). A cap above what the CPU supports leaves the best path.
 inline int isa_level() {
   int level = 0;
 #ifdef MONKEY_LOWRANK_X86
@@ -148,10 +148,7 @@ inline int isa_level() {
   }();
   level = supported;
 #endif
-  const char* cap = std::getenv("MONKEY_KERNELS_LOWRANK_ISA");
-  if (cap != nullptr && std::strcmp(cap, "portable") == 0) level = 0;
-  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = std::min(level, 1);
-  return level;
+  return std::min(level, settings().lowrank_isa_cap.load(std::memory_order_relaxed));
 }
 
 }  // namespace lowrank_detail

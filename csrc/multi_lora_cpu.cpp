@@ -28,8 +28,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -39,6 +37,7 @@
 #include "dropout_hash.h"
 #include "lowrank_gemm.h"
 #include "outputs.h"
+#include "settings.h"
 
 namespace monkey_kernels_native {
 namespace {
@@ -291,7 +290,8 @@ void add_block(T* c, int64_t ld, const Tensor& src, int64_t r0, int64_t rows, in
 // MKL's sgemm runs at about 100 GFLOP/s on the AMD EPYC of our CI (one thread), where the tiled kernel computes
 // [1024, 256] x [256, 256] at 180 (512: 160); on Intel CPUs MKL is the fast one. So the choice is measured once
 // per (K, N, dtype) and process, on shapes the tiled kernel runs without cache blocking (W^T packed within
-// kTiledMaxPackedBytes, K <= kTiledMaxDepth); MONKEY_KERNELS_CPU_GEMM=blas / tiled pins it (tiled: every shape).
+// kTiledMaxPackedBytes, K <= kTiledMaxDepth); MONKEY_KERNELS_CPU_GEMM=blas / tiled pins it (tiled: every shape;
+// passed in as settings().cpu_gemm, see settings.h).
 constexpr int64_t kTiledMaxDepth = 512;
 constexpr int64_t kTiledMaxPackedBytes = int64_t(1) << 20;
 constexpr double kTiledMinSpeedup = 1.1;  // a margin, so that timing noise does not flip a close call
@@ -351,11 +351,9 @@ bool tiled_measured_faster(int64_t K, int64_t N) {
 // Whether the base GEMM X [., K] W^T (W [N, K]) runs the tiled kernel; measured at first use per shape.
 template <typename T>
 bool tiled_base_gemm(int64_t K, int64_t N) {
-  const char* mode = std::getenv("MONKEY_KERNELS_CPU_GEMM");
-  if (mode != nullptr && std::strcmp(mode, "blas") == 0) return false;
-  if (mode != nullptr && std::strcmp(mode, "tiled") == 0) return true;
-  TORCH_CHECK(mode == nullptr || mode[0] == '\0' || std::strcmp(mode, "auto") == 0,
-              "MONKEY_KERNELS_CPU_GEMM must be auto, blas or tiled, got '", mode, "'");
+  const monkey_kernels::CpuGemmMode mode = monkey_kernels::cpu_gemm_mode();
+  if (mode == monkey_kernels::CpuGemmMode::kBlas) return false;
+  if (mode == monkey_kernels::CpuGemmMode::kTiled) return true;
   if (K > kTiledMaxDepth || K * lowrank_padded(N) * static_cast<int64_t>(sizeof(T)) > kTiledMaxPackedBytes) return false;
   static std::mutex lock;
   static std::map<std::tuple<int64_t, int64_t, size_t>, bool> decided;
@@ -416,16 +414,18 @@ Tensor multi_lora_shrink(const Tensor& x, const Tensor& weight, const Tensor& se
 // ---------------------------------------------------------------------------------------------------
 // fused GEMM
 // ---------------------------------------------------------------------------------------------------
-Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& h,
-                             const OptTensor& expand, const OptTensor& scale, const OptTensor& residual,
-                             const Tensor& seg_indptr, const Tensor& adapter_ids, const Tensor& ranks,
-                             int64_t num_rows, int64_t out_features, at::ScalarType out_dtype,
-                             int64_t seed, double dropout_p) {
-  const int64_t M = num_rows, N = out_features;
+// The checked sizes of a fused GEMM call and which of its terms are present.
+struct FusedGemmShape {
+  int64_t M, N, K, A, R;
+  bool has_base, has_lora;
+};
+
+FusedGemmShape check_fused_gemm(const OptTensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& h,
+                                const OptTensor& expand, const OptTensor& residual, at::ScalarType out_dtype,
+                                int64_t M, int64_t N) {
   TORCH_CHECK(M >= 0 && N >= 0, "num_rows and out_features must be >= 0, got ", M, " and ", N);
   check_epilogue(out_dtype, bias, residual, M, N);
-  const at::ScalarType acc = acc_type(out_dtype);
-  const bool has_base = x.has_value() && x->size(1) > 0;
+  FusedGemmShape s{M, N, 0, 0, 0, x.has_value() && x->size(1) > 0, h.has_value()};
   if (x.has_value()) {
     check_float(*x, "x");
     TORCH_CHECK(weight.has_value(), "weight is required when x is given");
@@ -436,115 +436,191 @@ Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const 
     TORCH_CHECK(weight->scalar_type() == x->scalar_type(), "weight has dtype ", weight->scalar_type(),
                 ", expected ", x->scalar_type(), " (the dtype of x)");
   }
-  const bool has_lora = h.has_value();
-  int64_t A = 0, R = 0;
-  if (has_lora) {
+  if (s.has_base) s.K = x->size(1);
+  if (s.has_lora) {
     check_float(*h, "h");
     TORCH_CHECK(expand.has_value(), "expand is required when h is given");
     check_float(*expand, "expand");
     TORCH_CHECK(expand->dim() == 3 && expand->size(1) == N, "expand must be [num_adapters, out_features = ", N,
                 ", R], got ", expand->sizes());
-    A = expand->size(0);
-    R = expand->size(2);
-    TORCH_CHECK(h->dim() == 2 && h->size(0) == M && h->size(1) >= R, "h must be [num_rows = ", M,
-                ", >= R = ", R, "], got ", h->sizes());
+    s.A = expand->size(0);
+    s.R = expand->size(2);
+    TORCH_CHECK(h->dim() == 2 && h->size(0) == M && h->size(1) >= s.R, "h must be [num_rows = ", M,
+                ", >= R = ", s.R, "], got ", h->sizes());
   }
+  return s;
+}
+
+// What every row chunk of a fused GEMM reads, prepared once per call (T: the accumulation type). Operands are
+// converted and packed here, outside the chunks (copies only where a dtype differs from T).
+template <typename T>
+struct FusedGemmPlan {
+  FusedGemmShape shape;
+  const Segments* segs;
+  const std::vector<int64_t>* rank;
+  const std::vector<double>* scales;
+  DropoutMask mask;       // of the LoRA term, over [M, N]
+  bool tiled = false;     // the base GEMM by the register-tiled kernel (else BLAS)
+  bool direct = false;    // fp32 / fp64 outputs accumulate in the output itself
+  int64_t ld = 0;         // row length of the packed [., N] operands
+  std::vector<T> e_packed;  // adapter a's E^T [rank, N] (expand[a][:, :rank] read transposed)
+  std::vector<T> w_packed;  // W^T [K, N] for the tiled base GEMM
+  Tensor w_t;               // W^T for BLAS (a W.t() view stays a view)
+  Tensor bias;              // dense, in T: the tiled GEMM reads it raw
+  const T* h = nullptr;     // H [M, >= R] in T, and its strides
+  int64_t h_row = 0, h_col = 0;
+};
+
+template <typename T>
+FusedGemmPlan<T> plan_fused_gemm(const FusedGemmShape& shape, const Segments& segs, const std::vector<int64_t>& rank,
+                                 const std::vector<double>& scales, const DropoutMask& mask, const OptTensor& weight,
+                                 const OptTensor& expand, const Tensor& h_acc, const Tensor& bias, bool direct) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  FusedGemmPlan<T> p;
+  p.shape = shape;
+  p.segs = &segs;
+  p.rank = &rank;
+  p.scales = &scales;
+  p.mask = mask;
+  p.direct = direct;
+  p.bias = bias;
+  p.ld = lowrank_padded(shape.N);
+  if (shape.has_lora) {
+    p.e_packed = pack_adapters<T>(*expand, owning_adapters(segs, shape.A), rank, shape.R * p.ld, p.ld,
+                                  [&](int64_t a) {
+                                    return std::make_tuple(a * expand->stride(0), expand->stride(2),
+                                                           expand->stride(1), rank[a], shape.N);
+                                  });
+    p.h = h_acc.const_data_ptr<T>();
+    p.h_row = h_acc.stride(0);
+    p.h_col = h_acc.stride(1);
+  }
+  p.tiled = shape.has_base && tiled_base_gemm<T>(shape.K, shape.N);
+  if (p.tiled) {
+    p.w_packed.resize(static_cast<size_t>(shape.K * p.ld));
+    pack_operand<T>(*weight, 0, weight->stride(1), weight->stride(0), shape.K, shape.N, p.w_packed.data(), p.ld);
+  } else if (shape.has_base) {
+    p.w_t = weight->to(acc).t();
+  }
+  return p;
+}
+
+// acc_c [r1 - r0, N] = X[r0:r1] W^T + bias: one base GEMM per chunk (tiled kernel or BLAS), or the bias (zeros)
+// without a base GEMM.
+template <typename T>
+void fused_base_rows(const FusedGemmPlan<T>& p, const OptTensor& x, int64_t r0, int64_t r1, Tensor& acc_c) {
+  const int64_t n = r1 - r0, N = p.shape.N;
+  const at::ScalarType acc = c10::CppTypeToScalarType<T>::value;
+  if (p.tiled) {
+    const Tensor xc = x->slice(0, r0, r1).to(acc);
+    tiled_rows<T>(xc.const_data_ptr<T>(), xc.stride(0), xc.stride(1), p.w_packed.data(), p.ld, n, p.shape.K,
+                  acc_c.data_ptr<T>(), N, N, p.bias.defined() ? p.bias.template const_data_ptr<T>() : nullptr,
+                  /*parallel=*/false);
+  } else if (p.shape.has_base) {
+    Tensor xc = x->slice(0, r0, r1).to(acc);
+    if (p.bias.defined()) {
+      at::addmm_out(acc_c, p.bias, xc, p.w_t);
+    } else {
+      at::mm_out(acc_c, xc, p.w_t);
+    }
+  } else if (p.bias.defined()) {
+    acc_c.copy_(p.bias.expand({n, N}));
+  } else {
+    acc_c.zero_();
+  }
+}
+
+// Adds each segment piece's LoRA term s[a] H E[a]^T (dropped: masked and scaled by 1 / (1 - p)) to the rows
+// [b0, b1) of the chunk starting at r0 (c: the chunk's [., N] accumulator).
+template <typename T>
+void fused_lora_rows(const FusedGemmPlan<T>& p, T* c, int64_t r0, int64_t b0, int64_t b1, std::vector<T>& term,
+                     std::vector<uint8_t>& keep) {
+  const int64_t N = p.shape.N, ld = p.ld;
+  const std::vector<int64_t>& rank = *p.rank;
+  for_each_piece(*p.segs, b0, b1, [&](int64_t p0, int64_t p1, int64_t a) {
+    if (a < 0 || rank[a] == 0) return;
+    const T* e = p.e_packed.data() + a * p.shape.R * ld;
+    T* dst = c + (p0 - r0) * N;
+    const int64_t rows = p1 - p0;
+    if (!p.mask.active) {
+      lowrank_gemm<T>(p.h + p0 * p.h_row, p.h_row, p.h_col, e, ld, rows, rank[a], dst, N, N,
+                      static_cast<T>((*p.scales)[a]), /*accumulate=*/true);
+      return;
+    }
+    term.resize(static_cast<size_t>(rows * N));
+    lowrank_gemm<T>(p.h + p0 * p.h_row, p.h_row, p.h_col, e, ld, rows, rank[a], term.data(), N, N, T(1),
+                    /*accumulate=*/false);
+    const T alpha = static_cast<T>((*p.scales)[a] / (1.0 - p.mask.p));
+    for (int64_t i = 0; i < rows; ++i) {
+      monkey_kernels::mask_row_bytes(p.mask.row(p0 + i), 0, N, keep.data());
+      const T* t = term.data() + i * N;
+      T* d = dst + i * N;
+      for (int64_t j = 0; j < N; ++j) d[j] += keep[j] ? alpha * t[j] : T(0);  // selected: no 0 * inf
+    }
+  });
+}
+
+// Adds RES[b0:b1] to the chunk's accumulator rows (raw when the residual has the accumulation type).
+template <typename T>
+void fused_residual_rows(const Tensor& residual, T* c, int64_t r0, int64_t b0, int64_t b1, int64_t N) {
+  if (residual.scalar_type() != c10::CppTypeToScalarType<T>::value) {
+    add_block<T>(c + (b0 - r0) * N, N, residual, b0, b1 - b0, N);
+    return;
+  }
+  const T* res = residual.const_data_ptr<T>();
+  const int64_t s0 = residual.stride(0), s1 = residual.stride(1);
+  for (int64_t i = b0; i < b1; ++i) {
+    T* d = c + (i - r0) * N;
+    for (int64_t j = 0; j < N; ++j) d[j] += res[i * s0 + j * s1];
+  }
+}
+
+// One row chunk [r0, r1): its base GEMM in one call, then the epilogue in row blocks that stay in cache: LoRA
+// terms, residual and (half outputs) the one rounding into the output.
+template <typename T>
+void fused_gemm_chunk(const FusedGemmPlan<T>& p, const OptTensor& x, const OptTensor& residual, Tensor& out,
+                      int64_t r0, int64_t r1) {
+  const int64_t N = p.shape.N;
+  Tensor acc_c = p.direct ? out.slice(0, r0, r1)
+                          : at::empty({r1 - r0, N}, at::TensorOptions().device(at::kCPU).dtype(
+                                                        c10::CppTypeToScalarType<T>::value));
+  fused_base_rows<T>(p, x, r0, r1, acc_c);
+  T* c = acc_c.data_ptr<T>();  // [r1 - r0, N], contiguous
+  std::vector<T> term;
+  std::vector<uint8_t> keep(p.mask.active ? N : 0);
+  for (int64_t b0 = r0; b0 < r1; b0 += kEpilogueRows) {
+    const int64_t b1 = std::min(r1, b0 + kEpilogueRows);
+    if (p.shape.has_lora) fused_lora_rows<T>(p, c, r0, b0, b1, term, keep);
+    if (residual.has_value()) fused_residual_rows<T>(*residual, c, r0, b0, b1, N);
+    if (!p.direct) out.slice(0, b0, b1).copy_(acc_c.slice(0, b0 - r0, b1 - r0));  // the one rounding of halves
+  }
+}
+
+Tensor multi_lora_fused_gemm(const OptTensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& h,
+                             const OptTensor& expand, const OptTensor& scale, const OptTensor& residual,
+                             const Tensor& seg_indptr, const Tensor& adapter_ids, const Tensor& ranks,
+                             int64_t num_rows, int64_t out_features, at::ScalarType out_dtype,
+                             int64_t seed, double dropout_p) {
+  const FusedGemmShape shape = check_fused_gemm(x, weight, bias, h, expand, residual, out_dtype, num_rows,
+                                                out_features);
+  const int64_t M = shape.M, N = shape.N, A = shape.A, R = shape.R;
+  const bool has_lora = shape.has_lora;
+  const at::ScalarType acc = acc_type(out_dtype);
   const std::vector<int64_t> rank = has_lora ? read_ranks(ranks, A, R) : std::vector<int64_t>();
   const std::vector<double> scales = has_lora ? read_scale(scale, A) : std::vector<double>();
   const Segments segs = read_segments(seg_indptr, adapter_ids, M, has_lora ? A : INT64_MAX);
   // Dropout of the LoRA term (the input gradient of a dropped LoRA input): a mask over [M, N].
   const DropoutMask mask = dropout_mask(seed, has_lora ? dropout_p : 0.0);
 
-  const at::TensorOptions opts = at::TensorOptions().device(at::kCPU);
-  Tensor out = monkey_kernels::fresh_output({M, N}, opts.dtype(out_dtype));
+  Tensor out = monkey_kernels::fresh_output({M, N}, at::TensorOptions().device(at::kCPU).dtype(out_dtype));
   if (M == 0 || N == 0) return out;
-  // Operands converted once, outside the chunks (copies only when a dtype differs from `acc`).
   const Tensor b = bias.has_value() ? bias->to(acc).contiguous() : Tensor();  // dense: the tiled GEMM reads it raw
   const Tensor h_acc = has_lora ? h->slice(1, 0, R).to(acc) : Tensor();  // a view for an fp32 / fp64 h
-  const bool direct = out_dtype == acc;  // fp32 / fp64 accumulate in the output itself
-
   AT_DISPATCH_FLOATING_TYPES(acc, "multi_lora_fused_gemm", [&] {
     using T = scalar_t;
-    // adapter a's E^T [rank, N] (expand[a][:, :rank] read transposed), rows of lowrank_padded(N)
-    const int64_t ld = lowrank_padded(N);
-    const std::vector<T> packed =
-        has_lora ? pack_adapters<T>(*expand, owning_adapters(segs, A), rank, R * ld, ld, [&](int64_t a) {
-          return std::make_tuple(a * expand->stride(0), expand->stride(2), expand->stride(1), rank[a], N);
-        })
-                 : std::vector<T>();
-    const T* hp = has_lora ? h_acc.const_data_ptr<T>() : nullptr;
-    const int64_t h_row = has_lora ? h_acc.stride(0) : 0, h_col = has_lora ? h_acc.stride(1) : 0;
-    const bool residual_raw = residual.has_value() && residual->scalar_type() == acc;
-    const int64_t K = has_base ? x->size(1) : 0;
-    const bool tiled = has_base && tiled_base_gemm<T>(K, N);
-    std::vector<T> w_packed;  // W^T [K, N] for the tiled base GEMM, else W^T for BLAS (W.t() views stay views)
-    if (tiled) {
-      w_packed.resize(static_cast<size_t>(K * ld));
-      pack_operand<T>(*weight, 0, weight->stride(1), weight->stride(0), K, N, w_packed.data(), ld);
-    }
-    const Tensor w_t = has_base && !tiled ? weight->to(acc).t() : Tensor();
-
-    parallel_row_chunks(M, [&](int64_t r0, int64_t r1) {
-      const int64_t n = r1 - r0;
-      Tensor acc_c = direct ? out.slice(0, r0, r1) : at::empty({n, N}, opts.dtype(acc));
-      if (tiled) {
-        const Tensor xc = x->slice(0, r0, r1).to(acc);
-        tiled_rows<T>(xc.const_data_ptr<T>(), xc.stride(0), xc.stride(1), w_packed.data(), ld, n, K,
-                      acc_c.data_ptr<T>(), N, N, b.defined() ? b.const_data_ptr<T>() : nullptr, /*parallel=*/false);
-      } else if (has_base) {
-        Tensor xc = x->slice(0, r0, r1).to(acc);
-        if (b.defined()) {
-          at::addmm_out(acc_c, b, xc, w_t);
-        } else {
-          at::mm_out(acc_c, xc, w_t);
-        }
-      } else if (b.defined()) {
-        acc_c.copy_(b.expand({n, N}));
-      } else {
-        acc_c.zero_();
-      }
-      T* c = acc_c.data_ptr<T>();  // [n, N], contiguous
-      std::vector<T> term;
-      std::vector<uint8_t> keep(mask.active ? N : 0);
-      // Epilogue in row blocks: LoRA terms, residual and (half outputs) the rounding while a block is in cache.
-      for (int64_t b0 = r0; b0 < r1; b0 += kEpilogueRows) {
-        const int64_t b1 = std::min(r1, b0 + kEpilogueRows);
-        if (has_lora) {
-          for_each_piece(segs, b0, b1, [&](int64_t p0, int64_t p1, int64_t a) {
-            if (a < 0 || rank[a] == 0) return;
-            const T* e = packed.data() + a * R * ld;
-            T* dst = c + (p0 - r0) * N;
-            const int64_t rows = p1 - p0;
-            if (!mask.active) {
-              lowrank_gemm<T>(hp + p0 * h_row, h_row, h_col, e, ld, rows, rank[a], dst, N, N,
-                              static_cast<T>(scales[a]), /*accumulate=*/true);
-              return;
-            }
-            term.resize(static_cast<size_t>(rows * N));
-            lowrank_gemm<T>(hp + p0 * h_row, h_row, h_col, e, ld, rows, rank[a], term.data(), N, N, T(1),
-                            /*accumulate=*/false);
-            const T alpha = static_cast<T>(scales[a] / (1.0 - mask.p));
-            for (int64_t i = 0; i < rows; ++i) {
-              monkey_kernels::mask_row_bytes(mask.row(p0 + i), 0, N, keep.data());
-              const T* t = term.data() + i * N;
-              T* d = dst + i * N;
-              for (int64_t j = 0; j < N; ++j) d[j] += keep[j] ? alpha * t[j] : T(0);  // selected: no 0 * inf
-            }
-          });
-        }
-        if (residual_raw) {
-          const T* res = residual->const_data_ptr<T>();
-          const int64_t s0 = residual->stride(0), s1 = residual->stride(1);
-          for (int64_t i = b0; i < b1; ++i) {
-            T* d = c + (i - r0) * N;
-            for (int64_t j = 0; j < N; ++j) d[j] += res[i * s0 + j * s1];
-          }
-        } else if (residual.has_value()) {
-          add_block<T>(c + (b0 - r0) * N, N, *residual, b0, b1 - b0, N);
-        }
-        if (!direct) out.slice(0, b0, b1).copy_(acc_c.slice(0, b0 - r0, b1 - r0));  // the one rounding of halves
-      }
-    });
+    const FusedGemmPlan<T> plan =
+        plan_fused_gemm<T>(shape, segs, rank, scales, mask, weight, expand, h_acc, b, /*direct=*/out_dtype == acc);
+    parallel_row_chunks(M, [&](int64_t r0, int64_t r1) { fused_gemm_chunk<T>(plan, x, residual, out, r0, r1); });
   });
   return out;
 }
@@ -642,10 +718,15 @@ Tensor multi_lora_outer(const Tensor& x, const Tensor& y, const Tensor& seg_indp
 // Forward: Wb = W [N, K], DOWN = A [A, R, K], UP = B [A, N, R]; SHRINK = H. Input gradient (no dropout,
 // V = U): dX = dY (W + s B A) = dY @ (W^T + s A^T B^T)^T, i.e. Wb = W^T, DOWN = B^T, UP = A^T; then SHRINK
 // = G = dY B and, with Y = H, OUTER = dB = s sum dY^T H.
-std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
-    const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& down, const Tensor& up,
-    const OptTensor& scale, const OptTensor& residual, const Tensor& seg_indptr, const Tensor& adapter_ids,
-    const Tensor& ranks, at::ScalarType out_dtype, int64_t r_block, const OptTensor& outer_y) {
+
+// The checked sizes of a merged GEMM call.
+struct MergedGemmShape {
+  int64_t M, K, N, A, R;
+};
+
+MergedGemmShape check_merged_gemm(const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& down,
+                                  const Tensor& up, const OptTensor& residual, at::ScalarType out_dtype,
+                                  int64_t r_block, const OptTensor& outer_y) {
   check_float(x, "x");
   check_float(weight, "weight");
   check_float(down, "down");
@@ -669,190 +750,261 @@ std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
                 "outer_y must be [M = ", M, ", >= R = ", R, "], got ", outer_y->sizes());
   }
   check_epilogue(out_dtype, bias, residual, M, N);
-  const Segments segs = read_segments(seg_indptr, adapter_ids, M, A);
-  const std::vector<int64_t> rank = read_ranks(ranks, A, R);
-  const std::vector<double> scales = read_scale(scale, A);
-  const at::ScalarType acc = acc_type(out_dtype);
-  const at::TensorOptions opts = at::TensorOptions().device(at::kCPU).dtype(acc);
-  Tensor out = monkey_kernels::fresh_output({M, N}, opts.dtype(out_dtype));
-  // Past each rank, on base-only rows and for adapters without rows, SHRINK and OUTER are exactly 0.
-  Tensor shrink_out = at::zeros({M, r_block}, opts);
-  const bool want_outer = outer_y.has_value();
-  Tensor outer_out = at::zeros({want_outer ? A : 0, K, R}, opts.dtype(x.scalar_type()));
-  if (M == 0) return {out, shrink_out, outer_out};
-  const Tensor w = weight.to(acc);
-  const bool transposed = !w.is_contiguous() && w.t().is_contiguous();
-  const Tensor b = bias.has_value() ? bias->to(acc).contiguous() : Tensor();  // dense: the tiled GEMM reads it raw
-  const bool direct = out_dtype == acc;
-  std::vector<int64_t> rows_of(A, 0);
-  for (size_t g = 0; g < segs.adapter.size(); ++g)
-    if (segs.adapter[g] >= 0) rows_of[segs.adapter[g]] += segs.indptr[g + 1] - segs.indptr[g];
+  return {M, K, N, A, R};
+}
 
-  // Segments in adapter order, so each merged weight is built once and dropped before the next, and each
-  // adapter's OUTER is one sum over its segments in row order.
+// Segments in adapter order (stable: row order within an adapter), so each merged weight is built once and
+// dropped before the next, and each adapter's OUTER is one sum over its segments in row order.
+std::vector<int64_t> segments_by_adapter(const Segments& segs) {
   std::vector<int64_t> order(segs.adapter.size());
   for (size_t g = 0; g < order.size(); ++g) order[g] = static_cast<int64_t>(g);
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return segs.adapter[p] < segs.adapter[q]; });
+  return order;
+}
 
-  AT_DISPATCH_FLOATING_TYPES(acc, "multi_lora_merged_gemm", [&] {
-    using T = scalar_t;
-    const int64_t ld_r = lowrank_padded(R), ld_n = lowrank_padded(N);
-    std::vector<T> y_packed;  // outer_y [M, R], rows of ld_r
-    if (want_outer) {
-      y_packed.resize(static_cast<size_t>(M * ld_r));
-      pack_operand<T>(*outer_y, 0, outer_y->stride(0), outer_y->stride(1), M, R, y_packed.data(), ld_r);
+// The merged GEMM of one call (T: the accumulation type), walked segment by segment in adapter order: on the
+// first segment of an adapter, start_adapter packs its factors and builds its merged weight when that pays off;
+// run_segment computes the segment's rows of OUT, SHRINK and its share of OUTER; finish_adapter writes OUTER[a].
+template <typename T>
+class MergedGemm {
+ public:
+  MergedGemm(const MergedGemmShape& shape, const Tensor& x, const Tensor& weight, const Tensor& bias,
+             const Tensor& down, const Tensor& up, const OptTensor& residual, const Segments& segs,
+             const std::vector<int64_t>& rank, const std::vector<double>& scales, int64_t r_block,
+             const OptTensor& outer_y, Tensor& out, Tensor& shrink_out, Tensor& outer_out)
+      : s_(shape), x_(x), down_(down), up_(up), residual_(residual), segs_(segs), rank_(rank), scales_(scales),
+        r_block_(r_block), want_outer_(outer_y.has_value()), out_(out), shrink_out_(shrink_out),
+        outer_out_(outer_out), opts_(at::TensorOptions().device(at::kCPU).dtype(c10::CppTypeToScalarType<T>::value)),
+        ld_r_(lowrank_padded(shape.R)), ld_n_(lowrank_padded(shape.N)) {
+    w_ = weight.to(opts_.dtype());
+    transposed_ = !w_.is_contiguous() && w_.t().is_contiguous();
+    bias_ = bias;
+    direct_ = out.scalar_type() == opts_.dtype().toScalarType();
+    rows_of_.assign(shape.A, 0);
+    for (size_t g = 0; g < segs.adapter.size(); ++g)
+      if (segs.adapter[g] >= 0) rows_of_[segs.adapter[g]] += segs.indptr[g + 1] - segs.indptr[g];
+    if (want_outer_) {  // outer_y [M, R], rows of ld_r
+      y_packed_.resize(static_cast<size_t>(shape.M * ld_r_));
+      pack_operand<T>(*outer_y, 0, outer_y->stride(0), outer_y->stride(1), shape.M, shape.R, y_packed_.data(), ld_r_);
     }
-    std::vector<T> down_packed, up_packed, merge_packed, h_buffer, outer_sum;
     // The tiled base GEMM reads W_eff^T packed [K, N]: the base once per call, each merged adapter's from it.
-    const bool tiled = tiled_base_gemm<T>(K, N);
-    std::vector<T> base_packed, merged_packed;
-    if (tiled) {
-      base_packed.resize(static_cast<size_t>(K * ld_n));
-      pack_operand<T>(weight, 0, weight.stride(1), weight.stride(0), K, N, base_packed.data(), ld_n);
+    tiled_ = tiled_base_gemm<T>(shape.K, shape.N);
+    if (tiled_) {
+      base_packed_.resize(static_cast<size_t>(shape.K * ld_n_));
+      pack_operand<T>(weight, 0, weight.stride(1), weight.stride(0), shape.K, shape.N, base_packed_.data(), ld_n_);
     }
-    Tensor merged_buffer;  // one buffer for every merged adapter: allocated (and page-faulted) once
-    T* shrink = shrink_out.data_ptr<T>();
+  }
+
+  void run() {
     int64_t current = -2;
-    bool merged = false;
-    Tensor w_eff;
-    auto flush_outer = [&]() {  // OUTER[current] = s * sum, once the adapter's last segment is done
-      if (outer_sum.empty()) return;
-      Tensor sum = at::from_blob(outer_sum.data(), {rank[current], K}, opts).t();
-      outer_out[current].slice(1, 0, rank[current]).copy_(scales[current] == 1.0 ? sum : sum * scales[current]);
-      outer_sum.clear();
-    };
-    for (int64_t g : order) {
-      const int64_t s0 = segs.indptr[g], s1 = segs.indptr[g + 1], rows = s1 - s0;
-      if (rows == 0) continue;
-      const int64_t a = segs.adapter[g];
-      const bool lora = a >= 0 && rank[a] > 0;
-      if (a != current) {
-        flush_outer();
-        current = a;
-        merged = lora && rows_of[a] * (N + K) >= N * K;
-        w_eff = w;
-        if (lora) {
-          const int64_t ra = rank[a];
-          // DOWN_a^T [K, rank]: the shrink's R operand, and the left factor of a tiled merge
-          if (r_block > 0 || !merged || tiled) {
-            down_packed.resize(static_cast<size_t>(K * ld_r));
-            pack_operand<T>(down, a * down.stride(0), down.stride(2), down.stride(1), K, ra, down_packed.data(), ld_r);
-          }
-          // UP_a^T [rank, N]: the LoRA term's R operand, and the right factor of a tiled merge
-          if (!merged || tiled) {
-            up_packed.resize(static_cast<size_t>(ra * ld_n));
-            pack_operand<T>(up, a * up.stride(0), up.stride(2), up.stride(1), ra, N, up_packed.data(), ld_n);
-          }
-          if (merged && tiled) {
-            // W_eff^T = Wb^T + s DOWN^T UP^T, packed [K, N]: from the packed base, in one pass
-            merged_packed.resize(static_cast<size_t>(K * ld_n));
-            const T alpha = static_cast<T>(scales[a]);
-            at::parallel_for(0, K, 48, [&](int64_t k0, int64_t k1) {
-              lowrank_gemm<T>(down_packed.data() + k0 * ld_r, ld_r, 1, up_packed.data(), ld_n, k1 - k0, ra,
-                              merged_packed.data() + k0 * ld_n, ld_n, N, alpha, /*accumulate=*/true,
-                              base_packed.data() + k0 * ld_n, ld_n);
-            });
-          } else if (merged) {
-            // W_eff = Wb + s UP DOWN. When weight is W^T of a row-major W (the input gradient), merge in W's own
-            // layout, W_eff^T = W + s DOWN^T UP^T, never reading W column-wise once per adapter.
-            // [rows_b, cols_b], read in place with its row stride (unit column stride, else a copy)
-            const Tensor base_view = transposed ? w.t() : w;
-            const Tensor base = base_view.stride(1) == 1 ? base_view : base_view.contiguous();
-            const int64_t cols_b = base.size(1);
-            if (!merged_buffer.defined()) merged_buffer = at::empty(base.sizes(), opts);
-            // right factor [rank, cols_b]: DOWN_a (forward layout) or UP_a^T (transposed)
-            merge_packed.resize(static_cast<size_t>(ra * lowrank_padded(cols_b)));
-            if (transposed) {
-              pack_operand<T>(up, a * up.stride(0), up.stride(2), up.stride(1), ra, cols_b, merge_packed.data(),
-                              lowrank_padded(cols_b));
-            } else {
-              pack_operand<T>(down, a * down.stride(0), down.stride(1), down.stride(2), ra, cols_b,
-                              merge_packed.data(), lowrank_padded(cols_b));
-            }
-            // left factor [rows_b, rank]: UP_a (forward) or DOWN_a^T (transposed), read in place
-            const Tensor left_t = transposed ? down : up;
-            const int64_t l_row = transposed ? down.stride(2) : up.stride(1);
-            const int64_t l_col = transposed ? down.stride(1) : up.stride(2);
-            std::vector<T> left_buffer;
-            const Tensor left = left_t.select(0, a);
-            const T* lp;
-            if (left_t.scalar_type() == acc) {
-              lp = left.const_data_ptr<T>();
-            } else {
-              left_buffer.resize(static_cast<size_t>(base.size(0) * ra));
-              pack_operand<T>(left_t, a * left_t.stride(0), l_row, l_col, base.size(0), ra, left_buffer.data(), ra);
-              lp = left_buffer.data();
-            }
-            const int64_t lr = left_t.scalar_type() == acc ? l_row : ra;
-            const int64_t lc = left_t.scalar_type() == acc ? l_col : 1;
-            T* wp = merged_buffer.data_ptr<T>();
-            const T* bp = base.const_data_ptr<T>();
-            const int64_t b_ld = base.stride(0);
-            const T alpha = static_cast<T>(scales[a]);
-            at::parallel_for(0, base.size(0), 48, [&](int64_t i0, int64_t i1) {
-              lowrank_gemm<T>(lp + i0 * lr, lr, lc, merge_packed.data(), lowrank_padded(cols_b), i1 - i0, ra,
-                              wp + i0 * cols_b, cols_b, cols_b, alpha, /*accumulate=*/true, bp + i0 * b_ld, b_ld);
-            });
-            w_eff = transposed ? merged_buffer.t() : merged_buffer;
-          }
-          if (want_outer) outer_sum.assign(static_cast<size_t>(ra * K), T(0));  // [rank, K]: OUTER[a]^T
-        }
+    for (int64_t g : segments_by_adapter(segs_)) {
+      const int64_t s0 = segs_.indptr[g], s1 = segs_.indptr[g + 1];
+      if (s1 == s0) continue;
+      if (segs_.adapter[g] != current) {
+        finish_adapter(current);
+        current = segs_.adapter[g];
+        start_adapter(current);
       }
-      const Tensor xs = x.slice(0, s0, s1).to(acc);
-      Tensor dst = direct ? out.slice(0, s0, s1) : at::empty({rows, N}, opts);
-      if (tiled) {
-        const T* r = lora && merged ? merged_packed.data() : base_packed.data();
-        tiled_rows<T>(xs.const_data_ptr<T>(), xs.stride(0), xs.stride(1), r, ld_n, rows, K, dst.data_ptr<T>(), N, N,
-                      b.defined() ? b.const_data_ptr<T>() : nullptr, /*parallel=*/true);
-      } else if (b.defined()) {
-        at::addmm_out(dst, b, xs, w_eff.t());
-      } else {
-        at::mm_out(dst, xs, w_eff.t());
-      }
-      if (lora) {
-        const int64_t ra = rank[a];
-        const T* xp = xs.const_data_ptr<T>();
-        const int64_t x_row = xs.stride(0), x_col = xs.stride(1);
-        // the shrink X DOWN_a^T: an output (r_block > 0) and, for an adapter not merged, the LoRA term's input
-        if (r_block > 0 || !merged) {
-          T* hp = shrink + s0 * r_block;
-          int64_t h_ld = r_block;
-          if (r_block == 0) {
-            h_buffer.resize(static_cast<size_t>(rows * ra));
-            hp = h_buffer.data();
-            h_ld = ra;
-          }
-          at::parallel_for(0, rows, 48, [&](int64_t i0, int64_t i1) {
-            lowrank_gemm<T>(xp + i0 * x_row, x_row, x_col, down_packed.data(), ld_r, i1 - i0, K, hp + i0 * h_ld, h_ld,
-                            ra, T(1), /*accumulate=*/false);
-          });
-          if (!merged) {
-            T* dp = dst.data_ptr<T>();
-            const T alpha = static_cast<T>(scales[a]);
-            at::parallel_for(0, rows, 48, [&](int64_t i0, int64_t i1) {
-              lowrank_gemm<T>(hp + i0 * h_ld, h_ld, 1, up_packed.data(), ld_n, i1 - i0, ra, dp + i0 * N, N, N, alpha,
-                              /*accumulate=*/true);
-            });
-          }
-        }
-        if (want_outer) {  // OUTER^T += Y^T X over the segment's rows, in column blocks of X (X rows: the R operand)
-          // one call per thread (16-column tiles split over the threads): each call walks X's rows once
-          const T* yp = y_packed.data() + s0 * ld_r;
-          const int64_t tiles = (K + monkey_kernels::kLowRankColumns - 1) / monkey_kernels::kLowRankColumns;
-          at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-            std::vector<T> buffer;
-            const int64_t k0 = t0 * monkey_kernels::kLowRankColumns;
-            const int64_t k1 = std::min(K, t1 * monkey_kernels::kLowRankColumns);
-            const Block<T> xb = read_block<T>(xs, DropoutMask{}, 0, rows, k0, k1, buffer, /*r_operand=*/true);
-            lowrank_gemm<T>(yp, 1, ld_r, xb.data, xb.row, ra, rows, outer_sum.data() + k0, K, k1 - k0, T(1),
-                            /*accumulate=*/true);
-          });
-        }
-      }
-      if (residual.has_value()) dst.add_(residual->slice(0, s0, s1));
-      if (!direct) out.slice(0, s0, s1).copy_(dst);
+      run_segment(current, s0, s1);
     }
-    flush_outer();
+    finish_adapter(current);
+  }
+
+ private:
+  // Packs adapter a's factors and, when merging pays off (rows_a (N + K) >= N K: building W_a costs 2 N K r
+  // flops against 2 rows_a (N + K) r for the LoRA term), builds its merged weight.
+  void start_adapter(int64_t a) {
+    lora_ = a >= 0 && rank_[a] > 0;
+    merged_ = lora_ && rows_of_[a] * (s_.N + s_.K) >= s_.N * s_.K;
+    w_eff_ = w_;
+    if (!lora_) return;
+    const int64_t ra = rank_[a];
+    // DOWN_a^T [K, rank]: the shrink's R operand, and the left factor of a tiled merge
+    if (r_block_ > 0 || !merged_ || tiled_) {
+      down_packed_.resize(static_cast<size_t>(s_.K * ld_r_));
+      pack_operand<T>(down_, a * down_.stride(0), down_.stride(2), down_.stride(1), s_.K, ra, down_packed_.data(),
+                      ld_r_);
+    }
+    // UP_a^T [rank, N]: the LoRA term's R operand, and the right factor of a tiled merge
+    if (!merged_ || tiled_) {
+      up_packed_.resize(static_cast<size_t>(ra * ld_n_));
+      pack_operand<T>(up_, a * up_.stride(0), up_.stride(2), up_.stride(1), ra, s_.N, up_packed_.data(), ld_n_);
+    }
+    if (merged_ && tiled_) {
+      merge_packed(a);
+    } else if (merged_) {
+      merge_in_layout(a);
+    }
+    if (want_outer_) outer_sum_.assign(static_cast<size_t>(ra * s_.K), T(0));  // [rank, K]: OUTER[a]^T
+  }
+
+  // W_eff^T = Wb^T + s DOWN^T UP^T, packed [K, N]: from the packed base, in one pass.
+  void merge_packed(int64_t a) {
+    const int64_t ra = rank_[a], N = s_.N;
+    merged_packed_.resize(static_cast<size_t>(s_.K * ld_n_));
+    const T alpha = static_cast<T>(scales_[a]);
+    at::parallel_for(0, s_.K, 48, [&](int64_t k0, int64_t k1) {
+      lowrank_gemm<T>(down_packed_.data() + k0 * ld_r_, ld_r_, 1, up_packed_.data(), ld_n_, k1 - k0, ra,
+                      merged_packed_.data() + k0 * ld_n_, ld_n_, N, alpha, /*accumulate=*/true,
+                      base_packed_.data() + k0 * ld_n_, ld_n_);
+    });
+  }
+
+  // W_eff = Wb + s UP DOWN for BLAS. When weight is W^T of a row-major W (the input gradient), merge in W's own
+  // layout, W_eff^T = W + s DOWN^T UP^T, never reading W column-wise once per adapter.
+  void merge_in_layout(int64_t a) {
+    const int64_t ra = rank_[a];
+    // [rows_b, cols_b], read in place with its row stride (unit column stride, else a copy)
+    const Tensor base_view = transposed_ ? w_.t() : w_;
+    const Tensor base = base_view.stride(1) == 1 ? base_view : base_view.contiguous();
+    const int64_t cols_b = base.size(1), ld_b = lowrank_padded(cols_b);
+    if (!merged_buffer_.defined()) merged_buffer_ = at::empty(base.sizes(), opts_);  // allocated (and faulted) once
+    // right factor [rank, cols_b]: DOWN_a (forward layout) or UP_a^T (transposed)
+    merge_factor_.resize(static_cast<size_t>(ra * ld_b));
+    if (transposed_) {
+      pack_operand<T>(up_, a * up_.stride(0), up_.stride(2), up_.stride(1), ra, cols_b, merge_factor_.data(), ld_b);
+    } else {
+      pack_operand<T>(down_, a * down_.stride(0), down_.stride(1), down_.stride(2), ra, cols_b, merge_factor_.data(),
+                      ld_b);
+    }
+    // left factor [rows_b, rank]: UP_a (forward) or DOWN_a^T (transposed), read in place when it has dtype T
+    const Tensor& left_t = transposed_ ? down_ : up_;
+    const int64_t l_row = transposed_ ? down_.stride(2) : up_.stride(1);
+    const int64_t l_col = transposed_ ? down_.stride(1) : up_.stride(2);
+    const bool in_place = left_t.scalar_type() == opts_.dtype().toScalarType();
+    std::vector<T> left_buffer;
+    const T* lp;
+    if (in_place) {
+      lp = left_t.select(0, a).template const_data_ptr<T>();
+    } else {
+      left_buffer.resize(static_cast<size_t>(base.size(0) * ra));
+      pack_operand<T>(left_t, a * left_t.stride(0), l_row, l_col, base.size(0), ra, left_buffer.data(), ra);
+      lp = left_buffer.data();
+    }
+    const int64_t lr = in_place ? l_row : ra, lc = in_place ? l_col : 1;
+    T* wp = merged_buffer_.data_ptr<T>();
+    const T* bp = base.const_data_ptr<T>();
+    const int64_t b_ld = base.stride(0);
+    const T alpha = static_cast<T>(scales_[a]);
+    at::parallel_for(0, base.size(0), 48, [&](int64_t i0, int64_t i1) {
+      lowrank_gemm<T>(lp + i0 * lr, lr, lc, merge_factor_.data(), ld_b, i1 - i0, ra, wp + i0 * cols_b, cols_b,
+                      cols_b, alpha, /*accumulate=*/true, bp + i0 * b_ld, b_ld);
+    });
+    w_eff_ = transposed_ ? merged_buffer_.t() : merged_buffer_;
+  }
+
+  // The segment [s0, s1) of adapter a: its GEMM (one call over the whole segment, every thread), then, while
+  // X[segment] is in cache, its shrink (an output, and the LoRA term's input when a is not merged), the LoRA
+  // term of an adapter not merged, its share of OUTER, and the residual.
+  void run_segment(int64_t a, int64_t s0, int64_t s1) {
+    const int64_t rows = s1 - s0, N = s_.N;
+    const Tensor xs = x_.slice(0, s0, s1).to(opts_.dtype());
+    Tensor dst = direct_ ? out_.slice(0, s0, s1) : at::empty({rows, N}, opts_);
+    if (tiled_) {
+      const T* r = lora_ && merged_ ? merged_packed_.data() : base_packed_.data();
+      tiled_rows<T>(xs.const_data_ptr<T>(), xs.stride(0), xs.stride(1), r, ld_n_, rows, s_.K, dst.data_ptr<T>(), N,
+                    N, bias_.defined() ? bias_.const_data_ptr<T>() : nullptr, /*parallel=*/true);
+    } else if (bias_.defined()) {
+      at::addmm_out(dst, bias_, xs, w_eff_.t());
+    } else {
+      at::mm_out(dst, xs, w_eff_.t());
+    }
+    if (lora_) {
+      if (r_block_ > 0 || !merged_) shrink_and_expand(a, xs, dst, s0);
+      if (want_outer_) accumulate_outer(a, xs, s0);
+    }
+    if (residual_.has_value()) dst.add_(residual_->slice(0, s0, s1));
+    if (!direct_) out_.slice(0, s0, s1).copy_(dst);
+  }
+
+  // H = X DOWN_a^T (into SHRINK when r_block > 0, else a scratch buffer) and, for an adapter not merged,
+  // dst += s H UP_a^T.
+  void shrink_and_expand(int64_t a, const Tensor& xs, Tensor& dst, int64_t s0) {
+    const int64_t ra = rank_[a], rows = xs.size(0), N = s_.N;
+    const T* xp = xs.const_data_ptr<T>();
+    const int64_t x_row = xs.stride(0), x_col = xs.stride(1);
+    T* hp = shrink_out_.data_ptr<T>() + s0 * r_block_;
+    int64_t h_ld = r_block_;
+    if (r_block_ == 0) {
+      h_buffer_.resize(static_cast<size_t>(rows * ra));
+      hp = h_buffer_.data();
+      h_ld = ra;
+    }
+    at::parallel_for(0, rows, 48, [&](int64_t i0, int64_t i1) {
+      lowrank_gemm<T>(xp + i0 * x_row, x_row, x_col, down_packed_.data(), ld_r_, i1 - i0, s_.K, hp + i0 * h_ld, h_ld,
+                      ra, T(1), /*accumulate=*/false);
+    });
+    if (merged_) return;
+    T* dp = dst.data_ptr<T>();
+    const T alpha = static_cast<T>(scales_[a]);
+    at::parallel_for(0, rows, 48, [&](int64_t i0, int64_t i1) {
+      lowrank_gemm<T>(hp + i0 * h_ld, h_ld, 1, up_packed_.data(), ld_n_, i1 - i0, ra, dp + i0 * N, N, N, alpha,
+                      /*accumulate=*/true);
+    });
+  }
+
+  // OUTER^T += Y^T X over the segment's rows, in column blocks of X (X's rows: the R operand): one call per
+  // thread (16-column tiles split over the threads), each walking X's rows once.
+  void accumulate_outer(int64_t a, const Tensor& xs, int64_t s0) {
+    const int64_t ra = rank_[a], rows = xs.size(0), K = s_.K;
+    const T* yp = y_packed_.data() + s0 * ld_r_;
+    const int64_t tiles = (K + monkey_kernels::kLowRankColumns - 1) / monkey_kernels::kLowRankColumns;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<T> buffer;
+      const int64_t k0 = t0 * monkey_kernels::kLowRankColumns;
+      const int64_t k1 = std::min(K, t1 * monkey_kernels::kLowRankColumns);
+      const Block<T> xb = read_block<T>(xs, DropoutMask{}, 0, rows, k0, k1, buffer, /*r_operand=*/true);
+      lowrank_gemm<T>(yp, 1, ld_r_, xb.data, xb.row, ra, rows, outer_sum_.data() + k0, K, k1 - k0, T(1),
+                      /*accumulate=*/true);
+    });
+  }
+
+  // OUTER[a] = s * sum, once the adapter's last segment is done.
+  void finish_adapter(int64_t a) {
+    if (outer_sum_.empty()) return;
+    Tensor sum = at::from_blob(outer_sum_.data(), {rank_[a], s_.K}, opts_).t();
+    outer_out_[a].slice(1, 0, rank_[a]).copy_(scales_[a] == 1.0 ? sum : sum * scales_[a]);
+    outer_sum_.clear();
+  }
+
+  const MergedGemmShape s_;
+  const Tensor &x_, &down_, &up_;
+  const OptTensor& residual_;
+  const Segments& segs_;
+  const std::vector<int64_t>& rank_;
+  const std::vector<double>& scales_;
+  const int64_t r_block_;
+  const bool want_outer_;
+  Tensor &out_, &shrink_out_, &outer_out_;
+  const at::TensorOptions opts_;  // CPU, dtype T
+  const int64_t ld_r_, ld_n_;     // row lengths of the packed [., R] and [., N] operands
+  Tensor w_, w_eff_, bias_, merged_buffer_;
+  bool transposed_ = false, direct_ = false, tiled_ = false, lora_ = false, merged_ = false;
+  std::vector<int64_t> rows_of_;
+  std::vector<T> y_packed_, down_packed_, up_packed_, merge_factor_, h_buffer_, outer_sum_, base_packed_,
+      merged_packed_;
+};
+
+std::tuple<Tensor, Tensor, Tensor> multi_lora_merged_gemm(
+    const Tensor& x, const Tensor& weight, const OptTensor& bias, const Tensor& down, const Tensor& up,
+    const OptTensor& scale, const OptTensor& residual, const Tensor& seg_indptr, const Tensor& adapter_ids,
+    const Tensor& ranks, at::ScalarType out_dtype, int64_t r_block, const OptTensor& outer_y) {
+  const MergedGemmShape shape = check_merged_gemm(x, weight, bias, down, up, residual, out_dtype, r_block, outer_y);
+  const Segments segs = read_segments(seg_indptr, adapter_ids, shape.M, shape.A);
+  const std::vector<int64_t> rank = read_ranks(ranks, shape.A, shape.R);
+  const std::vector<double> scales = read_scale(scale, shape.A);
+  const at::ScalarType acc = acc_type(out_dtype);
+  const at::TensorOptions opts = at::TensorOptions().device(at::kCPU).dtype(acc);
+  Tensor out = monkey_kernels::fresh_output({shape.M, shape.N}, opts.dtype(out_dtype));
+  // Past each rank, on base-only rows and for adapters without rows, SHRINK and OUTER are exactly 0.
+  Tensor shrink_out = at::zeros({shape.M, r_block}, opts);
+  Tensor outer_out = at::zeros({outer_y.has_value() ? shape.A : 0, shape.K, shape.R}, opts.dtype(x.scalar_type()));
+  if (shape.M == 0) return {out, shrink_out, outer_out};
+  const Tensor b = bias.has_value() ? bias->to(acc).contiguous() : Tensor();  // dense: the tiled GEMM reads it raw
+  AT_DISPATCH_FLOATING_TYPES(acc, "multi_lora_merged_gemm", [&] {
+    MergedGemm<scalar_t>(shape, x, weight, b, down, up, residual, segs, rank, scales, r_block, outer_y, out,
+                         shrink_out, outer_out)
+        .run();
   });
   return {out, shrink_out, outer_out};
 }

@@ -1,23 +1,20 @@
 // Allocation of the outputs the native ops must overwrite entirely.
 //
-// With MONKEY_KERNELS_POISON set (and not "0"), fresh float outputs start as NaN instead of uninitialised
-// memory, as triton_kernels.alloc does for the Triton launchers: the test suite turns it on, so an element an
-// op forgets to write shows up as NaN instead of a plausible leftover value. Read on every call (one getenv),
-// so toggling the variable at run time takes effect.
+// With poisoning on (MONKEY_KERNELS_POISON, or monkey_kernels.ops.alloc.set_poison: the same switch as the
+// Triton launchers', passed in by monkey_kernels/_native.py, see settings.h), fresh float outputs start as NaN
+// instead of uninitialised memory: the test suite turns it on, so an element an op forgets to write shows up as
+// NaN instead of a plausible leftover value.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <limits>
+
+#include "settings.h"
 
 namespace monkey_kernels {
 
-inline bool poison_outputs() {
-  const char* value = std::getenv("MONKEY_KERNELS_POISON");
-  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
-}
+inline bool poison_outputs() { return settings().poison.load(std::memory_order_relaxed); }
 
 inline at::Tensor fresh_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (poison_outputs() && at::isFloatingType(options.dtype().toScalarType()))

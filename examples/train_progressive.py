@@ -54,6 +54,7 @@ except ImportError:  # run from a checkout without installing the package
 from monkey_kernels import patch_model
 from monkey_kernels.growth import add_new_adapters_to_optimizer, grow_tile_adapters, rebuild_optimizer
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, prepare_images, tile_grid
+from monkey_kernels.ops.backends import BACKENDS
 
 PRESETS: Dict[str, Dict] = {
     # 28 px tiles of 2x2 patches: a whole run takes seconds on a CPU.
@@ -189,7 +190,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="resolutions WxH in order (default: the preset's three)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--backend", choices=["auto", "triton", "native", "torch"], default="auto",
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
                    help="backend of the fused ops")
     p.add_argument("--steps-per-stage", type=int, default=None, help="optimizer steps per stage")
     p.add_argument("--batch-size", type=int, default=None, help="images per micro-batch")

@@ -49,6 +49,7 @@ except ImportError:  # run from a checkout without installing the package
 
 from monkey_kernels import patch_model
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, prepare_images
+from monkey_kernels.ops.backends import BACKENDS
 
 PRESETS: Dict[str, Dict] = {
     # Small enough for a 2-process CPU test: width 32, 2 layers, 28 px tiles (2x2 patches of 14 px).
@@ -238,7 +239,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 compute (CUDA): see the module docstring")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-only", action="store_true", help="freeze the resampler too")
-    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto", help="fused ops' backend")
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto", help="fused ops' backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="checkpoint directory (written by rank 0)")
     args = p.parse_args(argv)

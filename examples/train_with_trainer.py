@@ -37,6 +37,7 @@ from transformers.modeling_outputs import ImageClassifierOutput  # noqa: E402
 from monkey_kernels import patch_model  # noqa: E402
 from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, prepare_images  # noqa: E402
 from monkey_kernels.models.monkey_vision import MonkeyVisionPreTrainedModel  # noqa: E402
+from monkey_kernels.ops.backends import BACKENDS  # noqa: E402
 
 
 class MonkeyVisionForImageClassification(MonkeyVisionPreTrainedModel):
@@ -133,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     p.add_argument("--bf16", action="store_true", help="bf16 weights (see the module docstring)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-only", action="store_true", help="freeze the resampler too")
-    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/trainer"))
     args = p.parse_args(argv)

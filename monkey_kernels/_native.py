@@ -9,11 +9,16 @@ built. Where it comes from, in order:
    checkout (editable installs), cached under ``$MONKEY_KERNELS_CACHE`` or ``~/.cache/monkey_kernels``
    (the first build takes about a minute; later processes reuse it). ``MONKEY_KERNELS_NO_JIT=1`` skips it.
 
-Loading it also tunes glibc's allocator for the batched CPU path (:func:`tune_cpu_allocator`; opt out with
-``MONKEY_KERNELS_MALLOC_TUNING=0``). ``MONKEY_KERNELS_NO_NATIVE=1`` disables the extension altogether. Nothing here runs at
-``import monkey_kernels``: the first :func:`load` (or :func:`available`, :func:`ops`) does the work, and
-any failure is recorded (see :func:`status`) instead of raised, so callers fall back to the pure-PyTorch
-path.
+``MONKEY_KERNELS_NO_NATIVE=1`` disables the extension altogether. With ``MONKEY_KERNELS_MALLOC_TUNING=1``
+(opt-in; off by default) loading it also tunes glibc's allocator for the whole process
+(:func:`tune_cpu_allocator`, which a program may also call itself). Nothing here runs at ``import
+monkey_kernels``: the first :func:`load` (or :func:`available`, :func:`ops`) does the work, and any failure is
+recorded (see :func:`status`) instead of raised, so callers fall back to the pure-PyTorch path.
+
+The C++ reads no environment variable: the settings it needs (NaN poisoning of fresh outputs, the base-GEMM
+mode ``MONKEY_KERNELS_CPU_GEMM``, the cap ``MONKEY_KERNELS_LOWRANK_ISA``) are read here, through
+:mod:`monkey_kernels.settings` and :func:`monkey_kernels.ops.alloc.poison_enabled`, and passed to the extension
+(``configure``) when it loads and, when they changed, before every op call (:func:`ops`, :func:`extension`).
 """
 from __future__ import annotations
 
@@ -29,13 +34,16 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["load", "available", "status", "ops", "sources", "tune_cpu_allocator", "ENV_NO_NATIVE", "ENV_NO_JIT",
-           "ENV_CACHE", "ENV_MALLOC_TUNING"]
+from monkey_kernels import settings
+from monkey_kernels.ops import alloc
 
-ENV_NO_NATIVE = "MONKEY_KERNELS_NO_NATIVE"
-ENV_NO_JIT = "MONKEY_KERNELS_NO_JIT"
-ENV_CACHE = "MONKEY_KERNELS_CACHE"
-ENV_MALLOC_TUNING = "MONKEY_KERNELS_MALLOC_TUNING"
+__all__ = ["load", "available", "status", "ops", "extension", "sources", "tune_cpu_allocator", "allocator_tuned",
+           "ENV_NO_NATIVE", "ENV_NO_JIT", "ENV_CACHE", "ENV_MALLOC_TUNING"]
+
+ENV_NO_NATIVE = settings.NO_NATIVE.name
+ENV_NO_JIT = settings.NO_JIT.name
+ENV_CACHE = settings.CACHE.name
+ENV_MALLOC_TUNING = settings.MALLOC_TUNING.name
 OP_NAMESPACE = "monkey_kernels_native"
 JIT_NAME = "monkey_kernels_C"
 
@@ -44,12 +52,9 @@ logger = logging.getLogger("monkey_kernels")
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _status: Optional[str] = None  # None: not tried yet
+_configured: Optional[tuple] = None  # the settings last passed to the extension
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
 
 
 def sources(root: Path = ROOT, with_cuda: bool = False) -> List[str]:
@@ -72,7 +77,7 @@ def _cuda_toolkit() -> bool:
 
 
 def _cache_dir() -> Path:
-    base = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "monkey_kernels")
+    base = settings.CACHE.get()
     # One build per torch/Python/CUDA combination: a torch upgrade must never load a stale binary.
     tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-" + (
         f"cu{torch.version.cuda}" if torch.version.cuda else "cpu")
@@ -99,7 +104,7 @@ def _jit_build() -> ModuleType:
 
 def _load_locked() -> Optional[ModuleType]:
     global _module, _status
-    if _flag(ENV_NO_NATIVE):
+    if settings.NO_NATIVE.get():
         _status = f"disabled: {ENV_NO_NATIVE}=1"
         return None
     try:
@@ -107,7 +112,7 @@ def _load_locked() -> Optional[ModuleType]:
         _status = "prebuilt"
     except Exception as error:  # noqa: BLE001 (a missing or broken .so, whatever the reason)
         prebuilt_error = f"{type(error).__name__}: {error}".strip()
-        if _flag(ENV_NO_JIT):
+        if settings.NO_JIT.get():
             _status = f"disabled: no prebuilt extension ({prebuilt_error}) and {ENV_NO_JIT}=1"
             return None
         try:
@@ -129,6 +134,8 @@ _allocator_tuned: Optional[bool] = None
 
 def tune_cpu_allocator() -> bool:
     """Raises glibc's mmap and trim thresholds (32 MiB, 128 MiB) once per process; ``True`` if they were set.
+    Called when the extension loads with ``MONKEY_KERNELS_MALLOC_TUNING=1`` (an opt-in: it changes how the whole
+    process allocates), or by a program that wants it.
 
     Why: the batched encoder pass allocates activations of every view at once (about 1 MB per tensor at the
     small configs). Above glibc's mmap threshold each such tensor is a fresh ``mmap`` whose pages fault in
@@ -137,14 +144,12 @@ def tune_cpu_allocator() -> bool:
     With the thresholds raised, freed blocks stay in the heap and are reused (the step then faults twice).
     The cost: up to 128 MiB of freed memory stays with the process instead of going back to the system.
 
-    Skipped (``False``) off glibc, with ``MONKEY_KERNELS_MALLOC_TUNING=0``, or when the process already
-    chose its own values (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES``)."""
+    Skipped (``False``) off glibc, or when the process already chose its own values (glibc's own variables
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES``)."""
     global _allocator_tuned
     if _allocator_tuned is not None:
         return _allocator_tuned
     _allocator_tuned = False
-    if os.environ.get(ENV_MALLOC_TUNING, "1").strip().lower() in ("0", "false", "no"):
-        return False
     if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
         return False
     try:
@@ -161,13 +166,39 @@ def tune_cpu_allocator() -> bool:
     return ok
 
 
+def allocator_tuned() -> bool:
+    """Whether :func:`tune_cpu_allocator` raised glibc's thresholds in this process."""
+    return bool(_allocator_tuned)
+
+
+def _native_settings() -> tuple:
+    """What the C++ ops need to know, read now: ``(poison, cpu_gemm, lowrank_isa)``."""
+    return alloc.poison_enabled(), settings.CPU_GEMM.get(), settings.LOWRANK_ISA.get()
+
+
+def _configure(module: ModuleType) -> None:
+    """Passes the current settings to the extension when they differ from what it was given last (a few
+    environment reads per call; the C++ keeps them in atomics)."""
+    global _configured
+    wanted = _native_settings()
+    if wanted != _configured:
+        module.configure(*wanted)
+        _configured = wanted
+
+
 def load() -> Optional[ModuleType]:
     """The extension module (cached; loads or JIT-builds it on the first call), or ``None`` when it is
-    unavailable; :func:`status` says why."""
+    unavailable; :func:`status` says why. Loading passes the current settings to it (a bad setting is
+    reported by the first :func:`ops` call instead) and, with ``MONKEY_KERNELS_MALLOC_TUNING=1``, tunes glibc's
+    allocator."""
     if _status is None:
         with _lock:
-            if _status is None:
-                if _load_locked() is not None:
+            if _status is None and _load_locked() is not None:
+                try:
+                    _configure(_module)
+                except ValueError:
+                    pass  # the C++ keeps its defaults until ops() passes valid settings or raises the error
+                if settings.MALLOC_TUNING.get():
                     tune_cpu_allocator()
     return _module
 
@@ -184,10 +215,22 @@ def status() -> str:
     return _status  # type: ignore[return-value]
 
 
-def ops():
-    """``torch.ops.monkey_kernels_native``; raises ``RuntimeError`` with :func:`status` when unavailable."""
-    if not available():
+def extension() -> ModuleType:
+    """The extension module with the current settings passed to it (for its reporting functions, e.g.
+    ``lowrank_isa()``, ``tiled_base_gemm()``); raises ``RuntimeError`` with :func:`status` when unavailable and
+    ``ValueError`` naming the variable for a bad setting."""
+    module = _module if _status is not None else load()  # after the first call: no lock, no function call
+    if module is None:
         raise RuntimeError(f"the native extension is not available: {status()}")
+    _configure(module)
+    return module
+
+
+def ops():
+    """``torch.ops.monkey_kernels_native``, with the current settings passed to the extension (every native op
+    call comes through here); raises ``RuntimeError`` with :func:`status` when unavailable and ``ValueError``
+    naming the variable for a bad setting."""
+    extension()
     return getattr(torch.ops, OP_NAMESPACE)
 
 

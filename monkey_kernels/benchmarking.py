@@ -31,9 +31,11 @@ Schema (``SCHEMA_VERSION``)
 ---------------------------
 ``make_result(bench, device, rows, *, backend=None, config=None, **extra) -> dict``: the envelope
 ``{schema_version, bench, device, device_type, threads, torch, triton, transformers, peft, python, backend,
-date, git_commit, config, rows, **extra}`` (``device``: the GPU name, or ``"CPU (<model>)"``; ``backend``: the
-device's default backend, :func:`default_backend`; ``date``: ISO UTC time; ``git_commit``: ``HEAD`` or
-``"unknown"``; versions ``None`` when a package is missing).
+date, git_commit, malloc_tuning, settings, config, rows, **extra}`` (``device``: the GPU name, or ``"CPU
+(<model>)"``; ``backend``: the device's default backend, :func:`default_backend`; ``date``: ISO UTC time;
+``git_commit``: ``HEAD`` or ``"unknown"``; versions ``None`` when a package is missing; ``malloc_tuning``: whether
+glibc's allocator was tuned in this process (``MONKEY_KERNELS_MALLOC_TUNING=1``, an opt-in that changes CPU
+timings); ``settings``: the ``monkey_kernels.settings`` variables set in the environment, name -> text).
 
 ``make_row(case, method, mode, ms, ratio_to_base=None, peak_memory_bytes=None, **extra) -> dict`` and
 ``timing_rows(case, mode, timings, peaks=None, **extra) -> List[dict]``: rows ``{case, method, mode, ms,
@@ -48,9 +50,10 @@ Files
 
 Backends
 --------
-``default_backend(device) -> str`` (``monkey_kernels.resolve_backend(None, device)``: native on CPU when the
-extension loads, triton on CUDA) and ``other_backends(device, default) -> List[str]`` (the others that can run
-on ``device``; the Triton interpreter on CPU is excluded: minutes per call).
+``BACKENDS`` (the one list, ``monkey_kernels.ops.backends.BACKENDS``), ``default_backend(device) -> str``
+(``monkey_kernels.resolve_backend(None, device)``: native on CPU when the extension loads, triton on CUDA) and
+``other_backends(device, default) -> List[str]`` (the others that can run on ``device``; the Triton interpreter on
+CPU is excluded: minutes per call).
 
 Output
 ------
@@ -83,7 +86,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
+from monkey_kernels import settings
+from monkey_kernels.ops.backends import BACKENDS
+
 __all__ = [
+    "BACKENDS",
     "SCHEMA_VERSION", "RESULTS_DIR", "REPO_ROOT", "CUDA_TIMERS", "Timing", "time_methods", "peak_memory_bytes",
     "make_row", "timing_rows", "make_result", "result_path", "plot_path", "write_result", "load_result",
     "default_backend", "other_backends", "bench_backends", "patched_copies", "markdown_table", "plot_grouped_bars",
@@ -172,7 +179,7 @@ def other_backends(device: Union[torch.device, str], default: str) -> List[str]:
 
     device = _as_device(device)
     found = []
-    for name in ("triton", "native", "torch"):
+    for name in BACKENDS:
         if name == default or (name == "triton" and device.type != "cuda"):
             continue
         try:
@@ -417,11 +424,19 @@ def make_result(bench: str, device: Union[torch.device, str], rows: Sequence[dic
         "backend": backend,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
+        "malloc_tuning": _malloc_tuned(),
+        "settings": {name: setting.raw() for name, setting in settings.SETTINGS.items() if setting.is_set()},
         "config": dict(config or {}),
     }
     result.update(extra)
     result["rows"] = [dict(row) for row in rows]
     return result
+
+
+def _malloc_tuned() -> bool:
+    from monkey_kernels import _native  # noqa: PLC0415
+
+    return _native.allocator_tuned()
 
 
 def result_path(bench: str, device: Union[torch.device, str], date: Optional[str] = None,

@@ -1,7 +1,8 @@
 """The ``monkey-kernels`` command line: ``info``, ``demo`` and ``bench``.
 
 - ``monkey-kernels info``: versions, CUDA, the Triton interpreter, the backend picked for CPU and CUDA
-  tensors, and whether Triton's bundled ``ptxas`` (used by the sm_90 compile check) is present.
+  tensors, whether Triton's bundled ``ptxas`` (used by the sm_90 compile check) is present, and the effective
+  value of every environment variable of :mod:`monkey_kernels.settings`.
 - ``monkey-kernels demo``: a Monkey-style encoder, reference vs ``patch_model``-ed, on a synthetic image:
   output and gradient differences, then forward and forward+backward timed interleaved in rounds by the
   benchmark harness (``monkey_kernels.benchmarking``: the speed-up is the median of per-round ratios), peak memory
@@ -21,8 +22,12 @@ import copy
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
+
+from monkey_kernels import settings
+from monkey_kernels.ops.registry import BACKENDS  # the light home of monkey_kernels.ops.backends.BACKENDS
 
 __all__ = ["main", "run", "CLIError", "build_parser", "cmd_info", "cmd_demo", "cmd_bench", "SMALL_DEMO_CONFIG", "BENCHMARKS"]
 
@@ -85,11 +90,37 @@ def _ptxas_path() -> Optional[str]:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-def cmd_info(args: argparse.Namespace) -> dict:
-    """Prints (and returns) the environment facts that decide which backend runs."""
-    import torch
+def _native_facts() -> Dict[str, str]:
+    """The extension's status and, when it loads, its low-rank ISA and base-GEMM choice (or the settings' error)."""
+    from monkey_kernels import _native
 
-    from monkey_kernels.ops.backends import ENV_BACKEND
+    facts = {"native extension": _native.status()}
+    if not _native.available():
+        return facts
+    try:
+        module = _native.extension()  # the current settings passed to it
+    except ValueError as error:  # a bad MONKEY_KERNELS_CPU_GEMM / MONKEY_KERNELS_LOWRANK_ISA value
+        facts["native low-rank GEMMs"] = facts["native base GEMM"] = f"error: {error}"
+        return facts
+    mode = settings.CPU_GEMM.get()
+    facts["native low-rank GEMMs"] = (f"{module.lowrank_isa()} (csrc/lowrank_gemm.h; "
+                                      f"{settings.LOWRANK_ISA.name} caps it)")
+    sample = "tiled kernel" if module.tiled_base_gemm(256, 256, False) else "BLAS"
+    facts["native base GEMM"] = (f"{mode}: a 256x256 fp32 layer runs on {sample} "
+                                 f"(measured once per shape; {settings.CPU_GEMM.name}=auto|blas|tiled)")
+    return facts
+
+
+def _print_table(rows: Dict[str, object]) -> None:
+    width = max(len(key) for key in rows)
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def cmd_info(args: argparse.Namespace) -> dict:
+    """Prints (and returns) the environment facts that decide which backend runs, then the effective settings
+    (``info["settings"]``: variable -> ``"value (source)"``)."""
+    import torch
 
     info: Dict[str, object] = {
         "monkey_kernels": _version("monkey_kernels"),
@@ -108,23 +139,14 @@ def cmd_info(args: argparse.Namespace) -> dict:
     else:
         reason = "torch built without CUDA" if torch.version.cuda is None else "no CUDA device visible"
         info["cuda"] = f"not available ({reason})"
-    interpret = os.environ.get("TRITON_INTERPRET")
-    info["TRITON_INTERPRET"] = (f"set ({interpret!r}): Triton kernels run on CPU through the interpreter (slow)"
-                                if interpret not in (None, "", "0") else "not set")
-    info[ENV_BACKEND] = os.environ.get(ENV_BACKEND) or "not set"
-    from monkey_kernels import _native
-
-    info["native extension"] = _native.status()
-    if _native.available():
-        module = _native.load()
-        info["native low-rank GEMMs"] = f"{module.lowrank_isa()} (csrc/lowrank_gemm.h; MONKEY_KERNELS_LOWRANK_ISA caps it)"
-        mode = os.environ.get("MONKEY_KERNELS_CPU_GEMM") or "auto"
-        try:
-            sample = "tiled kernel" if module.tiled_base_gemm(256, 256, False) else "BLAS"
-        except RuntimeError as error:  # a bad MONKEY_KERNELS_CPU_GEMM value
-            sample = f"error: {error}".splitlines()[0]
-        info["native base GEMM"] = (f"{mode}: a 256x256 fp32 layer runs on {sample} "
-                                    "(measured once per shape; MONKEY_KERNELS_CPU_GEMM=auto|blas|tiled)")
+    try:
+        interpret = settings.TRITON_INTERPRET.get()
+    except ValueError as error:
+        interpret = f"error: {error}"
+    info[settings.TRITON_INTERPRET.name] = (
+        "set: Triton kernels run on CPU through the interpreter (slow)" if interpret is True
+        else "not set" if interpret is False else interpret)
+    info.update(_native_facts())
     info["backend for CPU tensors"] = _backend_for("cpu")
     info["backend for CUDA tensors"] = _backend_for("cuda") + ("" if cuda else " (no CUDA device here)")
     ptxas = _ptxas_path()
@@ -134,10 +156,10 @@ def cmd_info(args: argparse.Namespace) -> dict:
         info["bundled ptxas"] = f"present: {ptxas}"
     else:
         info["bundled ptxas"] = f"missing: {ptxas} (the sm_90 compile check is skipped)"
-
-    width = max(len(key) for key in info)
-    for key, value in info.items():
-        print(f"{key:<{width}}  {value}")
+    _print_table(info)
+    info["settings"] = {name: f"{value} ({source})" for name, (value, source) in settings.effective().items()}
+    print("\nenvironment variables (monkey_kernels.settings; the README's table says what each does):")
+    _print_table(info["settings"])
     return info
 
 
@@ -196,12 +218,27 @@ def _max_diffs(actual, expected) -> tuple:
     return diff, diff / max(scale, 1e-30)
 
 
-def cmd_demo(args: argparse.Namespace) -> dict:
-    """Reference vs patched Monkey encoder on a synthetic image; prints and returns the comparison."""
+@dataclass
+class _DemoPlan:
+    """What ``demo`` runs: where, in which dtype, on which backend, at which size."""
+
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    dtype_name: str
+    config_name: str
+    backend: str
+    config: Any  # MonkeyVisionConfig
+    width: int
+    height: int
+    grid: Any  # the tile grid of (width, height)
+
+
+def _plan_demo(args: argparse.Namespace) -> _DemoPlan:
+    """The device, dtype, backend and model config from the arguments (``CLIError`` for an impossible one)."""
     import torch
 
-    from monkey_kernels import patch_model, resolve_backend
-    from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel, prepare_images, tile_grid
+    from monkey_kernels import resolve_backend
+    from monkey_kernels.models import MonkeyVisionConfig, tile_grid
 
     device_text = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -213,12 +250,10 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     on_cuda = device.type == "cuda"
     config_name = args.config or ("release" if on_cuda else "small")
     dtype_name = args.dtype or ("bf16" if on_cuda else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     try:
         backend = resolve_backend(args.backend, device)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-
     # lora_dropout 0 so the reference and the fused model draw no (different) dropout masks in train mode.
     base_kwargs = dict(SMALL_DEMO_CONFIG) if config_name == "small" else {}
     base_kwargs["lora_dropout"] = 0.0
@@ -227,40 +262,36 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     grid = tile_grid(width, height, probe)
     # One adapter per tile: the release has 4 (2x2); wider grids need more adapters, as in the 1344x896 recipe.
     config = MonkeyVisionConfig(**base_kwargs, lora_repeat_num=max(probe.lora_repeat_num, grid.num_tiles))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    return _DemoPlan(device, dtype, dtype_name, config_name, backend, config, width, height, grid)
 
-    print(f"demo: {config_name} config (width {config.width}, {config.layers} layers, tile {config.tile_size} px), "
-          f"{dtype_name} on {device}, backend={backend}; resolution {width}x{height} -> "
-          f"{grid.n_cols}x{grid.n_rows} tiles + global view, batch {args.batch}")
 
-    torch.manual_seed(args.seed)
-    reference = MonkeyVisionModel(config)
+def _demo_models(plan: _DemoPlan, seed: int):
+    """``(reference, patched, report)``: a random encoder with non-zero LoRA ``B`` and the release recipe's
+    trainable parameters (LoRA + resampler), in train mode, and its patched deep copy."""
+    import torch
+
+    from monkey_kernels import patch_model
+    from monkey_kernels.models import MonkeyVisionModel
+
+    torch.manual_seed(seed)
+    reference = MonkeyVisionModel(plan.config)
     with torch.no_grad():  # zero-initialised lora_b would make the LoRA path a no-op: give it weights
         for name, param in reference.named_parameters():
             if "lora_b" in name:
                 param.normal_(0.0, 0.02)
-    for name, param in reference.named_parameters():  # the release recipe: LoRA + resampler trainable
+    for name, param in reference.named_parameters():
         param.requires_grad_("lora" in name or name.startswith("attn_pool"))
-    reference = reference.to(device=device, dtype=dtype).train()
+    reference = reference.to(device=plan.device, dtype=plan.dtype).train()
     patched = copy.deepcopy(reference)
-    report = patch_model(patched, backend=backend)
+    report = patch_model(patched, backend=plan.backend)
     patched.train()
-    print(f"patched: {report}")
+    return reference, patched, report
 
-    images = synthetic_images(args.batch, width, height, seed=args.seed)
-    pixel_values, _ = prepare_images(images, (width, height), config=config)
-    pixel_values = pixel_values.to(device=device, dtype=dtype)
-    out_grad = torch.randn(args.batch, grid.num_views * config.n_queries, config.output_dim,
-                           generator=torch.Generator().manual_seed(args.seed + 1)).to(device=device, dtype=dtype)
 
-    def forward_backward(model):
-        model.zero_grad(set_to_none=True)
-        out = model(pixel_values)
-        out.backward(out_grad)
-        return out
-
-    ref_out = forward_backward(reference)
-    fused_out = forward_backward(patched)
-    out_abs, out_rel = _max_diffs(fused_out, ref_out)
+def _gradient_differences(reference, patched) -> tuple:
+    """``(max abs diff, max rel diff, worst parameter, trainable count)`` over the trainable parameters' gradients
+    (``CLIError`` when a parameter or a gradient exists in one model only)."""
     fused_params = dict(patched.named_parameters())
     grad_abs, grad_rel, worst = 0.0, 0.0, None
     trainable = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
@@ -276,33 +307,76 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         grad_abs = max(grad_abs, diff)
         if rel >= grad_rel:
             grad_rel, worst = rel, name
-    print(f"output    max abs diff {out_abs:.3e}   max rel diff {out_rel:.3e}")
-    print(f"gradients max abs diff {grad_abs:.3e}   max rel diff {grad_rel:.3e}   "
-          f"({len(trainable)} trainable tensors; worst: {worst})")
+    return grad_abs, grad_rel, worst, len(trainable)
+
+
+def _time_demo(plan: _DemoPlan, models: dict, pixel_values, forward_backward, args) -> tuple:
+    """``(rows, speedup)``: forward and forward+backward of each model timed interleaved in rounds by the harness
+    (the speed-up is reference / patched, the median of per-round ratios), peak memory on GPU."""
+    import torch
 
     from monkey_kernels import benchmarking as harness  # noqa: PLC0415
-    rows: List[dict] = []
+
     def inference(model):
         def call():
             with torch.no_grad():
                 model(pixel_values)
         return call
 
+    rows: List[dict] = []
     for mode, make in (("fwd", inference), ("fwd_bwd", lambda model: lambda: forward_backward(model))):
-        calls = {"reference": make(reference), "patched": make(patched)}
-        timings = harness.time_methods(calls, device, base="reference", rounds=args.repeats, warmup=args.warmup)
-        peaks = {name: harness.peak_memory_bytes(call, device) for name, call in calls.items()}
-        for row in harness.timing_rows(f"{width}x{height} b{args.batch}", mode, timings, peaks, backend=None):
-            row["backend"] = backend if row["method"] == "patched" else None
+        calls = {name: make(model) for name, model in models.items()}
+        timings = harness.time_methods(calls, plan.device, base="reference", rounds=args.repeats, warmup=args.warmup)
+        peaks = {name: harness.peak_memory_bytes(call, plan.device) for name, call in calls.items()}
+        label = f"{plan.width}x{plan.height} b{args.batch}"
+        for row in harness.timing_rows(label, mode, timings, peaks, backend=None):
+            row["backend"] = plan.backend if row["method"] == "patched" else None
             row["speedup"] = round(1.0 / row["ratio_to_base"], 3) if row["ratio_to_base"] else None
             rows.append(row)
-    speedup = {r["mode"]: r["speedup"] for r in rows if r["method"] == "patched"}
     print(harness.markdown_table(rows, ["case", "method", "mode", "ms", "speedup", "peak_memory_bytes", "backend"]))
+    return rows, {r["mode"]: r["speedup"] for r in rows if r["method"] == "patched"}
+
+
+def cmd_demo(args: argparse.Namespace) -> dict:
+    """Reference vs patched Monkey encoder on a synthetic image; prints and returns the comparison."""
+    import torch
+
+    from monkey_kernels.models import prepare_images
+
+    plan = _plan_demo(args)
+    config, grid = plan.config, plan.grid
+    print(f"demo: {plan.config_name} config (width {config.width}, {config.layers} layers, tile {config.tile_size} "
+          f"px), {plan.dtype_name} on {plan.device}, backend={plan.backend}; resolution {plan.width}x{plan.height} "
+          f"-> {grid.n_cols}x{grid.n_rows} tiles + global view, batch {args.batch}")
+    reference, patched, report = _demo_models(plan, args.seed)
+    print(f"patched: {report}")
+
+    images = synthetic_images(args.batch, plan.width, plan.height, seed=args.seed)
+    pixel_values, _ = prepare_images(images, (plan.width, plan.height), config=config)
+    pixel_values = pixel_values.to(device=plan.device, dtype=plan.dtype)
+    out_grad = torch.randn(args.batch, grid.num_views * config.n_queries, config.output_dim,
+                           generator=torch.Generator().manual_seed(args.seed + 1)).to(plan.device, plan.dtype)
+
+    def forward_backward(model):
+        model.zero_grad(set_to_none=True)
+        out = model(pixel_values)
+        out.backward(out_grad)
+        return out
+
+    ref_out = forward_backward(reference)
+    out_abs, out_rel = _max_diffs(forward_backward(patched), ref_out)
+    grad_abs, grad_rel, worst, trainable = _gradient_differences(reference, patched)
+    print(f"output    max abs diff {out_abs:.3e}   max rel diff {out_rel:.3e}")
+    print(f"gradients max abs diff {grad_abs:.3e}   max rel diff {grad_rel:.3e}   "
+          f"({trainable} trainable tensors; worst: {worst})")
+
+    rows, speedup = _time_demo(plan, {"reference": reference, "patched": patched}, pixel_values, forward_backward,
+                               args)
     print(f"speed-up (reference / patched, median of {args.repeats} interleaved rounds): forward "
           f"{speedup['fwd']:.2f}x, forward+backward {speedup['fwd_bwd']:.2f}x"
-          f"{'' if on_cuda else ' (CPU timings say nothing about GPU performance)'}")
+          f"{'' if plan.device.type == 'cuda' else ' (CPU timings say nothing about GPU performance)'}")
     return {
-        "config": config_name, "device": str(device), "dtype": dtype_name, "backend": backend,
+        "config": plan.config_name, "device": str(plan.device), "dtype": plan.dtype_name, "backend": plan.backend,
         "grid": [grid.n_cols, grid.n_rows], "batch": args.batch,
         "output_max_abs_diff": out_abs, "output_max_rel_diff": out_rel,
         "grad_max_abs_diff": grad_abs, "grad_max_rel_diff": grad_rel, "worst_grad": worst,
@@ -392,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="requested resolution in the config's pixels (default: config.image_size square, "
                            "a 2x2 tile grid: 896x896 for release, 224x224 for small)")
     demo.add_argument("--batch", type=_positive_int, default=1)
-    demo.add_argument("--backend", choices=["auto", "triton", "native", "torch"], default=None,
+    demo.add_argument("--backend", choices=("auto",) + BACKENDS, default=None,
                       help="fused backend (default: resolve_backend's choice for the device)")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     demo.add_argument("--dtype", choices=_DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
@@ -431,6 +505,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     return cmd_bench(args, extra)
 
 
+def _show_traceback() -> bool:
+    """``MONKEY_KERNELS_TRACEBACK``; a bad value is reported on stderr and counts as off."""
+    try:
+        return settings.TRACEBACK.get()
+    except ValueError as error:
+        print(f"monkey-kernels: {error}", file=sys.stderr)
+        return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``monkey-kernels`` entry point: 0 on success, 1 on failure (one line on stderr), and argparse's
     ``SystemExit(2)`` on bad arguments. Returns an int because ``console_scripts`` calls ``sys.exit(main())``."""
@@ -443,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (RuntimeError, ValueError, ImportError, OSError) as exc:
         # Expected failure modes (a missing optional dependency, CUDA out of memory, a bad shape) get one
         # clear line; MONKEY_KERNELS_TRACEBACK=1 shows where they came from.
-        if os.environ.get("MONKEY_KERNELS_TRACEBACK"):
+        if _show_traceback():
             raise
         print(f"monkey-kernels {command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -23,26 +23,33 @@ import zlib
 import numpy
 import torch
 
+from monkey_kernels import settings
+
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault(settings.TRITON_INTERPRET.name, "1")
 
 import pytest  # noqa: E402
 from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 from monkey_kernels.ops import alloc  # noqa: E402
+from monkey_kernels.ops.backends import BACKENDS  # noqa: E402
 
-SEED_ENV = "MONKEY_KERNELS_TEST_SEED"
-FUZZ_ENV = "MONKEY_KERNELS_FUZZ"
+SEED_ENV = settings.TEST_SEED.name
+FUZZ_ENV = settings.FUZZ.name
 _SEED_KEY = pytest.StashKey[int]()
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip() not in ("", "0")
+def _setting(setting: settings.Setting):
+    """A test setting's value; a bad value stops the run with pytest's usage error (the variable named)."""
+    try:
+        return setting.get()
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
 
 
 def fuzz_mode() -> bool:
     """Whether ``MONKEY_KERNELS_FUZZ`` asks for fresh random seeds (and hypothesis examples) on every run."""
-    return _env_flag(FUZZ_ENV)
+    return _setting(settings.FUZZ)
 
 
 def node_seed(nodeid: str) -> int:
@@ -53,15 +60,9 @@ def node_seed(nodeid: str) -> int:
 def choose_seed(nodeid: str) -> int:
     """The seed a test runs with: ``MONKEY_KERNELS_TEST_SEED`` when set, a fresh random one in fuzz mode,
     else :func:`node_seed`. Always in ``[0, 2**32)`` (numpy's range)."""
-    forced = os.environ.get(SEED_ENV, "").strip()
-    if forced:
-        try:
-            seed = int(forced)
-        except ValueError:
-            raise pytest.UsageError(f"{SEED_ENV} must be an integer, got {forced!r}") from None
-        if not 0 <= seed < 2**32:
-            raise pytest.UsageError(f"{SEED_ENV} must be in [0, 2**32), got {seed}")
-        return seed
+    forced = _setting(settings.TEST_SEED)
+    if forced is not None:
+        return forced
     if fuzz_mode():
         return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     return node_seed(nodeid)
@@ -109,8 +110,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_report_header(config):
-    if os.environ.get(SEED_ENV, "").strip():
-        return f"monkey-kernels seeds: every test {os.environ[SEED_ENV].strip()} ({SEED_ENV})"
+    forced = _setting(settings.TEST_SEED)
+    if forced is not None:
+        return f"monkey-kernels seeds: every test {forced} ({SEED_ENV})"
     if fuzz_mode():
         return f"monkey-kernels seeds: fresh random per test ({FUZZ_ENV}=1)"
     return f"monkey-kernels seeds: per test from its node id ({FUZZ_ENV}=1 for fresh ones)"
@@ -125,8 +127,9 @@ hypothesis_settings.load_profile("monkey_kernels_fuzz" if fuzz_mode() else "monk
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every buffer a kernel should overwrite starts as NaN for the duration of each test: the Triton launchers'
-    (``monkey_kernels.ops.alloc``) and the native ops' (``csrc/outputs.h`` reads the environment variable)."""
-    monkeypatch.setenv("MONKEY_KERNELS_POISON", "1")
+    and the native ops' (one switch, ``monkey_kernels.ops.alloc``, which ``monkey_kernels._native`` passes to
+    the C++ ops); the variable too, for the subprocesses a test starts."""
+    monkeypatch.setenv(settings.POISON.name, "1")
     previous = alloc.set_poison(True)
     yield
     alloc.set_poison(previous)
@@ -134,7 +137,7 @@ def poison_kernel_outputs(monkeypatch):
 
 # Set to 1 to skip (instead of fail) the native backend's cases on a machine without a C++ compiler; CI
 # builds the extension, so there a missing extension fails every native case.
-ALLOW_NO_NATIVE = "MONKEY_KERNELS_ALLOW_NO_NATIVE"
+ALLOW_NO_NATIVE = settings.ALLOW_NO_NATIVE.name
 
 
 def available_backends() -> list:
@@ -144,11 +147,11 @@ def available_backends() -> list:
     ``MONKEY_KERNELS_ALLOW_NO_NATIVE=1`` (then they are skipped with the loader's reason, see
     :func:`pytest_collection_modifyitems`).
     """
-    return ["triton", "native", "torch"]
+    return list(BACKENDS)
 
 
 def _missing_native_allowed() -> bool:
-    return os.environ.get(ALLOW_NO_NATIVE, "0") not in ("", "0")
+    return _setting(settings.ALLOW_NO_NATIVE)
 
 
 def require_native():

@@ -1,13 +1,13 @@
 """Facts about how Triton runs here, read at call time (never a GPU query at import), and the one place
 that knows which Triton version is installed (supported: 3.6 to 3.9). Importable without Triton: the
 PyTorch and C++ backends read :func:`interpreter_active` too."""
-import os
+from monkey_kernels import settings
 
 
 def interpreter_active() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``, which Triton
     reads when a kernel is defined: set it before importing the kernel modules)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return settings.TRITON_INTERPRET.get()
 
 
 def triton_version() -> tuple:

@@ -24,7 +24,7 @@ function of the seed, regenerated in backward, never stored.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -34,7 +34,6 @@ from monkey_kernels.ops import alloc
 from monkey_kernels.ops.layout import rank_block
 from monkey_kernels.ops.segments import SegmentInfo
 
-from . import gemm_choice
 from .env import install_interpreter_compat, interpreter_active
 
 install_interpreter_compat()
@@ -44,7 +43,6 @@ __all__ = [
     "rank_block",
     "segmented_shrink",
     "fused_lora_gemm",
-    "fused_lora_gemm_cublas",
     "segmented_outer",
     "dropout_keep_mask",
 ]
@@ -422,9 +420,10 @@ def fused_lora_gemm(
     out_dtype: torch.dtype,
     dropout_p: float = 0.0,
     seed: int = 0,
-    path: Optional[str] = None,
+    alternative: Optional[Callable[..., Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
-    """``OUT = x @ weight^T + bias + drop(s[a] * h @ expand[a]^T) + residual`` in one pass over ``OUT``.
+    """``OUT = x @ weight^T + bias + drop(s[a] * h @ expand[a]^T) + residual`` in one pass over ``OUT`` (the
+    Triton kernel).
 
     Args:
         x: ``[M, K]`` or ``None`` (no base GEMM: expand only).
@@ -436,32 +435,19 @@ def fused_lora_gemm(
         residual: ``[M, N]`` or ``None``.
         dropout_p: when > 0, the LoRA term (not the base) is multiplied by the dropout mask of the
             logical ``[M, N]`` output (used for the input gradient through the LoRA dropout).
+        alternative: called first with the same arguments; its output, unless ``None``, is returned instead of
+            running the kernel. The triton backend passes its per-shape choice of the cuBLAS twin here
+            (``monkey_kernels.ops.multi_lora.triton_impl``), so the launch stays in this frame, the one the op
+            calls.
     Returns:
         ``[M, N]`` of ``out_dtype``.
-
-    Runs the fused Triton kernel or :func:`fused_lora_gemm_cublas` (same contract), chosen per shape by
-    :mod:`monkey_kernels._triton.gemm_choice` (``MONKEY_KERNELS_GEMM=auto|triton|cublas``; ``auto`` times both once
-    per shape on CUDA and is the Triton kernel elsewhere); ``path="triton"`` / ``"cublas"`` forces one (what
-    the chooser times). The Triton launch is in this function itself: no wrapper frame between the op and
-    the kernel.
     """
+    if alternative is not None:
+        out = alternative(x, weight, bias, h, expand, scale, residual, segments, ranks, out_features=out_features,
+                          out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
+        if out is not None:
+            return out
     M, N = segments.num_rows, int(out_features)
-    if path is None and M > 0 and N > 0:
-        args = (x, weight, bias, h, expand, scale, residual, segments, ranks)
-        options = dict(out_features=out_features, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
-        path = gemm_choice.choose_gemm_path(
-            segments.device, out_dtype, M, N,
-            k=x.shape[1] if x is not None else 0,
-            r_block=h.shape[1] if h is not None else 0,
-            has_lora=h is not None,
-            candidates=lambda: {"triton": lambda: fused_lora_gemm(*args, **options, path="triton"),
-                                "cublas": lambda: fused_lora_gemm_cublas(*args, **options)},
-        )
-    if path == "cublas":
-        return fused_lora_gemm_cublas(x, weight, bias, h, expand, scale, residual, segments, ranks,
-                                      out_features=out_features, out_dtype=out_dtype, dropout_p=dropout_p, seed=seed)
-    if path not in (None, "triton"):
-        raise ValueError(f"path must be None, 'triton' or 'cublas', got {path!r}")
     out = alloc.empty((M, N), device=segments.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return out
@@ -491,87 +477,6 @@ def fused_lora_gemm(
         BASE_PRECISION=_dot_precision(out_dtype), LORA_PRECISION=_dot_precision(out_dtype),
         UPCAST=has_base and _interpreter_upcast(x.dtype),
     )
-    return out
-
-
-def fused_lora_gemm_cublas(
-    x: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    h: Optional[torch.Tensor],
-    expand: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    segments: SegmentInfo,
-    ranks: torch.Tensor,
-    *,
-    out_features: int,
-    out_dtype: torch.dtype,
-    dropout_p: float = 0.0,
-    seed: int = 0,
-) -> torch.Tensor:
-    """:func:`fused_lora_gemm` (same arguments, same result up to rounding) by PyTorch GEMMs: cuBLAS on a GPU,
-    any device's matmul elsewhere.
-
-    - Base: ``torch.addmm(bias [+ residual], x, weight^T)`` into the output (one GEMM, fp32 accumulation,
-      bias and residual added in its epilogue, rounded once).
-    - LoRA: the concatenated-K form ``Hs [M, A*R] @ Bcat [N, A*R]^T`` with ``Hs`` holding ``s[a] * h[:, :rank]``
-      of each row in its adapter's column block (zero in every other block and on base-only rows) and
-      ``Bcat = [E_0 | ... | E_{A-1}]`` (columns past each rank zero): one GEMM of inner size ``A * R``
-      for all adapters, no host synchronisation. Added in place into the output (bf16: a bf16 GEMM, ``Hs``
-      rounded to bf16; fp32 and fp16: an fp32 GEMM, fp16's range kept); with ``dropout_p`` the fp32
-      term is masked by :func:`dropout_keep_mask` of the same seed (the fused kernel's mask).
-
-    One difference from the fused kernel: a NaN / inf inside an adapter's rank columns of ``expand``
-    reaches the rows of every segment (0 * inf in the zero blocks of ``Hs``), not only that adapter's rows.
-    """
-    M = segments.num_rows
-    N = int(out_features)
-    device = segments.device
-    out = alloc.empty((M, N), device=device, dtype=out_dtype)
-    if M == 0 or N == 0:
-        return out
-    has_base = x is not None and x.shape[1] > 0
-    has_lora = h is not None and expand.shape[0] > 0 and expand.shape[2] > 0
-
-    addend = None  # what the GEMM epilogue adds: bias [N] and / or residual [M, N], in the output dtype
-    if residual is not None:
-        addend = residual.to(out_dtype) if bias is None else residual.to(out_dtype) + bias.to(out_dtype)
-    elif bias is not None:
-        addend = bias.to(out_dtype)
-    if has_base:
-        product = (x.to(out_dtype), weight.to(out_dtype).t())
-        if addend is None:
-            torch.mm(*product, out=out)
-        else:
-            torch.addmm(addend, *product, out=out)
-    elif addend is None:
-        out.zero_()
-    else:
-        out.copy_(addend.expand(M, N))
-
-    if has_lora:
-        num_adapters, _, R = expand.shape
-        row_adapter = segments.row_adapter
-        active = row_adapter >= 0
-        adapter_of_row = row_adapter.clamp(min=0)
-        in_rank = torch.arange(R, device=device)[None, :] < ranks.to(device=device, dtype=torch.int64)[:, None]
-        hs = h[:, :R].to(torch.float32)
-        if scale is not None:
-            hs = hs * scale.to(torch.float32)[adapter_of_row][:, None]
-        # selected, never multiplied by 0: H past the rank (and an inf scale) must not turn into NaN
-        hs = torch.where(in_rank[adapter_of_row] & active[:, None], hs, 0.0)
-        owner = active[:, None] & (adapter_of_row[:, None] == torch.arange(num_adapters, device=device)[None, :])
-        h_cat = torch.where(owner[:, :, None], hs[:, None, :], 0.0).reshape(M, num_adapters * R)
-        b_cat = torch.where(in_rank[:, None, :], expand, 0.0).permute(1, 0, 2).reshape(N, num_adapters * R)
-        if dropout_p > 0.0:
-            term = h_cat @ b_cat.to(torch.float32).t()
-            keep = dropout_keep_mask(seed, M, N, dropout_p, device)
-            out += torch.where(keep, term / (1.0 - dropout_p), 0.0)
-        elif out_dtype in (torch.bfloat16, torch.float32):
-            out.addmm_(h_cat.to(out_dtype), b_cat.to(out_dtype).t())
-        else:
-            out += h_cat @ b_cat.to(torch.float32).t()
     return out
 
 

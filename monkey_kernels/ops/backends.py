@@ -1,19 +1,22 @@
-"""The one backend table of every op, and the rule that picks a backend.
+"""The rule that picks a backend, and the loading of each op's implementation on first use.
 
 Each op (``multi_lora``, ``slp``) has one implementation per backend, in its own folder:
-``monkey_kernels/ops/<op>/{triton_impl, native_impl, torch_impl}.py``. The op's custom op (and its eager twin)
-is written once against that implementation object and fetches it with :func:`implementation`.
+``monkey_kernels/ops/<op>/{triton_impl, native_impl, torch_impl}.py``, each registering a class that
+implements the op's protocol (:mod:`monkey_kernels.ops.registry`: :data:`BACKENDS`, ``MultiLoRABackend``,
+``SLPBackend``). The op's custom op (and its eager twin) is written once against that protocol and fetches the
+implementation with :func:`implementation`.
 
-- ``triton``: the Triton kernels of ``triton_kernels/``. CUDA tensors run them compiled; with
-  ``TRITON_INTERPRET=1`` (set before import) the same kernels run on CPU tensors through Triton's interpreter.
+- ``triton``: the Triton kernels of ``triton_kernels/`` (installed as ``monkey_kernels._triton``). CUDA tensors
+  run them compiled; with ``TRITON_INTERPRET=1`` (set before import) the same kernels run on CPU tensors
+  through Triton's interpreter.
 - ``native``: the C++ extension (``csrc/``, loaded lazily by :mod:`monkey_kernels._native`) for CPU tensors
   (plus the SLP forward on CUDA in CUDA builds).
 - ``torch``: vectorized PyTorch on any device (no Python loop over tokens or segments).
 
-Choice: the ``backend=`` argument, else the ``MONKEY_KERNELS_BACKEND`` environment variable, else ``triton``
-for CUDA tensors or under ``TRITON_INTERPRET=1``; CPU tensors otherwise get ``native`` when the extension
-loads and ``torch`` when it does not. The first automatic choice for each device type is logged once (logger
-``monkey_kernels``), with the reason.
+Choice: the ``backend=`` argument, else the ``MONKEY_KERNELS_BACKEND`` environment variable (read at every call,
+:mod:`monkey_kernels.settings`), else ``triton`` for CUDA tensors or under ``TRITON_INTERPRET=1``; CPU tensors
+otherwise get ``native`` when the extension loads and ``torch`` when it does not. The first automatic choice for
+each device type is logged once (logger ``monkey_kernels``), with the reason.
 
 Under ``torch.compile`` the choice (and the loading of an implementation) runs once at trace time as a
 constant of the graph (``torch.compiler.assume_constant_result``): the extension loader's lock and
@@ -24,25 +27,21 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import threading
 from typing import Optional, Sequence
 
 import torch
 
+from monkey_kernels import settings
 from monkey_kernels._triton.env import interpreter_active
 
 from .. import _native  # the loader only: the extension itself loads on first use
+from .registry import BACKENDS, registered
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "resolve_backend", "implementation", "interpreter_active"]
 
-BACKENDS = ("triton", "native", "torch")
-ENV_BACKEND = "MONKEY_KERNELS_BACKEND"
+ENV_BACKEND = settings.BACKEND.name
 
-#: ``(op, backend) -> module`` holding that backend's implementation as ``IMPLEMENTATION``.
-_IMPLEMENTATION_MODULES = {
-    (op, backend): f"monkey_kernels.ops.{op}.{backend}_impl" for op in ("multi_lora", "slp") for backend in BACKENDS
-}
 #: Device types each op's native implementation serves.
 _NATIVE_DEVICE_TYPES = {"multi_lora": ("cpu",), "slp": ("cpu", "cuda")}
 _loaded: dict = {}
@@ -88,9 +87,9 @@ def _auto_backend(device_type: str) -> str:
 def _resolve(op: str, backend: Optional[str], device_type: str, native_device_types: tuple) -> str:
     """The checked choice, with its implementation loaded (see the module docstring for why it is a
     constant under ``torch.compile``)."""
-    chosen = backend if backend is not None else (os.environ.get(ENV_BACKEND) or None)
+    chosen = backend if backend is not None else settings.BACKEND.get()
     source = "backend" if backend is not None else ENV_BACKEND
-    if chosen is None or chosen == "auto":
+    if chosen == "auto":
         chosen = _auto_backend(device_type)
     elif chosen not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {chosen!r}")
@@ -106,8 +105,20 @@ def _resolve(op: str, backend: Optional[str], device_type: str, native_device_ty
         if not _native.available():
             raise ValueError(f"{source}='native' is unavailable: {_native.status()}")
     if op is not None and (op, chosen) not in _loaded:
-        _loaded[(op, chosen)] = importlib.import_module(_IMPLEMENTATION_MODULES[(op, chosen)]).IMPLEMENTATION
+        _loaded[(op, chosen)] = _load_implementation(op, chosen)
     return chosen
+
+
+def _load_implementation(op: str, backend: str):
+    """Imports ``monkey_kernels.ops.<op>.<backend>_impl``, which registers its implementation (checked against
+    the op's protocol there), and returns that implementation."""
+    module = f"monkey_kernels.ops.{op}.{backend}_impl"
+    importlib.import_module(module)
+    found = registered(op, backend)
+    if found is None:
+        raise RuntimeError(f"{module} registered no implementation (it must call "
+                           f"monkey_kernels.ops.registry.register_backend({op!r}, {backend!r}, ...))")
+    return found
 
 
 def resolve_backend(backend: Optional[str], device, op: Optional[str] = None,

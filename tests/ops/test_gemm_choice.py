@@ -1,5 +1,6 @@
-"""The cuBLAS-based twin of the fused GEMM (``fused_lora_gemm_cublas``) and the per-shape chooser between the two
-(``monkey_kernels._triton.gemm_choice``).
+"""The cuBLAS-based twin of the fused GEMM (``monkey_kernels.ops.multi_lora.cublas_gemm``), the per-shape chooser
+between the two (``monkey_kernels.ops.multi_lora.gemm_choice``) and the triton backend's ``fused_gemm`` that runs
+the one chosen (the launcher with ``monkey_kernels.ops.multi_lora.triton_impl.cublas_if_chosen`` as its hook).
 
 Both variants are checked against a float64 evaluation of the contract
 ``OUT = x @ W^T + bias + drop(s[a] * h[:, :rank] @ E[a][:, :rank]^T) + residual`` (per row, base-only rows get no
@@ -18,8 +19,9 @@ import torch
 
 from conftest import kernel_device
 import monkey_kernels._triton.multi_lora as kernels
-from monkey_kernels._triton import gemm_choice
-from monkey_kernels._triton.gemm_choice import GemmChooser, GemmKey
+from monkey_kernels.ops.multi_lora import gemm_choice, triton_impl
+from monkey_kernels.ops.multi_lora.cublas_gemm import fused_lora_gemm_cublas
+from monkey_kernels.ops.multi_lora.gemm_choice import GemmChooser, GemmKey
 from monkey_kernels.ops.segments import SegmentInfo
 
 DEVICE = kernel_device("triton")
@@ -146,8 +148,7 @@ def test_cublas_variant_matches_fp64_and_the_fused_kernel(case_name):
     tensors, segments = make_case(case)
     expected = reference(tensors, segments, case, seed)
     bound = error_bound(case, expected)
-    triton_path = functools.partial(kernels.fused_lora_gemm, path="triton")
-    for name, variant in (("cublas", kernels.fused_lora_gemm_cublas), ("triton", triton_path)):
+    for name, variant in (("cublas", fused_lora_gemm_cublas), ("triton", kernels.fused_lora_gemm)):
         out = run_variant(variant, tensors, segments, case, seed)
         assert out.shape == (segments.num_rows, OUT_FEATURES) and out.dtype == case.dtype, name
         assert torch.isfinite(out).all(), f"{name}: unwritten (NaN-poisoned) or junk-polluted entries"
@@ -159,15 +160,15 @@ def test_cublas_variant_empty_output():
     segments = SegmentInfo.from_indptr([0], [], device=DEVICE)
     ranks = torch.zeros(0, dtype=torch.int32, device=DEVICE)
     x, weight = torch.randn(0, 5, device=DEVICE), torch.randn(3, 5, device=DEVICE)
-    out = kernels.fused_lora_gemm_cublas(x, weight, None, None, None, None, None, segments, ranks,
-                                         out_features=3, out_dtype=torch.float32)
+    out = fused_lora_gemm_cublas(x, weight, None, None, None, None, None, segments, ranks,
+                                 out_features=3, out_dtype=torch.float32)
     assert out.shape == (0, 3)
 
 
 @pytest.fixture
 def spied_variants(monkeypatch):
     """Replaces both variants (the cuBLAS function, the Triton kernel's launch) by recorders of which one
-    ``fused_lora_gemm`` dispatched to."""
+    the triton backend's ``fused_gemm`` dispatched to."""
     calls = []
 
     def cublas(*args, **kwargs):
@@ -179,15 +180,15 @@ def spied_variants(monkeypatch):
             return lambda *args, **kwargs: calls.append("triton")
 
     monkeypatch.setattr(kernels, "_fused_lora_gemm_kernel", TritonLaunch())
-    monkeypatch.setattr(kernels, "fused_lora_gemm_cublas", cublas)
+    monkeypatch.setattr(triton_impl, "fused_lora_gemm_cublas", cublas)
     return calls
 
 
 def _dispatch_once():
     segments = SegmentInfo.from_indptr([0, 4], [0], device=DEVICE)
-    kernels.fused_lora_gemm(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None,
-                            None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
-                            out_features=5, out_dtype=torch.float32)
+    triton_impl.TritonMultiLoRA.fused_gemm(
+        torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None, None, None, segments,
+        torch.tensor([2], dtype=torch.int32, device=DEVICE), out_features=5, out_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["triton", "cublas", " CUBLAS "])
@@ -197,12 +198,22 @@ def test_env_forces_the_path(monkeypatch, spied_variants, mode):
     assert spied_variants == [mode.strip().lower()]
 
 
-def test_fused_lora_gemm_rejects_an_unknown_path():
+def test_fused_gemm_rejects_an_unknown_path():
     segments = SegmentInfo.from_indptr([0, 4], [0], device=DEVICE)
     with pytest.raises(ValueError, match="path must be None, 'triton' or 'cublas'"):
-        kernels.fused_lora_gemm(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None,
-                                None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
-                                out_features=5, out_dtype=torch.float32, path="cutlass")
+        triton_impl.cublas_if_chosen(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None,
+                                     None, None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
+                                     out_features=5, out_dtype=torch.float32, path="cutlass")
+
+
+@pytest.mark.parametrize("path", ["triton", "cublas"])
+def test_fused_gemm_runs_a_forced_path(spied_variants, path):
+    segments = SegmentInfo.from_indptr([0, 4], [0], device=DEVICE)
+    kernels.fused_lora_gemm(torch.randn(4, 6, device=DEVICE), torch.randn(5, 6, device=DEVICE), None, None, None,
+                            None, None, segments, torch.tensor([2], dtype=torch.int32, device=DEVICE),
+                            out_features=5, out_dtype=torch.float32,
+                            alternative=functools.partial(triton_impl.cublas_if_chosen, path=path))
+    assert spied_variants == [path]
 
 
 def test_env_rejects_an_unknown_path(monkeypatch):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import require_native
-from monkey_kernels import SegmentInfo, _native, multi_lora_linear, multi_lora_linear_ref
-from monkey_kernels.ops import backends
+from monkey_kernels import SegmentInfo, _native, multi_lora_linear, multi_lora_linear_ref, settings
+from monkey_kernels.ops import alloc, backends
 from monkey_kernels.ops.backends import resolve_backend
 from monkey_kernels.ops.multi_lora.native_impl import NativeMultiLoRA, native_keep_mask
 from monkey_kernels.ops.multi_lora.torch_impl import TorchMultiLoRA
@@ -40,8 +40,8 @@ LOWRANK_ISAS = ("avx512", "avx2", "portable")
 def lowrank_isa(request, monkeypatch):
     """Runs a test on each vector path of the fp32 low-rank GEMMs (csrc/lowrank_gemm.h) this CPU has; a path the
     CPU cannot run is skipped, with the path it would have fallen back to named."""
-    monkeypatch.setenv("MONKEY_KERNELS_LOWRANK_ISA", request.param)
-    running = _native.load().lowrank_isa()
+    monkeypatch.setenv(settings.LOWRANK_ISA.name, request.param)
+    running = _native.extension().lowrank_isa()
     if running != request.param:
         pytest.skip(f"this CPU has no {request.param} (the low-rank GEMMs run {running})")
     return request.param
@@ -50,7 +50,7 @@ def lowrank_isa(request, monkeypatch):
 @pytest.fixture(params=["blas", "tiled"])
 def cpu_gemm(request, monkeypatch):
     """Runs a test with the base GEMM by BLAS and by the register-tiled kernel (``MONKEY_KERNELS_CPU_GEMM``)."""
-    monkeypatch.setenv("MONKEY_KERNELS_CPU_GEMM", request.param)
+    monkeypatch.setenv(settings.CPU_GEMM.name, request.param)
     return request.param
 
 
@@ -82,9 +82,16 @@ def test_extension_module_reports_its_build(monkeypatch):
     assert module.built_with_openmp(), "at::parallel_for would run single-threaded"
     assert module.built_with_cuda() in (True, False)
     assert module.num_threads() == torch.get_num_threads()
-    assert module.poison_outputs(), "conftest poisons every test's outputs, the native ops' included"
-    monkeypatch.setenv("MONKEY_KERNELS_POISON", "0")
-    assert not module.poison_outputs()
+    assert _native.extension().poison_outputs(), "conftest poisons every test's outputs, the native ops' too"
+    # One switch for the Triton launchers and the C++ ops: alloc's override, else the environment variable, both
+    # passed to the extension before its next call (the C++ reads no environment).
+    alloc.set_poison(False)  # the conftest fixture restores its override after the test
+    assert not _native.extension().poison_outputs()
+    alloc.set_poison(None)
+    monkeypatch.setenv(settings.POISON.name, "1")
+    assert _native.extension().poison_outputs()
+    monkeypatch.setenv(settings.POISON.name, "0")
+    assert not _native.extension().poison_outputs()
     for op in ("multi_lora_shrink", "multi_lora_fused_gemm", "multi_lora_outer"):
         assert hasattr(_native.ops(), op)
 
@@ -133,8 +140,8 @@ def test_failed_build_falls_back_to_torch_and_logs_the_reason_once(tmp_path):
 
 
 def test_auto_picks_native_for_cpu_and_logs_one_line(monkeypatch, caplog):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("MONKEY_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "0")
+    monkeypatch.delenv(settings.BACKEND.name, raising=False)
     monkeypatch.setattr(backends, "_logged_device_types", set())
     cpu = torch.device("cpu")
     with caplog.at_level(logging.INFO, logger="monkey_kernels"):
@@ -144,7 +151,7 @@ def test_auto_picks_native_for_cpu_and_logs_one_line(monkeypatch, caplog):
     assert len(records) == 1 and records[0].levelno == logging.INFO
     assert records[0].getMessage().startswith("monkey-kernels: CPU tensors use the native C++ backend (")
     # Under the interpreter auto keeps picking triton (the test suite relies on it); native stays explicit.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "1")
     assert resolve_backend(None, cpu) == "triton"
     assert resolve_backend("native", cpu) == "native"
     with pytest.raises(ValueError, match="native.*cpu"):
@@ -155,8 +162,8 @@ def test_monkeypatched_failed_load_falls_back_in_process(monkeypatch, caplog):
     monkeypatch.setattr(_native, "_module", None)
     monkeypatch.setattr(_native, "_status", "unavailable: simulated compiler failure")
     monkeypatch.setattr(backends, "_logged_device_types", set())
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("MONKEY_KERNELS_BACKEND", raising=False)
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "0")
+    monkeypatch.delenv(settings.BACKEND.name, raising=False)
     with caplog.at_level(logging.INFO, logger="monkey_kernels"):
         assert resolve_backend(None, torch.device("cpu")) == "torch"
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
@@ -256,20 +263,22 @@ def test_outer_is_bitwise_deterministic_across_runs_and_thread_counts():
 def test_base_gemm_choice_is_measured_once_per_shape_and_can_be_pinned(monkeypatch):
     """``auto`` measures BLAS against the tiled kernel once per (K, N, dtype) and keeps the answer; shapes the tiled
     kernel would need cache blocking for stay on BLAS; ``blas`` / ``tiled`` pin it; anything else is refused."""
-    module = _native.load()
-    monkeypatch.delenv("MONKEY_KERNELS_CPU_GEMM", raising=False)
-    first = module.tiled_base_gemm(96, 80, False)
-    assert all(module.tiled_base_gemm(96, 80, False) == first for _ in range(3))
-    assert module.tiled_base_gemm(1024, 64, False) is False  # K past the tiled kernel's depth limit
-    monkeypatch.setenv("MONKEY_KERNELS_CPU_GEMM", "blas")
-    assert module.tiled_base_gemm(96, 80, False) is False
-    monkeypatch.setenv("MONKEY_KERNELS_CPU_GEMM", "tiled")
-    assert module.tiled_base_gemm(4096, 4096, True) is True
-    monkeypatch.setenv("MONKEY_KERNELS_CPU_GEMM", "cublas")
-    with pytest.raises(RuntimeError, match="MONKEY_KERNELS_CPU_GEMM must be auto, blas or tiled"):
-        module.tiled_base_gemm(96, 80, False)
+    name = settings.CPU_GEMM.name
+    monkeypatch.delenv(name, raising=False)
+    first = _native.extension().tiled_base_gemm(96, 80, False)
+    assert all(_native.extension().tiled_base_gemm(96, 80, False) == first for _ in range(3))
+    assert _native.extension().tiled_base_gemm(1024, 64, False) is False  # K past the tiled kernel's depth limit
+    monkeypatch.setenv(name, "blas")
+    assert _native.extension().tiled_base_gemm(96, 80, False) is False
+    monkeypatch.setenv(name, "tiled")
+    assert _native.extension().tiled_base_gemm(4096, 4096, True) is True
+    monkeypatch.setenv(name, "cublas")
+    with pytest.raises(ValueError, match="MONKEY_KERNELS_CPU_GEMM must be auto, blas or tiled, got 'cublas'"):
+        _native.extension().tiled_base_gemm(96, 80, False)
+    with pytest.raises(RuntimeError, match="cpu_gemm must be auto, blas or tiled"):  # the C++ checks a direct call
+        _native.load().configure(True, "cublas", "avx512")
     t, segments = _problem()
-    with pytest.raises(RuntimeError, match="MONKEY_KERNELS_CPU_GEMM"):
+    with pytest.raises(ValueError, match="MONKEY_KERNELS_CPU_GEMM"):
         multi_lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], t["scale"], segments,
                           ranks=t["ranks"], backend="native")
 
@@ -475,15 +484,16 @@ def test_inference_skips_h_and_training_keeps_it():
     assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
 
 
-def test_loading_the_extension_tunes_glibc_malloc_so_freed_activations_are_reused():
-    """A batched pass frees and reallocates MB-sized activations every layer: with the raised thresholds they
-    come back from the heap instead of fresh mmaps, so the steps fault (almost) no new pages; untuned, glibc
-    maps and unmaps them (tens of thousands of faults over the same steps)."""
+def test_malloc_tuning_is_opt_in_and_lets_freed_activations_be_reused():
+    """A batched pass frees and reallocates MB-sized activations every layer: with the raised thresholds
+    (``MONKEY_KERNELS_MALLOC_TUNING=1``, applied when the extension loads) they come back from the heap instead
+    of fresh mmaps, so the steps fault (almost) no new pages; by default (untuned) glibc maps and unmaps them
+    (tens of thousands of faults over the same steps). A process that set glibc's own variables is left alone."""
     code = """
 import resource, torch
 from monkey_kernels import _native
 assert _native.load() is not None
-tuned = _native.tune_cpu_allocator()
+tuned = _native.allocator_tuned()
 def step(i):
     kept = [torch.ones((1 << 18) + (i % 5) * (1 << 16)) for _ in range(4)]   # 1-2 MiB activations
     return sum(t.sum() for t in kept)
@@ -494,11 +504,12 @@ for i in range(40):
     step(i)
 print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
-    tuned, faults = _run_python(code).stdout.split()
+    opt_in = {settings.MALLOC_TUNING.name: "1"}
+    tuned, faults = _run_python(code, **opt_in).stdout.split()
     if os.confstr("CS_GNU_LIBC_VERSION") is None:
         assert tuned == "False"
         return
-    untuned, untuned_faults = _run_python(code, MONKEY_KERNELS_MALLOC_TUNING="0").stdout.split()
+    untuned, untuned_faults = _run_python(code, **{settings.MALLOC_TUNING.name: ""}).stdout.split()
     assert (tuned, untuned) == ("True", "False")
     assert int(faults) * 10 < int(untuned_faults), (faults, untuned_faults)
-    assert _run_python(code, MALLOC_TRIM_THRESHOLD_=str(1 << 30)).stdout.split()[0] == "False"
+    assert _run_python(code, MALLOC_TRIM_THRESHOLD_=str(1 << 30), **opt_in).stdout.split()[0] == "False"

@@ -127,7 +127,7 @@ def test_patched_peft_model_compiles_without_graph_breaks():
     """A PEFT model patched in place, with one adapter (or none) per batch row: one graph, same output."""
     pytest.importorskip("peft")
     from monkey_kernels.peft_patch import set_adapter_rows
-    from test_peft import ADAPTERS, make_peft, pixels
+    from helpers.peft_towers import ADAPTERS, make_peft, pixels
 
     model = make_peft("siglip")
     patch_model(model, backend="torch")

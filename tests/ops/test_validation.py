@@ -1,13 +1,11 @@
 """Backend choice (``resolve_backend``, the environment variable) and the module constructor's checks: bad input
 gives a ValueError naming the argument. The op's argument tables are in ``test_multi_lora_inputs.py``."""
-import os
-
 import pytest
 import torch
 
-from conftest import ALLOW_NO_NATIVE, available_backends
+from conftest import available_backends
 
-from monkey_kernels import MultiLoRALinear, resolve_backend
+from monkey_kernels import MultiLoRALinear, resolve_backend, settings
 from monkey_kernels.ops.backends import ENV_BACKEND
 
 
@@ -21,11 +19,11 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match=ENV_BACKEND):
         resolve_backend(None, cpu)
     monkeypatch.delenv(ENV_BACKEND)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "0")
     # CPU tensors: the native extension (CI builds it), else the pure-PyTorch path
     from monkey_kernels import _native
 
-    native_ok = _native.available() or os.environ.get(ALLOW_NO_NATIVE, "0") in ("", "0")
+    native_ok = _native.available() or not settings.ALLOW_NO_NATIVE.get()
     assert resolve_backend(None, cpu) == ("native" if native_ok else "torch"), _native.status()
     monkeypatch.setenv(ENV_BACKEND, "native")
     if _native.available():
@@ -36,7 +34,7 @@ def test_backend_choice(monkeypatch):
     monkeypatch.delenv(ENV_BACKEND)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", cpu)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "1")
     assert resolve_backend(None, cpu) == "triton"
 
 

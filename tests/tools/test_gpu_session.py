@@ -20,6 +20,8 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import gpu_plan  # noqa: E402
 import gpu_session  # noqa: E402
 
+from monkey_kernels import settings  # noqa: E402
+
 SCRIPT = REPO_ROOT / "benchmarks" / "gpu_session.sh"
 
 
@@ -113,9 +115,10 @@ def test_step_commands_name_existing_scripts_and_the_required_options(tmp_path):
                 assert Path(part).is_file(), part
     assert any(p.endswith("test_cuda_graphs.py") for p in correctness)
     env = gpu_session.step_env(steps["encoder"], tmp_path / "cache", tmp_path)
-    assert env["MONKEY_KERNELS_NO_JIT"] == "1" and env["TRITON_CACHE_DIR"].startswith(str(tmp_path / "cache"))
+    assert env[settings.NO_JIT.name] == "1"
+    assert env[settings.TRITON_CACHE_DIR.name].startswith(str(tmp_path / "cache"))
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)
-    assert "MONKEY_KERNELS_NO_JIT" not in gpu_session.step_env(steps["build_native"], tmp_path, tmp_path)
+    assert settings.NO_JIT.name not in gpu_session.step_env(steps["build_native"], tmp_path, tmp_path)
 
 
 def test_a_step_past_its_timeout_is_killed(tmp_path):

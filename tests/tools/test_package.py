@@ -1,25 +1,29 @@
 """Package-level contracts: a light import, the torch backend without Triton, torch.compile with the default
-backend in a fresh process (as users run it), an atomic ``patch_model``, and a short path from a patched block
-to the kernel."""
+backend in a fresh process (as users run it), an atomic ``patch_model``, a short path from a patched block
+to the kernel, and an install that takes no top-level name but ``monkey_kernels`` (so OpenAI's ``triton_kernels``,
+which vLLM and sglang import, lives beside it)."""
 from __future__ import annotations
 
 import copy
 import inspect
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
 
 from helpers.monkey_models import make_model, views
+from monkey_kernels import settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    environment = {k: v for k, v in os.environ.items() if k != settings.TRITON_INTERPRET.name}
     environment.update(env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=600)
@@ -129,6 +133,14 @@ def test_patch_model_is_atomic():
     assert is_patched(model)
 
 
+def _is_fused_block_forward(frame) -> bool:
+    """The ``forward`` of a fused Monkey block (a project module whose class name says Block), wherever the
+    model layer keeps it."""
+    owner = frame.frame.f_locals.get("self")
+    return (frame.function == "forward" and isinstance(owner, torch.nn.Module)
+            and "block" in type(owner).__name__.lower())
+
+
 def test_a_patched_block_reaches_the_kernel_in_at_most_six_project_frames(monkeypatch):
     from monkey_kernels import patch_model
     from monkey_kernels.ops.multi_lora.torch_impl import TorchMultiLoRA
@@ -138,8 +150,7 @@ def test_a_patched_block_reaches_the_kernel_in_at_most_six_project_frames(monkey
 
     def spy(*args, **kwargs):
         frames = [f for f in inspect.stack()[1:] if f.filename.startswith(os.path.join(ROOT, "monkey_kernels"))]
-        block = next(i for i, f in enumerate(frames) if f.function == "forward" and "fused_monkey" in f.filename
-                     and "block" in repr(f.frame.f_locals.get("self", "")).lower()[:80])
+        block = next(i for i, f in enumerate(frames) if _is_fused_block_forward(f))
         depths.append(block + 2)  # the frames from the block's forward down to here, plus the launcher itself
         return original(*args, **kwargs)
 
@@ -157,7 +168,7 @@ def test_a_patched_block_reaches_the_triton_launch_in_at_most_six_project_frames
     """The same on the Triton backend (the interpreter), counted down to the frame that launches the kernel
     (``kernel[grid](...)``), launcher frames in ``triton_kernels/`` included."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(settings.TRITON_INTERPRET.name, "1")
     import monkey_kernels._triton.multi_lora as kernels
     from monkey_kernels import patch_model
 
@@ -170,8 +181,7 @@ def test_a_patched_block_reaches_the_triton_launch_in_at_most_six_project_frames
 
         def __getitem__(self, grid):
             frames = [f for f in inspect.stack()[1:] if f.filename.startswith(project)]
-            block = next(i for i, f in enumerate(frames) if f.function == "forward" and "fused_monkey" in f.filename
-                         and "block" in repr(f.frame.f_locals.get("self", "")).lower()[:80])
+            block = next(i for i, f in enumerate(frames) if _is_fused_block_forward(f))
             depths.append(block + 1)  # the launching frame down to the block's forward, both included
             return self.kernel[grid]
 
@@ -181,3 +191,72 @@ def test_a_patched_block_reaches_the_triton_launch_in_at_most_six_project_frames
     with torch.no_grad():
         model(views(1, 2, model.config, "cpu"))
     assert depths and max(depths) <= 6, depths
+
+
+@pytest.mark.parametrize("first", ["theirs", "ours"])
+def test_a_foreign_triton_kernels_package_and_ours_import_side_by_side(tmp_path, first):
+    """An OpenAI-style ``triton_kernels`` (with ``matmul_ogs``) on the path, in a process started outside the
+    repository (whose ``triton_kernels/`` folder is not a package on the path): ``triton_kernels`` is theirs, and
+    our kernels (``monkey_kernels._triton``) import and run an op under the interpreter, in either import order."""
+    fake = tmp_path / "site" / "triton_kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("ORIGIN = 'openai'\n")
+    (fake / "matmul_ogs.py").write_text("def matmul_ogs(*args):\n    return 'matmul_ogs'\n")
+    code = f"""
+        import sys
+        import torch
+
+        def theirs():
+            from triton_kernels.matmul_ogs import matmul_ogs
+            import triton_kernels
+            assert triton_kernels.ORIGIN == "openai" and matmul_ogs() == "matmul_ogs", triton_kernels.__file__
+
+        def ours():
+            import monkey_kernels._triton.multi_lora as kernels
+            from monkey_kernels import SegmentInfo, multi_lora_linear, multi_lora_linear_ref
+            torch.manual_seed(0)
+            x, w = torch.randn(2, 8, 16), torch.randn(12, 16)
+            a, b, s = torch.randn(2, 4, 16), torch.randn(2, 12, 4), torch.rand(2)
+            y = multi_lora_linear(x, w, None, a, b, s, [1, -1], backend="triton")
+            ref = multi_lora_linear_ref(*(t.double() for t in (x, w)), None, *(t.double() for t in (a, b, s)),
+                                        SegmentInfo.from_batch([1, -1], 8))
+            assert kernels.__name__ == "monkey_kernels._triton.multi_lora"
+            return float((y.double() - ref).abs().max())
+
+        order = [theirs, ours] if "{first}" == "theirs" else [ours, theirs]
+        error = [f() for f in order][order.index(ours)]
+        print(sys.modules["triton_kernels"].__file__, error)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"PYTHONPATH": str(tmp_path / "site"), settings.TRITON_INTERPRET.name: "1",
+                settings.BACKEND.name: ""})
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    origin, error = result.stdout.split()
+    assert origin == str(fake / "__init__.py")
+    assert float(error) < 1e-4
+
+
+def test_the_wheel_holds_no_top_level_package_but_monkey_kernels(tmp_path):
+    """The built wheel (extension build skipped: ``MONKEY_KERNELS_NO_BUILD=1``) has only ``monkey_kernels/`` and its
+    dist-info: the ``triton_kernels/`` folder installs as ``monkey_kernels._triton``. Built from a copy of the
+    checkout, so the build leaves nothing behind in it."""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "*.so", "__pycache__", "results", ".pytest_cache", ".hypothesis"))
+    env = dict(os.environ, **{settings.NO_BUILD.name: "1"})
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                             "-w", str(tmp_path / "wheel"), "."], cwd=source, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    import monkey_kernels
+
+    assert {name.split("/")[0] for name in names} == {"monkey_kernels",
+                                                      f"monkey_kernels-{monkey_kernels.__version__}.dist-info"}
+    for module in ("monkey_kernels/_triton/multi_lora.py", "monkey_kernels/_triton/slp.py",
+                   "monkey_kernels/settings.py", "monkey_kernels/ops/registry.py",
+                   "monkey_kernels/ops/multi_lora/cublas_gemm.py", "monkey_kernels/ops/multi_lora/gemm_choice.py"):
+        assert module in names, module

@@ -3,7 +3,10 @@
 - :mod:`.api`: :func:`multi_lora_linear` (validate -> resolve backend -> call) and :func:`dropout_keep_mask`;
 - :mod:`.checks`: the one checker of its arguments (:class:`MultiLoRAProblem`);
 - :mod:`.op`: the custom op pair with fakes and autograd, and its eager twin;
-- :mod:`.torch_impl`, :mod:`.native_impl`, :mod:`.triton_impl`: the backends (kernels in ``triton_kernels/``);
+- :mod:`.torch_impl`, :mod:`.native_impl`, :mod:`.triton_impl`: the backends, each registered against
+  :class:`~monkey_kernels.ops.registry.MultiLoRABackend` (Triton kernels and launchers in ``triton_kernels/``);
+- :mod:`.cublas_gemm`, :mod:`.gemm_choice`: the triton backend's cuBLAS twin of its fused GEMM and the per-shape
+  choice between the two;
 - :mod:`.reference`: :func:`multi_lora_linear_ref`, the per-segment loop.
 """
 from .api import dropout_keep_mask, multi_lora_linear

@@ -97,14 +97,38 @@ def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device, 
     return values.to(device=device, dtype=torch.int32).contiguous()
 
 
-
-
 def validate_multi_lora(
     input, weight, bias, lora_a, lora_b, scale, segments, *, ranks=None, lora_input=None, residual=None,
     dropout_p: float = 0.0, seed=None, ranks_checked: bool = False,
 ) -> MultiLoRAProblem:
     """Checks the arguments of :func:`~monkey_kernels.multi_lora_linear` (same names) and returns the
     :class:`MultiLoRAProblem`; builds the :class:`SegmentInfo` when ``segments`` are adapter ids."""
+    lead, K, N, num_adapters, r_max, k_lora = _check_shapes(input, weight, bias, lora_a, lora_b, scale, lora_input,
+                                                            residual)
+    _check_dtypes_and_devices(input, weight, bias, lora_a, lora_b, scale, lora_input, residual)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    seed = seed_tensor(seed, dropout_p)
+    M = math.prod(lead)
+    segments = _check_segments(segments, input, M, num_adapters)
+    if isinstance(ranks, torch.Tensor) and ranks.is_meta and not input.is_meta:
+        raise ValueError(f"ranks is on meta (no values), expected {input.device} (the device of input) or the CPU")
+    ranks_t = normalize_ranks(ranks, num_adapters, r_max, input.device, checked=ranks_checked)
+
+    # The kernels index bias and scale as dense vectors (no stride argument): an expanded (stride-0) or
+    # strided bias / scale gave wrong sums. Both are tiny, so a copy when needed costs nothing.
+    return MultiLoRAProblem(
+        u=input.reshape(M, K), v=lora_input.reshape(M, k_lora) if lora_input is not None else None,
+        weight=weight, bias=bias.contiguous() if bias is not None else None, lora_a=lora_a, lora_b=lora_b,
+        scale=scale.contiguous(), residual=residual.reshape(M, N) if residual is not None else None,
+        segments=segments, ranks=ranks_t, dropout_p=dropout_p, seed=seed, lead=lead, M=M, N=N, K=K,
+        K_lora=k_lora, num_adapters=num_adapters, r_max=r_max, r_block=rank_block(max(r_max, 1)),
+    )
+
+
+def _check_shapes(input, weight, bias, lora_a, lora_b, scale, lora_input, residual):
+    """Every operand a tensor of the right shape; ``(lead, K, N, num_adapters, r_max, K_lora)``."""
     check_tensor("input", input)
     check_tensor("weight", weight, 2)
     check_tensor("lora_a", lora_a, 3)
@@ -112,15 +136,14 @@ def validate_multi_lora(
     check_tensor("scale", scale, 1)
     if input.dim() < 1:
         raise ValueError("input must have at least 1 dimension")
-    dtype, device = input.dtype, input.device
-    if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"input must be float32, float16, bfloat16 or float64, got {dtype}")
-    K = input.shape[-1]
-    N = weight.shape[0]
+    if input.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"input must be float32, float16, bfloat16 or float64, got {input.dtype}")
+    K, N = input.shape[-1], weight.shape[0]
     if weight.shape[1] != K:
         raise ValueError(f"weight must be [N, K={K}] (K = input.shape[-1]), got {tuple(weight.shape)}")
     num_adapters, r_max, k_lora = lora_a.shape
     lead = tuple(input.shape[:-1])
+    k_expected = K
     if lora_input is not None:
         check_tensor("lora_input", lora_input)
         if tuple(lora_input.shape[:-1]) != lead:
@@ -128,8 +151,6 @@ def validate_multi_lora(
                 f"lora_input must have the leading dims {lead} of input, got shape {tuple(lora_input.shape)}"
             )
         k_expected = lora_input.shape[-1]
-    else:
-        k_expected = K
     if k_lora != k_expected:
         raise ValueError(
             f"lora_a must be [num_adapters, r_max, {k_expected}] (the LoRA input width), got {tuple(lora_a.shape)}"
@@ -150,18 +171,23 @@ def validate_multi_lora(
         check_tensor("residual", residual)
         if tuple(residual.shape) != lead + (N,):
             raise ValueError(f"residual must have shape {lead + (N,)}, got {tuple(residual.shape)}")
+    return lead, K, N, num_adapters, r_max, k_lora
+
+
+def _check_dtypes_and_devices(input, weight, bias, lora_a, lora_b, scale, lora_input, residual) -> None:
+    """Every operand in the dtype of ``input`` (``scale``: any float dtype) and on its device."""
     named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
     named += [(n, t) for n, t in (("bias", bias), ("lora_input", lora_input), ("residual", residual)) if t is not None]
     for name, tensor in named:
-        check_dtype(name, tensor, dtype, "input")
+        check_dtype(name, tensor, input.dtype, "input")
     for name, tensor in named + [("scale", scale)]:
-        check_device(name, tensor, device, "input")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    dropout_p = float(dropout_p)
-    seed = seed_tensor(seed, dropout_p)
+        check_device(name, tensor, input.device, "input")
 
-    M = math.prod(lead)
+
+def _check_segments(segments, input, M: int, num_adapters: int) -> SegmentInfo:
+    """The :class:`SegmentInfo` of the call (built from adapter ids ``[batch]`` for a ``[batch, seq, K]`` input),
+    checked against the input's rows, device and the number of adapters."""
+    device = input.device
     if not isinstance(segments, SegmentInfo):
         # Unordered or scalar containers would be misread as ids (a dict iterates its keys).
         if isinstance(segments, (str, bytes, dict, set)) or not hasattr(segments, "__iter__"):
@@ -179,24 +205,12 @@ def validate_multi_lora(
     if segments.device != device:
         raise ValueError(f"segments are on {segments.device}, expected {device} (the device of input)")
     if segments.num_rows != M:
-        raise ValueError(f"segments cover {segments.num_rows} rows but input has {M} rows ({lead})")
+        raise ValueError(f"segments cover {segments.num_rows} rows but input has {M} rows ({tuple(input.shape[:-1])})")
     if segments.max_adapter_id is not None and segments.max_adapter_id >= num_adapters:
         raise ValueError(
             f"segments use adapter id {segments.max_adapter_id}, out of range for num_adapters={num_adapters}"
         )
-    if isinstance(ranks, torch.Tensor) and ranks.is_meta and not input.is_meta:
-        raise ValueError(f"ranks is on meta (no values), expected {device} (the device of input) or the CPU")
-    ranks_t = normalize_ranks(ranks, num_adapters, r_max, device, checked=ranks_checked)
-
-    # The kernels index bias and scale as dense vectors (no stride argument): an expanded (stride-0) or
-    # strided bias / scale gave wrong sums. Both are tiny, so a copy when needed costs nothing.
-    return MultiLoRAProblem(
-        u=input.reshape(M, K), v=lora_input.reshape(M, k_lora) if lora_input is not None else None,
-        weight=weight, bias=bias.contiguous() if bias is not None else None, lora_a=lora_a, lora_b=lora_b,
-        scale=scale.contiguous(), residual=residual.reshape(M, N) if residual is not None else None,
-        segments=segments, ranks=ranks_t, dropout_p=dropout_p, seed=seed, lead=lead, M=M, N=N, K=K,
-        K_lora=k_lora, num_adapters=num_adapters, r_max=r_max, r_block=rank_block(max(r_max, 1)),
-    )
+    return segments
 
 
 def check_backend_dtype(backend: str, dtype: torch.dtype) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from ... import _native
 from ..checks import accumulation_dtype
+from ..registry import register_backend
 
 __all__ = ["NativeMultiLoRA", "IMPLEMENTATION", "native_keep_mask"]
 
@@ -36,6 +37,10 @@ class NativeMultiLoRA:
     (CPU tensors; any strides; float32/64, float16, bfloat16 with fp32 accumulation)."""
 
     name = "native"
+    #: ``outer(..., ranks=)`` writes exact zeros past each adapter's rank and for adapters without rows
+    outer_zeroes_unowned = True
+    #: ``merged_linear``: each adapter's merged weight in one GEMM (see ``merge_worthwhile``)
+    supports_merged_weights = True
     dropout_keep_mask = staticmethod(native_keep_mask)
 
     @staticmethod
@@ -78,9 +83,6 @@ class NativeMultiLoRA:
         return _native.ops().multi_lora_merged_gemm(
             x, weight, bias, down, up, scale, residual, segments.seg_indptr, segments.adapter_ids, ranks, out_dtype,
             int(r_block), outer_y)
-
-    #: ``outer(..., ranks=)`` writes exact zeros past each adapter's rank and for adapters without rows
-    outer_zeroes_unowned = True
 
     @staticmethod
     def outer(x, y, segments, out, scale=None, dropout_p=0.0, seed=0, ranks=None):
@@ -125,7 +127,7 @@ def _register_fakes() -> None:
         return torch.empty((rows, cols), dtype=torch.bool, device="meta")
 
 
-IMPLEMENTATION = NativeMultiLoRA
+IMPLEMENTATION = register_backend("multi_lora", "native", NativeMultiLoRA)
 
 
 if _native.available():  # importing this module loads the extension (it is imported when native is chosen)

@@ -2,12 +2,12 @@
 autograd formula (``torch.ops.monkey_kernels.multi_lora_linear_fwd`` / ``_bwd``), and its eager twin.
 
 Both ops take flattened, validated rows (see :mod:`.checks`) and run the backend's implementation
-(:func:`monkey_kernels.ops.backends.implementation`): ``shrink``, ``fused_gemm``, ``outer`` and, on the native
-backend, ``merged_linear``.
+(:func:`monkey_kernels.ops.backends.implementation`, a :class:`~monkey_kernels.ops.registry.MultiLoRABackend`):
+``shrink``, ``fused_gemm``, ``outer`` and, on backends with ``supports_merged_weights``, ``merged_linear``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -17,6 +17,7 @@ from monkey_kernels.ops.segments import SegmentInfo
 from ..backends import implementation
 from ..checks import accumulation_dtype
 from ..custom import eager_function
+from ..registry import MultiLoRABackend
 
 __all__ = ["multi_lora_linear_fwd", "multi_lora_linear_bwd", "EagerMultiLoRALinear", "NO_LENGTH"]
 
@@ -61,7 +62,7 @@ def _linear_forward(
     for fp64 ``u``; ``[M, r_block]``), the one intermediate the backward keeps (``dB`` and ``ds`` read it);
     with ``need_h=False`` (no such gradient wanted) ``H`` is ``[M, 0]``.
 
-    A backend with ``merged_linear`` (the native CPU one) computes ``Y`` with each adapter's merged weight
+    A backend with ``supports_merged_weights`` (the native CPU one) computes ``Y`` with each adapter's merged weight
     ``W + s_a B_a A_a`` when there is no dropout and ``V = U`` (see ``native_impl.NativeMultiLoRA.merged_linear``),
     and ``H`` (only when it is needed) in the same pass over ``U``.
     """
@@ -92,11 +93,11 @@ multi_lora_linear_fwd = torch.library.custom_op("monkey_kernels::multi_lora_line
     _linear_forward)
 
 
-def _merged_path(prims, segments: SegmentInfo, v: Optional[torch.Tensor], dropout_p: float) -> bool:
+def _merged_path(prims: MultiLoRABackend, segments: SegmentInfo, v: Optional[torch.Tensor], dropout_p: float) -> bool:
     """Whether ``Y`` (and ``dU``) go through each adapter's merged weight ``W + s B A``: possible only when the
-    LoRA reads the GEMM input (``V = U``) undropped, and done by backends with ``merged_linear`` on layouts
-    where it pays off."""
-    return (v is None and dropout_p == 0.0 and hasattr(prims, "merged_linear")
+    LoRA reads the GEMM input (``V = U``) undropped, and done by backends with ``supports_merged_weights`` on
+    layouts where it pays off."""
+    return (v is None and dropout_p == 0.0 and prims.supports_merged_weights
             and prims.merge_worthwhile(segments))
 
 
@@ -138,82 +139,130 @@ def _linear_backward(
     with ``merged_linear`` computes :math:`dU_i = dY_i (W + s_a B_a A_a)` instead: the merged weight of the
     forward, transposed (``W^\top + s_a A_a^\top B_a^\top``), with ``G`` and ``dB`` from the same pass over ``dY``.
     """
-    need_u, need_v, need_a, need_b, need_scale = needs
-    segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
-    prims = implementation("multi_lora", backend)
-    seed = int(seed)
+    need = _Needs(*needs)
+    p = _BackwardPass(implementation("multi_lora", backend),
+                      _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length),
+                      ranks, scale, r_block, dropout_p, int(seed))
     dy = grad_out.contiguous()
-    num_adapters = lora_a.shape[0]
-    k_lora = lora_a.shape[2]
-    lora_in = u if v is None else v
-    # one placeholder each: outputs of a custom op may not alias one another
-    grad_u, grad_v, grad_a, grad_b, grad_scale = (dy.new_empty(0) for _ in range(5))
     if not _has_lora(lora_a):  # no adapter, or rank 0: the LoRA terms and their gradients are zero
-        if need_u:
-            grad_u = prims.fused_gemm(dy, weight.t(), None, None, None, None, None, segments, ranks,
-                                      out_features=weight.shape[1], out_dtype=u.dtype)
-        zeros = [torch.zeros_like(t) if want and t is not None else dy.new_empty(0)
-                 for want, t in ((need_v, v), (need_a, lora_a), (need_b, lora_b), (need_scale, scale))]
-        return [grad_u] + zeros
-
-    merged_du = need_u and _merged_path(prims, segments, v, dropout_p)
-    if (need_b or need_scale) and h.shape[1] == 0:
+        return _base_only_gradients(p, need, dy, u, v, weight, lora_a, lora_b)
+    if (need.b or need.scale) and h.shape[1] == 0:
         raise RuntimeError("multi_lora_linear_bwd: dB / dscale wanted but the forward ran with need_h=False")
-    need_g = need_a or need_v or need_scale or (need_u and not merged_du)
-    # G = dY B_a; dH = s_a G is never formed: the ops that read it take the scale (dA = s_a sum G^T V,
-    # dV = s_a G A_a), and skip base-only rows, so an inf scale meets no 0 of a row without an adapter.
-    g = None
-    if merged_du:
-        # dU, and G and dB that read the same dY, in one pass over dY (segment by segment, while it is in cache)
-        grad_u, g, fused_b = prims.merged_linear(
-            dy, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), scale, None, segments, ranks,
-            out_dtype=u.dtype, r_block=r_block if need_g else 0, outer_y=h if need_b else None)
-        if need_b:
-            grad_b = fused_b
-        if not need_g:
-            g = None
-    elif need_g:
-        g = prims.shrink(dy, lora_b.transpose(1, 2), segments, ranks, r_block)
-    if need_scale:
-        per_row = (g * h).sum(dim=1)
-        grad_scale = torch.zeros(num_adapters, device=dy.device, dtype=per_row.dtype)
-        grad_scale.index_add_(0, segments.row_adapter.clamp(min=0), per_row)
-        grad_scale = grad_scale.to(scale.dtype)
-    # dA and dB are exactly 0 past each rank and for adapters without rows: the native outer writes them so;
-    # elsewhere they are selected here (see _owned_rank_columns).
-    exact_outer = getattr(prims, "outer_zeroes_unowned", False)
-    outer_kwargs = {"ranks": ranks} if exact_outer else {}
-    if (need_a or need_b) and not exact_outer:
-        owned = _owned_rank_columns(segments, ranks, num_adapters, lora_a.shape[1])
-    if need_b and not merged_du:
+    merged = need.u and _merged_path(p.prims, p.segments, v, dropout_p)
+    need_g = need.a or need.v or need.scale or (need.u and not merged)
+    g, merged_u, merged_b = _shrink_grad_out(p, need, dy, weight, lora_a, lora_b, h, u.dtype, merged, need_g)
+    grad_scale = _scale_gradient(p, g, h, lora_a.shape[0]) if need.scale else None
+    grad_a, outer_b = _adapter_gradients(p, need, dy, h, g, u if v is None else v, lora_a, lora_b,
+                                         need_b=need.b and not merged)
+    grad_u, grad_v = _input_gradients(p, need, dy, weight, g, lora_a, u, v, merged)
+    grads = (merged_u if merged else grad_u, grad_v, grad_a, merged_b if merged else outer_b, grad_scale)
+    # one placeholder each for the gradients not computed: outputs of a custom op may not alias one another
+    return [t if t is not None else dy.new_empty(0) for t in grads]
+
+
+class _Needs(NamedTuple):
+    """Which gradients the backward op computes (its ``needs``, in the order of :data:`_OP_GRADS`)."""
+
+    u: bool
+    v: bool
+    a: bool
+    b: bool
+    scale: bool
+
+
+class _BackwardPass(NamedTuple):
+    """What every step of one backward call shares: the backend, the segments, the ranks and scale, and the
+    dropout of the LoRA input (its mask regenerated from ``seed``)."""
+
+    prims: MultiLoRABackend
+    segments: SegmentInfo
+    ranks: torch.Tensor
+    scale: torch.Tensor
+    r_block: int
+    dropout_p: float
+    seed: int
+
+
+def _base_only_gradients(p: _BackwardPass, need: _Needs, dy, u, v, weight, lora_a, lora_b) -> List[torch.Tensor]:
+    """No LoRA term at all: ``dU = dY W``, the other gradients zero (placeholders where not needed)."""
+    grad_u = dy.new_empty(0)
+    if need.u:
+        grad_u = p.prims.fused_gemm(dy, weight.t(), None, None, None, None, None, p.segments, p.ranks,
+                                    out_features=weight.shape[1], out_dtype=u.dtype)
+    zeros = [torch.zeros_like(t) if want and t is not None else dy.new_empty(0)
+             for want, t in ((need.v, v), (need.a, lora_a), (need.b, lora_b), (need.scale, p.scale))]
+    return [grad_u] + zeros
+
+
+def _shrink_grad_out(p: _BackwardPass, need: _Needs, dy, weight, lora_a, lora_b, h, out_dtype, merged: bool,
+                     need_g: bool):
+    """``(G, dU, dB)``: ``G = dY B_a`` (fp32; ``None`` unless ``need_g``). On the merged path ``dU`` (``dY`` times
+    the transposed merged weight) and ``dB`` (when needed) come out of the same pass over ``dY``, segment by
+    segment while it is in cache; otherwise they are ``None`` here.
+
+    ``dH = s_a G`` is never formed: the ops that read it take the scale (``dA = s_a sum G^T V``,
+    ``dV = s_a G A_a``) and skip base-only rows, so an inf scale meets no 0 of a row without an adapter."""
+    if merged:
+        grad_u, g, grad_b = p.prims.merged_linear(
+            dy, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), p.scale, None, p.segments, p.ranks,
+            out_dtype=out_dtype, r_block=p.r_block if need_g else 0, outer_y=h if need.b else None)
+        return (g if need_g else None), grad_u, (grad_b if need.b else None)
+    g = p.prims.shrink(dy, lora_b.transpose(1, 2), p.segments, p.ranks, p.r_block) if need_g else None
+    return g, None, None
+
+
+def _scale_gradient(p: _BackwardPass, g: torch.Tensor, h: torch.Tensor, num_adapters: int) -> torch.Tensor:
+    """``ds_a = sum over rows of a of <G_i, H_i>`` in the dtype of ``scale``."""
+    per_row = (g * h).sum(dim=1)
+    grad = torch.zeros(num_adapters, device=g.device, dtype=per_row.dtype)
+    grad.index_add_(0, p.segments.row_adapter.clamp(min=0), per_row)
+    return grad.to(p.scale.dtype)
+
+
+def _adapter_gradients(p: _BackwardPass, need: _Needs, dy, h, g, lora_in, lora_a, lora_b, need_b: bool):
+    """``(dA, dB)`` by the grouped outer products (``None`` where not wanted): ``dB_a = s_a sum dY^T H`` and
+    ``dA_a = s_a sum G^T drop(V)`` (written transposed, ``[A, K, R]`` views). Both are exactly 0 past each rank
+    and for adapters without rows: written so by a backend with ``outer_zeroes_unowned``, selected here
+    otherwise (see :func:`_owned_rank_columns`)."""
+    if not (need.a or need_b):
+        return None, None
+    exact = p.prims.outer_zeroes_unowned
+    rank_kwargs = {"ranks": p.ranks} if exact else {}
+    owned = None if exact else _owned_rank_columns(p.segments, p.ranks, lora_a.shape[0], lora_a.shape[1])
+    grad_a = grad_b = None
+    if need_b:
         grad_b = alloc.empty(lora_b.shape, device=lora_b.device, dtype=lora_b.dtype)
-        prims.outer(dy, h, segments, grad_b, scale=scale, **outer_kwargs)
-        if not exact_outer:
+        p.prims.outer(dy, h, p.segments, grad_b, scale=p.scale, **rank_kwargs)
+        if owned is not None:
             grad_b = torch.where(owned[:, None, :], grad_b, 0.0)
-    if need_a:
+    if need.a:
         grad_a = alloc.empty(lora_a.shape, device=lora_a.device, dtype=lora_a.dtype)
-        prims.outer(lora_in, g, segments, grad_a.transpose(1, 2), scale=scale, dropout_p=dropout_p, seed=seed,
-                    **outer_kwargs)
-        if not exact_outer:
+        p.prims.outer(lora_in, g, p.segments, grad_a.transpose(1, 2), scale=p.scale, dropout_p=p.dropout_p,
+                      seed=p.seed, **rank_kwargs)
+        if owned is not None:
             grad_a = torch.where(owned[:, :, None], grad_a, 0.0)
+    return grad_a, grad_b
+
+
+def _input_gradients(p: _BackwardPass, need: _Needs, dy, weight, g, lora_a, u, v, merged: bool):
+    """``(dU, dV)`` by the fused GEMM (``None`` where not wanted, or for ``dU`` on the merged path, which computed
+    it with ``G``): with ``V = U`` one GEMM ``dY W + drop(s_a G A_a)``; with a separate LoRA input ``dU = dY W``
+    and ``dV = drop(s_a G A_a)``. ``W^T`` and ``A_a^T`` are strided views; the dropout mask is regenerated."""
+    expand, k_lora = lora_a.transpose(1, 2), lora_a.shape[2]
+    lora_terms = dict(dropout_p=p.dropout_p, seed=p.seed)
+    grad_u = grad_v = None
     if v is None:
-        if need_u and not merged_du:  # (merged: dU came with G above)
-            grad_u = prims.fused_gemm(
-                dy, weight.t(), None, g, lora_a.transpose(1, 2), scale, None, segments, ranks,
-                out_features=k_lora, out_dtype=u.dtype, dropout_p=dropout_p, seed=seed,
-            )
-    else:
-        if need_u:
-            grad_u = prims.fused_gemm(
-                dy, weight.t(), None, None, None, None, None, segments, ranks,
-                out_features=weight.shape[1], out_dtype=u.dtype,
-            )
-        if need_v:
-            grad_v = prims.fused_gemm(
-                None, None, None, g, lora_a.transpose(1, 2), scale, None, segments, ranks,
-                out_features=k_lora, out_dtype=v.dtype, dropout_p=dropout_p, seed=seed,
-            )
-    return [grad_u, grad_v, grad_a, grad_b, grad_scale]
+        if need.u and not merged:
+            grad_u = p.prims.fused_gemm(dy, weight.t(), None, g, expand, p.scale, None, p.segments, p.ranks,
+                                        out_features=k_lora, out_dtype=u.dtype, **lora_terms)
+        return grad_u, grad_v
+    if need.u:
+        grad_u = p.prims.fused_gemm(dy, weight.t(), None, None, None, None, None, p.segments, p.ranks,
+                                    out_features=weight.shape[1], out_dtype=u.dtype)
+    if need.v:
+        grad_v = p.prims.fused_gemm(None, None, None, g, expand, p.scale, None, p.segments, p.ranks,
+                                    out_features=k_lora, out_dtype=v.dtype, **lora_terms)
+    return grad_u, grad_v
 
 
 multi_lora_linear_bwd = torch.library.custom_op("monkey_kernels::multi_lora_linear_bwd", mutates_args=())(

@@ -12,6 +12,7 @@ import torch
 from monkey_kernels.ops.segments import SegmentInfo
 
 from ..checks import accumulation_dtype
+from ..registry import register_backend
 
 __all__ = ["TorchMultiLoRA", "IMPLEMENTATION", "torch_keep_mask"]
 
@@ -107,6 +108,8 @@ class TorchMultiLoRA:
     (:func:`_adapter_rows`). fp32 accumulation for half dtypes, fp64 for fp64."""
 
     name = "torch"
+    outer_zeroes_unowned = False
+    supports_merged_weights = False
     dropout_keep_mask = staticmethod(torch_keep_mask)
 
     @staticmethod
@@ -200,4 +203,4 @@ class TorchMultiLoRA:
         return out
 
 
-IMPLEMENTATION = TorchMultiLoRA
+IMPLEMENTATION = register_backend("multi_lora", "torch", TorchMultiLoRA)

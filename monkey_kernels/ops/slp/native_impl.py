@@ -14,6 +14,7 @@ import torch
 from monkey_kernels.ops import alloc
 
 from ... import _native
+from ..registry import register_backend
 from .torch_impl import torch_backward
 
 __all__ = ["NativeSLP", "IMPLEMENTATION", "has_cuda_kernel"]
@@ -73,7 +74,7 @@ def _register_fakes() -> None:
                      for wanted, (shape, dtype) in zip(output_mask, shapes))
 
 
-IMPLEMENTATION = NativeSLP
+IMPLEMENTATION = register_backend("slp", "native", NativeSLP)
 
 
 if _native.available():  # importing this module loads the extension (it is imported when native is chosen)

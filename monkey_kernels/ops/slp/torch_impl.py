@@ -14,6 +14,7 @@ import torch
 from monkey_kernels.ops.layout import KIND_BOX, KIND_IMAGE, KIND_TEXT
 
 from ..checks import accumulation_dtype
+from ..registry import register_backend
 
 __all__ = ["TorchSLP", "IMPLEMENTATION", "torch_forward", "torch_backward", "normalized_boxes", "source_rows",
            "gather_rows"]
@@ -124,4 +125,4 @@ class TorchSLP:
     backward = staticmethod(torch_backward)
 
 
-IMPLEMENTATION = TorchSLP
+IMPLEMENTATION = register_backend("slp", "torch", TorchSLP)

@@ -3,6 +3,7 @@ by the kernel, backward by the shared PyTorch one (gathers, and ATen's ``embeddi
 table: deterministic, where a Triton kernel would need float atomics). Importing this module imports Triton."""
 from monkey_kernels._triton.slp import slp_embed_forward
 
+from ..registry import register_backend
 from .torch_impl import torch_backward
 
 __all__ = ["TritonSLP", "IMPLEMENTATION"]
@@ -14,4 +15,4 @@ class TritonSLP:
     backward = staticmethod(torch_backward)
 
 
-IMPLEMENTATION = TritonSLP
+IMPLEMENTATION = register_backend("slp", "triton", TritonSLP)

@@ -1,10 +1,11 @@
 """Per-shape choice between the fused Triton GEMM and its cuBLAS-based twin, by measurement.
 
-``monkey_kernels._triton.multi_lora.fused_lora_gemm`` has two implementations with one contract:
+The triton backend's ``fused_gemm`` (:mod:`.triton_impl`) has two implementations with one contract:
 
-- ``"triton"``: ``_fused_lora_gemm_kernel``, base GEMM and LoRA expand in one pass over the output;
-- ``"cublas"``: ``fused_lora_gemm_cublas``, the base GEMM by ``torch.addmm`` (cuBLAS on a GPU) and the
-  LoRA term as one more GEMM in concatenated-K form.
+- ``"triton"``: ``monkey_kernels._triton.multi_lora.fused_lora_gemm``, base GEMM and LoRA expand in one pass
+  over the output;
+- ``"cublas"``: :func:`.cublas_gemm.fused_lora_gemm_cublas`, the base GEMM by ``torch.addmm`` (cuBLAS on a GPU)
+  and the LoRA term as one more GEMM in concatenated-K form.
 
 A Triton GEMM slower than cuBLAS loses the fusion's gain, so on CUDA the first call of each shape times both
 (CUDA events, interleaved, median of a few repetitions) and keeps the faster. Decisions are keyed by
@@ -15,8 +16,10 @@ the Triton / torch versions), kept in memory and in a JSON file, so a second pro
   on a non-CUDA device (the interpreter on CPU tensors) is ``triton`` and never times anything.
 - ``MONKEY_KERNELS_AUTOTUNE_CACHE``: a directory (the file is ``<dir>/gemm_choices.json``) or a path ending
   in ``.json`` (that file); default ``~/.cache/monkey_kernels/gemm_choices.json``. Read at first use.
+  (Both declared in :mod:`monkey_kernels.settings`.)
 
-:func:`gemm_choices` returns the recorded decisions. Nothing here queries a GPU at import.
+:func:`gemm_choices` returns the recorded decisions. Nothing here queries a GPU at import, and nothing imports
+Triton (its version, part of a decision's key, is read when a key is written).
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
 import torch
-import triton
+
+from monkey_kernels import settings
 
 __all__ = [
     "ENV_GEMM",
@@ -47,11 +51,11 @@ __all__ = [
     "choose_gemm_path",
 ]
 
-ENV_GEMM = "MONKEY_KERNELS_GEMM"
-ENV_CACHE = "MONKEY_KERNELS_AUTOTUNE_CACHE"
-GEMM_MODES = ("auto", "triton", "cublas")
+ENV_GEMM = settings.GEMM.name
+ENV_CACHE = settings.AUTOTUNE_CACHE.name
+GEMM_MODES = settings.GEMM.choices
 GEMM_PATHS = ("triton", "cublas")
-CACHE_FILE_NAME = "gemm_choices.json"
+CACHE_FILE_NAME = settings.AUTOTUNE_CACHE.default.name
 TIMING_REPS = 5
 
 logger = logging.getLogger("monkey_kernels")
@@ -61,19 +65,19 @@ Timer = Callable[[Mapping[str, Callable[[], object]]], Dict[str, float]]
 
 def gemm_mode() -> str:
     """``MONKEY_KERNELS_GEMM`` (``auto`` when unset or empty), checked."""
-    mode = os.environ.get(ENV_GEMM, "").strip().lower() or "auto"
-    if mode not in GEMM_MODES:
-        raise ValueError(f"{ENV_GEMM} must be one of {'/'.join(GEMM_MODES)}, got {os.environ.get(ENV_GEMM)!r}")
-    return mode
+    return settings.GEMM.get()
 
 
 def cache_path() -> Path:
     """The JSON file of decisions (see the module docstring for ``MONKEY_KERNELS_AUTOTUNE_CACHE``)."""
-    configured = os.environ.get(ENV_CACHE, "").strip()
-    if not configured:
-        return Path.home() / ".cache" / "monkey_kernels" / CACHE_FILE_NAME
-    path = Path(configured).expanduser()
+    path = settings.AUTOTUNE_CACHE.get()
     return path if path.suffix == ".json" else path / CACHE_FILE_NAME
+
+
+def _triton_version() -> str:
+    import triton  # noqa: PLC0415 (only when a key is written: choices are made for the Triton backend)
+
+    return triton.__version__
 
 
 @dataclass(frozen=True)
@@ -93,14 +97,15 @@ class GemmKey:
            has_lora: bool) -> "GemmKey":
         if m <= 0:
             raise ValueError(f"m must be positive, got {m}")
-        return cls(str(device_name), str(dtype).replace("torch.", ""), triton.next_power_of_2(int(m)), int(n),
-                   int(k), int(r_block), bool(has_lora))
+        bucket = 1 << (int(m) - 1).bit_length()  # m rounded up to a power of two
+        return cls(str(device_name), str(dtype).replace("torch.", ""), bucket, int(n), int(k), int(r_block),
+                   bool(has_lora))
 
     def text(self) -> str:
         """The key of the JSON file (the software stack included: a decision of another Triton or torch
         does not carry over)."""
         return (f"{self.device_name}|{self.dtype}|M{self.m_bucket}|N{self.n}|K{self.k}|R{self.r_block}|"
-                f"lora{int(self.has_lora)}|triton{triton.__version__}|torch{torch.__version__}")
+                f"lora{int(self.has_lora)}|triton{_triton_version()}|torch{torch.__version__}")
 
 
 def cuda_event_timer(candidates: Mapping[str, Callable[[], object]], reps: int = TIMING_REPS) -> Dict[str, float]:
