@@ -14,9 +14,9 @@ from torch import nn
 
 from helpers.accuracy import rel_err
 from conftest import kernel_device, require_native
-from monkey_kernels.fused_monkey import FusedMonkeyBlock
+from monkey_kernels.rules.monkey_vit import FusedMonkeyBlock
 from monkey_kernels.models import MonkeyVisionBlock
-from monkey_kernels.monkey_vlm import MonkeyVLMForward, find_image_spans, is_monkey_vlm
+from monkey_kernels.rules.monkey_vlm import MonkeyVLMForward, find_image_spans, is_monkey_vlm
 from monkey_kernels.patching import is_patched, patch_model, unpatch_model
 from helpers.monkey_vlm_double import MonkeyLMHeadModel, QWenConfig, tiny_visual_config
 
