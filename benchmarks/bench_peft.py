@@ -82,7 +82,7 @@ def rows_for(names: List[str], batch: int) -> List[str]:
 
 
 def run_case(tower, num_adapters, batch, device, dtype, backends: Sequence[str], args) -> List[Dict]:
-    from monkey_kernels.rules.peft_lora import adapter_selection  # noqa: PLC0415
+    from monkey_kernels import adapter_selection  # noqa: PLC0415
 
     torch.manual_seed(0)
     base, peft_model, names = build_models(tower, num_adapters, device, dtype)

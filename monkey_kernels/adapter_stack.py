@@ -153,7 +153,11 @@ class AdapterStack:
 
     def _weights_and_scales(self, lora_a, lora_b, scales, weights, r_max, dtype, scale_dtype):
         def build():
-            if torch.compiler.is_compiling():
+            if all(w.shape[0] == r_max and w.dtype == dtype for w in lora_a) and all(w.dtype == dtype for w in lora_b):
+                # Nothing to pad nor cast: torch.stack is one allocation and one copy per weight too, without a
+                # Python autograd node.
+                a, b = torch.stack(list(lora_a)), torch.stack(list(lora_b))
+            elif torch.compiler.is_compiling():  # traced: plain ops, which the compiler fuses anyway
                 a = _traceable_stack(lora_a, 0, r_max, dtype)
                 b = _traceable_stack(lora_b, 1, r_max, dtype)
             else:
