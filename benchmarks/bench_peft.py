@@ -7,7 +7,7 @@ robin over the adapters and ``"__base__"``):
 - ``base``: the SigLIP tower without any adapter (the lower bound).
 - ``peft``: PEFT's mixed batch (``adapter_names``: per layer, a masked loop over the distinct adapters). PEFT
   refuses ``adapter_names`` in training, so for ``fwd_bwd`` the same PEFT layer code gets the names through
-  :func:`~monkey_kernels.peft_patch.adapter_selection` on the UNPATCHED model (pre-hooks, no fused layer).
+  :func:`~monkey_kernels.adapter_selection` on the UNPATCHED model (pre-hooks, no fused layer).
 - ``patched``: ``patch_model`` (the device's DEFAULT backend: native on CPU when the extension loads, triton on
   CUDA) + ``adapter_selection`` (fused multi-LoRA linears); ``patched_<backend>`` for each other backend that
   runs on the device.
@@ -84,7 +84,7 @@ def rows_for(names: List[str], batch: int) -> List[str]:
 
 
 def run_case(tower, num_adapters, batch, device, dtype, backends: Sequence[str], args) -> List[Dict]:
-    from monkey_kernels.peft_patch import adapter_selection  # noqa: PLC0415
+    from monkey_kernels import adapter_selection  # noqa: PLC0415
 
     torch.manual_seed(0)
     base, peft_model, names = build_models(tower, num_adapters, device, dtype)

@@ -36,11 +36,14 @@ fall on another image region (adapter 2 was row 1 / col 0 of the 2x2 grid, it is
 its trained weights are kept as they are (that is what keeps the old tiles' outputs unchanged) and only the NEW
 indices are initialised from the nearest old tile.
 
+Which blocks: every Monkey block of the model, as :mod:`monkey_kernels.monkey_structure` (the one recogniser of
+the patch rules and growth) defines it.
+
 Patched models: ``patch_model``'s fused blocks hold the very same ``nn.ModuleList`` objects as the reference
-blocks and stack them on every forward (``StackedAdapters.stack``); the only values they cache are the lists'
-dropout probabilities (``StackedAdapters.check``), which growing keeps (every new adapter copies an old one's
-dropout). So growing in place is all a patched model needs: no unpatch / re-patch. After growing, each fused
-block's lists are checked again with ``StackedAdapters.check`` and a changed dropout probability is an error.
+blocks and stack them on every forward (:class:`~monkey_kernels.adapter_stack.AdapterStack`); the only values they
+cache are the lists' dropout probabilities, which growing keeps (every new adapter copies an old one's dropout).
+So growing in place is all a patched model needs: no unpatch / re-patch. After growing, each fused block's lists
+are checked again (its ``check_adapter_lists``) and a changed dropout probability is an error.
 A CUDA graph captured before growing (``monkey_kernels.cuda_graphs``) must be captured again; ``torch.compile``
 recompiles by itself (the list length is guarded). Grow BEFORE wrapping in DDP / FSDP (or re-wrap afterwards):
 their buckets and shards are built from the parameters that existed at wrap time.
@@ -62,6 +65,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .monkey_structure import adapter_lists, monkey_blocks
+
 __all__ = [
     "GROWTH_INITS",
     "GrowthReport",
@@ -74,10 +79,6 @@ __all__ = [
 ]
 
 GROWTH_INITS = ("nearest", "mean", "fresh")
-
-# (path from the block, name for messages) of the three per-tile adapter lists of a Monkey block
-_ADAPTER_LISTS = (("attn", "in_proj_lora"), ("attn", "out_proj_lora"), (None, "mlp_lora"))
-
 
 @dataclass
 class GrowthReport:
@@ -113,48 +114,24 @@ class GrowthReport:
 # ---------------------------------------------------------------------------------------------------------
 # Finding the adapter lists
 # ---------------------------------------------------------------------------------------------------------
-def _is_adapter(module) -> bool:
-    return (isinstance(module, nn.Module)
-            and isinstance(getattr(getattr(module, "lora_a", None), "weight", None), torch.Tensor)
-            and isinstance(getattr(getattr(module, "lora_b", None), "weight", None), torch.Tensor)
-            and isinstance(getattr(module, "lora_scale", None), torch.Tensor))
-
-
-def _adapter_lists(block: nn.Module) -> Optional[List[Tuple[str, nn.ModuleList]]]:
-    """``[(name, list)]`` of the three adapter lists of a Monkey-structured block, or ``None``."""
-    found = []
-    for parent_name, name in _ADAPTER_LISTS:
-        parent = getattr(block, parent_name, None) if parent_name else block
-        value = getattr(parent, name, None) if isinstance(parent, nn.Module) else None
-        if not isinstance(value, nn.ModuleList):
-            return None
-        found.append((f"{parent_name}.{name}" if parent_name else name, value))
-    return found
-
-
 def find_adapter_blocks(model: nn.Module) -> List[Tuple[str, nn.Module, List[Tuple[str, nn.ModuleList]]]]:
-    """Every Monkey-structured block of ``model``, found by structure: a module with ``attn.in_proj_lora``,
-    ``attn.out_proj_lora`` and ``mlp_lora`` ``nn.ModuleList`` s (a reference block, a patched
+    """Every Monkey block of ``model`` (see :mod:`monkey_kernels.monkey_structure`: a reference block, a patched
     ``FusedMonkeyBlock``, or a user's copy of the public Monkey code). Returns ``[(name, block, [(list name,
     list), ...])]`` in module order; a list shared by two blocks is reported once.
 
     Raises:
-        ValueError: an entry of an adapter list is not an adapter (``lora_a`` / ``lora_b`` with a weight and
-            ``lora_scale``).
+        ValueError: a module holds the three adapter lists (``attn.in_proj_lora``, ``attn.out_proj_lora``,
+            ``mlp_lora``) but is not a Monkey block, e.g. an entry of a list is not a LoRA adapter.
     """
     blocks, seen = [], set()
-    for name, module in model.named_modules():
-        lists = _adapter_lists(module)
-        if lists is None or all(id(lst) in seen for _, lst in lists):
+    for name, module, problem in monkey_blocks(model):
+        lists = adapter_lists(module)
+        if all(id(lst) in seen for _, lst in lists):
             continue
-        for list_name, lst in lists:
-            seen.add(id(lst))
-            for i, adapter in enumerate(lst):
-                if not _is_adapter(adapter):
-                    raise ValueError(
-                        f"model: {name or 'model'}.{list_name}[{i}] is a {type(adapter).__name__}, not a LoRA adapter "
-                        "(lora_a and lora_b with a .weight, and lora_scale)"
-                    )
+        if problem is not None:
+            raise ValueError(f"model: {name or 'model'} holds per-tile adapter lists but is not a Monkey block: "
+                             f"{problem}")
+        seen.update(id(lst) for _, lst in lists)
         blocks.append((name, module, lists))
     return blocks
 
@@ -295,20 +272,12 @@ def _set_fresh(adapter: nn.Module, generator: Optional[torch.Generator]) -> None
 
 
 def _check_fused_block(block: nn.Module, where: str) -> bool:
-    """Re-validates a patched block's lists; ``True`` when ``block`` is a fused block."""
-    from .fused_monkey import FusedMonkeyBlock, StackedAdapters  # noqa: PLC0415
-
-    if not isinstance(block, FusedMonkeyBlock):
+    """Re-validates a patched block's lists (a fused module caching facts about its adapter lists defines
+    ``check_adapter_lists(where)``); ``True`` when ``block`` is such a fused block."""
+    check = getattr(block, "check_adapter_lists", None)
+    if not callable(check):
         return False
-    attn, width = block.attn, block.attn.embed_dim
-    for lst, in_f, out_f, cached, name in (
-            (attn.in_proj_lora, width, 3 * width, attn.in_dropout, "attn.in_proj_lora"),
-            (attn.out_proj_lora, width, width, attn.out_dropout, "attn.out_proj_lora"),
-            (block.mlp_lora, width, width, block.mlp_dropout, "mlp_lora")):
-        probability = StackedAdapters.check(lst, in_f, out_f, f"{where}.{name}")
-        if probability != cached:
-            raise RuntimeError(f"{where}.{name}: the grown adapters' dropout {probability} differs from the fused "
-                               f"block's cached {cached}; unpatch_model, grow, then patch_model again")
+    check(where)
     return True
 
 
@@ -341,6 +310,29 @@ def grow_tile_adapters(model: nn.Module, num_adapters: int, init: str = "nearest
         ValueError: ``num_adapters`` < 1 or below the current count (adapters are never removed), an unknown
             ``init``, a model without adapter lists, lists of unequal length, bad or inconsistent grids.
     """
+    _check_growth_arguments(model, num_adapters, init, generator)
+    blocks, old_num = _blocks_to_grow(model, num_adapters)
+    configs = _configs_of(model, config)
+    tile_config = next((c for c in configs if hasattr(c, "tile_size")), None)
+    new_pair, resolution = _new_grid_and_resolution(new_grid, resolution, num_adapters, tile_config)
+    old_pair = _old_grid(old_grid, init, old_num, num_adapters, tile_config)
+    sources = _initialisation_sources(init, old_num, num_adapters, old_pair, new_pair)
+
+    report = GrowthReport(old_num_adapters=old_num, num_adapters=num_adapters, init=init, sources=sources,
+                          resolution=resolution)
+    for name, block, lists in blocks:
+        for _, adapters in lists:
+            report.new_parameters.extend(_append_adapters(adapters, sources, init, generator))
+        report.blocks.append(name)
+        if _check_fused_block(block, name or "model"):
+            report.fused_blocks += 1
+    for cfg in configs:
+        _write_config(cfg, num_adapters, resolution)
+    report.configs = configs
+    return report
+
+
+def _check_growth_arguments(model, num_adapters, init, generator) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
@@ -350,6 +342,9 @@ def grow_tile_adapters(model: nn.Module, num_adapters: int, init: str = "nearest
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
+
+def _blocks_to_grow(model: nn.Module, num_adapters: int):
+    """``(blocks, n_old)``: the Monkey blocks (see :func:`find_adapter_blocks`) and their common list length."""
     blocks = find_adapter_blocks(model)
     if not blocks:
         raise ValueError(
@@ -360,42 +355,40 @@ def grow_tile_adapters(model: nn.Module, num_adapters: int, init: str = "nearest
     if len(set(lengths.values())) != 1:
         raise ValueError(f"model: every adapter list must have the same length to grow them together, got {lengths}")
     old_num = next(iter(lengths.values()))
-    if old_num == 0:
-        raise ValueError("model: the adapter lists are empty; there is no adapter to grow from")
     if num_adapters < old_num:
         raise ValueError(f"num_adapters={num_adapters} is below the current {old_num} adapters per list: "
                          "growth never removes trained adapters")
+    return blocks, old_num
 
-    configs = _configs_of(model, config)
-    tile_config = next((c for c in configs if hasattr(c, "tile_size")), None)
 
-    # --- grids and the resolution to record
+def _new_grid_and_resolution(new_grid, resolution, num_adapters: int, tile_config):
+    """``(new (cols, rows) or None, (width, height) to record or None)``, checked against each other, the
+    config's tiling and ``num_adapters``."""
     if resolution is not None:
         if (not isinstance(resolution, (tuple, list)) or len(resolution) != 2
                 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in resolution)):
             raise ValueError(f"resolution must be a (width, height) pair of positive ints, got {resolution!r}")
         resolution = (int(resolution[0]), int(resolution[1]))
-    if new_grid is not None:
-        new_pair = _grid_pair("new_grid", new_grid)
-    elif resolution is not None and tile_config is not None:
-        from .models.image_prep import tile_grid  # noqa: PLC0415
+    tiled = None  # the grid the config tiles ``resolution`` into
+    if resolution is not None and tile_config is not None:
+        from .models.image_prep import tile_grid  # noqa: PLC0415 (models import transformers)
 
         grid = tile_grid(resolution[0], resolution[1], tile_config)
-        new_pair = (grid.n_cols, grid.n_rows)
-    else:
-        new_pair = None
-    if new_pair is not None and resolution is not None and tile_config is not None:
-        from .models.image_prep import tile_grid  # noqa: PLC0415
-
-        grid = tile_grid(resolution[0], resolution[1], tile_config)
-        if (grid.n_cols, grid.n_rows) != new_pair:
-            raise ValueError(f"resolution={resolution} tiles as a {grid.n_cols}x{grid.n_rows} grid, but "
-                             f"new_grid={new_pair}")
+        tiled = (grid.n_cols, grid.n_rows)
+    new_pair = _grid_pair("new_grid", new_grid) if new_grid is not None else tiled
+    if new_grid is not None and tiled is not None and tiled != new_pair:
+        raise ValueError(f"resolution={resolution} tiles as a {tiled[0]}x{tiled[1]} grid, but new_grid={new_pair}")
     if new_pair is not None and new_pair[0] * new_pair[1] != num_adapters:
         raise ValueError(f"new_grid {new_pair[0]}x{new_pair[1]} has {new_pair[0] * new_pair[1]} tiles, but "
                          f"num_adapters={num_adapters} (one adapter per tile)")
     if resolution is None and new_pair is not None and tile_config is not None:
         resolution = (new_pair[0] * tile_config.tile_size, new_pair[1] * tile_config.tile_size)
+    return new_pair, resolution
+
+
+def _old_grid(old_grid, init: str, old_num: int, num_adapters: int, tile_config) -> Optional[Tuple[int, int]]:
+    """The trained grid ``(cols, rows)``: ``old_grid``, else (for ``"nearest"``) the config's resolution's grid
+    when it has ``old_num`` tiles, else ``None``."""
     old_pair = _grid_pair("old_grid", old_grid) if old_grid is not None else None
     if old_pair is None and init == "nearest" and num_adapters > old_num and tile_config is not None:
         from .models.image_prep import tile_grid  # noqa: PLC0415
@@ -408,8 +401,12 @@ def grow_tile_adapters(model: nn.Module, num_adapters: int, init: str = "nearest
     if old_pair is not None and old_pair[0] * old_pair[1] != old_num:
         raise ValueError(f"old_grid {old_pair[0]}x{old_pair[1]} has {old_pair[0] * old_pair[1]} tiles, but the "
                          f"model has {old_num} adapters per list")
+    return old_pair
 
-    # --- which old adapters initialise each new one
+
+def _initialisation_sources(init: str, old_num: int, num_adapters: int, old_pair, new_pair
+                            ) -> Dict[int, Tuple[int, ...]]:
+    """``{new index: old indices it is initialised from}`` (see :attr:`GrowthReport.sources`)."""
     new_indices = range(old_num, num_adapters)
     if init == "nearest" and num_adapters > old_num:
         if old_pair is None or new_pair is None:
@@ -420,34 +417,27 @@ def grow_tile_adapters(model: nn.Module, num_adapters: int, init: str = "nearest
                 f"({'known' if new_pair else 'unknown'})"
             )
         nearest = nearest_tile_sources(old_pair, new_pair)
-        sources = {j: (nearest[j],) for j in new_indices}
-    elif init == "mean":
-        sources = {j: tuple(range(old_num)) for j in new_indices}
-    else:
-        sources = {j: () for j in new_indices}
+        return {j: (nearest[j],) for j in new_indices}
+    if init == "mean":
+        return {j: tuple(range(old_num)) for j in new_indices}
+    return {j: () for j in new_indices}
 
-    report = GrowthReport(old_num_adapters=old_num, num_adapters=num_adapters, init=init, sources=sources,
-                          resolution=resolution)
-    for name, block, lists in blocks:
-        for _, lst in lists:
-            olds = list(lst)
-            for j in new_indices:
-                template = olds[sources[j][0]] if init == "nearest" else olds[0]
-                adapter = _new_adapter(template)  # "nearest": the copy IS the init
-                if init == "mean":
-                    _set_mean(adapter, olds)
-                elif init == "fresh":
-                    _set_fresh(adapter, generator)
-                lst.append(adapter)
-                report.new_parameters.extend(adapter.parameters())
-        report.blocks.append(name)
-        if _check_fused_block(block, name or "model"):
-            report.fused_blocks += 1
 
-    for cfg in configs:
-        _write_config(cfg, num_adapters, resolution)
-    report.configs = configs
-    return report
+def _append_adapters(adapters: nn.ModuleList, sources: Dict[int, Tuple[int, ...]], init: str,
+                     generator: Optional[torch.Generator]) -> List[nn.Parameter]:
+    """Appends the new adapters (indices ``sources``, in order) to one list; returns their Parameters."""
+    olds = list(adapters)
+    parameters: List[nn.Parameter] = []
+    for j in sorted(sources):
+        template = olds[sources[j][0]] if init == "nearest" else olds[0]
+        adapter = _new_adapter(template)  # "nearest": the copy IS the init
+        if init == "mean":
+            _set_mean(adapter, olds)
+        elif init == "fresh":
+            _set_fresh(adapter, generator)
+        adapters.append(adapter)
+        parameters.extend(adapter.parameters())
+    return parameters
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ class MultiLoRALinear(nn.Module):
 
     ``forward(x [..., in], segments, lora_input=None [..., lora_in], residual=None [..., out])`` returns
     ``[..., out]``; dropout (``lora_dropout``) is active in training mode only.
+
+    It owns its adapters already stacked, as Parameters: it is the op's module for new models, not a patch of a
+    model holding one module per adapter, so it does not use :class:`~monkey_kernels.adapter_stack.AdapterStack`
+    (which stacks such per-adapter Parameters per forward) -- nothing to stack, copy or cache.
     """
 
     def __init__(

@@ -1,23 +1,20 @@
-"""``patch_model`` / ``unpatch_model``: swap reference modules of a model INSTANCE for fused ones and back.
+"""``patch_model`` / ``unpatch_model``: the patch engine. It swaps reference modules of a model INSTANCE for
+fused ones and back, by rules it knows nothing specific about.
 
-The patcher owns ONE registry of :class:`PatchRule` s, applied in registration order. Each rule says how to
-recognise a reference module (``matches``), how to build its fused replacement (``to_fused``) and how to get
-the reference module back (``to_reference``). Later features add rules with :func:`register_rule`.
+The engine only matches, applies atomically, reports and unpatches. What a model family looks like, its call
+contract and its fused forwards live in its rule module, one per family, in :mod:`monkey_kernels.rules`: the
+engine finds them itself (every module of that package whose name does not start with ``_``, imported on the
+first patch, so ``import monkey_kernels`` stays light and a rule's optional dependencies are only imported when
+a rule module decides to), and each registers its :class:`PatchRule` s on import
+(:func:`register_builtin_rule`). Adding a family is adding a
+module there (and its tests); nothing here changes.
 
-Built-in rules, found by structure and names (so a user's copy of the public Monkey code is patched too):
-
-- ``monkey_block``: a block with ``ln_1``, ``ln_2``, ``attn.in_proj`` + ``attn.in_proj_lora`` (a ``ModuleList``
-  of adapters with ``lora_a``, ``lora_b``, ``lora_scale``), ``attn.out_proj`` + ``attn.out_proj_lora``,
-  ``mlp.c_fc`` / ``mlp.c_proj`` and ``mlp_lora`` -> :class:`~monkey_kernels.fused_monkey.FusedMonkeyBlock`.
-- ``monkey_transformer``: the module holding ``resblocks`` of fused blocks; its ``forward`` is replaced on the
-  instance by :func:`~monkey_kernels.fused_monkey.fused_transformer_forward` (same signature, ``[seq, batch,
-  dim]`` layout, ``idx`` may also be one adapter id per batch row).
-- ``monkey_vision_model``: a :class:`~monkey_kernels.models.MonkeyVisionModel` whose transformer was patched;
-  its per-tile loop ``forward`` is replaced on the instance by ONE batched pass over all tiles and global views,
-  and ``forward_views`` (packed views of images of different grids) by one pass over every view of the batch.
-- ``slp_embedding``: a LayTextLLM-style embedding layer (``embed_tokens`` + ``projector.proj = Linear(4, hidden)``
-  + ``box_token_id`` / ``image_token_id``, e.g. :class:`~monkey_kernels.ops.slp.SLPEmbeddingRef`) ->
-  :class:`~monkey_kernels.modules.FusedSLPEmbedding` over the same (shared) modules, so state-dict keys are unchanged.
+A rule says how to recognise a reference module (``matches``), how to build its fused replacement
+(``to_fused``), how to get the reference module back (``to_reference``), why a module it recognises cannot be
+patched (``skip_reason``: listed in :attr:`PatchReport.skipped`), what a module needs to match (``description``,
+for the message when nothing matches) and which rules must run before it (``after``: e.g. a container whose
+fused forward needs its fused children). Rules run in that dependency order (ties: registration order) and are
+unpatched in the reverse one. :func:`register_rule` adds a user's rule.
 
 What patching keeps: the fused modules hold the reference Parameter objects under the same names, so
 ``state_dict`` keys and tensors, ``requires_grad`` flags, and optimizers are unaffected. An optimizer built
@@ -28,6 +25,7 @@ needs activations and weights in one dtype (cast the model instead, e.g. ``model
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,18 +34,34 @@ from typing import Callable, Dict, List, Optional, Tuple
 from torch import nn
 
 from .ops.backends import BACKENDS
-from .fused_monkey import (FusedMonkeyBlock, InstanceForward, batched_model_forward, batched_views_forward,
-                           fused_transformer_forward)
 
-__all__ = ["PatchRule", "PatchOptions", "PatchReport", "register_rule", "registered_rules", "patch_model",
-           "unpatch_model", "is_patched", "NothingToPatchError"]
+__all__ = ["PatchRule", "PatchOptions", "PatchReport", "InstanceForward", "register_rule", "register_builtin_rule",
+           "registered_rules",
+           "rule_modules", "patch_model", "unpatch_model", "is_patched", "rule_of", "NothingToPatchError"]
 
+RULE_PACKAGE = "monkey_kernels.rules"
 _RULE_ATTR = "_monkey_kernels_rule"  # set on every module a rule produced
 _STATE_ATTR = "_monkey_kernels_patch"  # set on the patched root
 
 
 class NothingToPatchError(ValueError):
     """``patch_model`` found no module any rule could patch."""
+
+
+class InstanceForward:
+    """A ``forward`` installed on one module instance: ``function(module, *args, **kwargs)``.
+
+    Rules that patch a module in place (a container's loop, a PEFT layer, a VLM's forward) install one. Used
+    instead of ``types.MethodType`` so a patched model still pickles (``torch.save(model)``) and deep-copies: a
+    bound method of a foreign function pickles as ``getattr(module, function.__name__)``, which does not exist
+    on the module."""
+
+    def __init__(self, function: Callable, module: nn.Module) -> None:
+        self.function = function
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -63,7 +77,9 @@ class PatchRule:
 
     ``matches(module) -> bool``; ``to_fused(module, options) -> nn.Module`` (a new module, or the same one
     patched in place on the instance); ``to_reference(fused) -> nn.Module``. ``kinds`` names what one
-    replacement fuses, for the report (e.g. ``{"attn.in_proj": 1}``)."""
+    replacement fuses, for the report (e.g. ``{"attn.in_proj": 1}``). ``skip_reason(module)``: why a module the
+    rule recognises is left alone (``None``: not recognised, or it matches). ``after``: names of rules that must
+    run first. ``description``: one line saying what a module needs to match."""
 
     name: str
     matches: Callable[[nn.Module], bool]
@@ -71,13 +87,16 @@ class PatchRule:
     to_reference: Callable[[nn.Module], nn.Module]
     kinds: Dict[str, int] = field(default_factory=dict)
     skip_reason: Optional[Callable[[nn.Module], Optional[str]]] = None
+    after: Tuple[str, ...] = ()
+    description: str = ""
 
 
 @dataclass
 class PatchReport:
     """What ``patch_model`` / ``unpatch_model`` replaced: ``rules`` counts modules per rule, ``kinds`` counts
     fused layers per kind (``attn.in_proj``, ``attn.out_proj``, ``mlp.c_proj``, ...). ``skipped`` lists
-    ``(module name, rule name, reason)`` for modules a rule recognised but left unchanged (e.g. a DoRA layer)."""
+    ``(module name, rule name, reason)`` for modules a rule recognised but left unchanged (e.g. a DoRA layer, or
+    a block whose forward takes other keywords) and that no other rule patched."""
 
     rules: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)
@@ -97,160 +116,121 @@ class PatchReport:
         return f"PatchReport(modules: {parts}; fused layers: {kinds}{skipped})"
 
 
-_REGISTRY: List[PatchRule] = []
+# ---------------------------------------------------------------------------------------------------------
+# Registry: discovery and order
+# ---------------------------------------------------------------------------------------------------------
+_registry: List[PatchRule] = []  # registration order
+_before: Dict[str, Tuple[str, ...]] = {}  # rule name -> rules it must precede (register_rule(before=...))
+_ordered: Optional[List[PatchRule]] = None  # application order, rebuilt when the registry changes
+_discovery = "not started"  # -> "running" -> "done"
+
+
+def rule_modules() -> List[str]:
+    """The rule modules of :mod:`monkey_kernels.rules` (names not starting with ``_``), sorted."""
+    package = importlib.import_module(RULE_PACKAGE)
+    return sorted(f"{RULE_PACKAGE}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
+                  if not info.name.startswith("_"))
+
+
+def _discover_rules() -> None:
+    """Imports every rule module once (each registers its rules); then checks the rules' order."""
+    global _discovery
+    if _discovery != "not started":
+        return
+    _discovery = "running"
+    try:
+        for module in rule_modules():
+            importlib.import_module(module)
+    except BaseException:
+        _discovery = "not started"
+        raise
+    _discovery = "done"
+    _application_order()  # a cycle or an unknown name in a built-in rule is a bug: report it now
+
+
+def _application_order() -> List[PatchRule]:
+    """The rules in dependency order: a stable topological sort of the registry (a rule runs after every rule
+    in its ``after`` and before every rule it was registered ``before``; otherwise registration order).
+
+    Raises:
+        ValueError: a rule names an unknown rule, or the constraints form a cycle."""
+    global _ordered
+    if _ordered is not None:
+        return _ordered
+    names = [r.name for r in _registry]
+    preceding: Dict[str, set] = {name: set() for name in names}
+    for rule in _registry:
+        for first in rule.after:
+            if first not in preceding:
+                raise ValueError(f"rule {rule.name!r}: after={rule.after} names no registered rule; "
+                                 f"registered: {names}")
+            preceding[rule.name].add(first)
+        for later in _before.get(rule.name, ()):
+            if later not in preceding:
+                raise ValueError(f"rule {rule.name!r}: before={later!r} is not a registered rule; registered: {names}")
+            preceding[later].add(rule.name)
+    order: List[PatchRule] = []
+    placed: set = set()
+    while len(order) < len(_registry):
+        ready = next((r for r in _registry if r.name not in placed and preceding[r.name] <= placed), None)
+        if ready is None:
+            stuck = [n for n in names if n not in placed]
+            raise ValueError(f"the rules {stuck} order each other in a cycle (after= / before=)")
+        order.append(ready)
+        placed.add(ready.name)
+    _ordered = order
+    return order
 
 
 def register_rule(rule: PatchRule, *, before: Optional[str] = None) -> PatchRule:
-    """Adds ``rule`` to the registry (at the end, or before the rule named ``before``); replaces a rule of the
-    same name. Rules that need others applied first (a container of fused blocks) go after them."""
-    _load_builtin_rules()  # the built-in rules keep their place ahead of the user's
-    return _register(rule, before)
+    """Adds ``rule`` to the registry (replacing a rule of the same name) and returns it.
 
+    The rule runs after the rules named in its ``after`` and, with ``before``, ahead of the rule named so;
+    otherwise after the rules registered earlier (the built-in rules are loaded first).
 
-def _register(rule: PatchRule, before: Optional[str] = None) -> PatchRule:
+    Raises:
+        ValueError: ``rule`` is not a :class:`PatchRule`, or it names unknown rules / makes a cycle (then the
+            registry is left as it was)."""
     if not isinstance(rule, PatchRule):
         raise ValueError(f"rule must be a PatchRule, got {type(rule).__name__}")
-    _REGISTRY[:] = [r for r in _REGISTRY if r.name != rule.name]
-    if before is None:
-        _REGISTRY.append(rule)
-    else:
-        names = [r.name for r in _REGISTRY]
-        if before not in names:
-            raise ValueError(f"before={before!r} is not a registered rule; registered: {names}")
-        _REGISTRY.insert(names.index(before), rule)
+    if before is not None and not isinstance(before, str):
+        raise ValueError(f"before must be a rule name or None, got {before!r}")
+    _discover_rules()  # the built-in rules keep their place ahead of the user's
+    global _ordered
+    saved_registry, saved_before = list(_registry), dict(_before)
+    _registry[:] = [r for r in _registry if r.name != rule.name] + [rule]
+    _before.pop(rule.name, None)
+    if before is not None:
+        _before[rule.name] = (before,)
+    _ordered = None
+    if _discovery == "done":  # during discovery the rules named may not be registered yet
+        try:
+            _application_order()
+        except ValueError:
+            _registry[:] = saved_registry
+            _before.clear()
+            _before.update(saved_before)
+            _ordered = None
+            raise
     return rule
 
 
-# Modules whose import registers a built-in rule; imported on the first patch, so that ``import monkey_kernels``
-# loads neither PEFT nor the VLM support.
-_BUILTIN_RULE_MODULES = ("monkey_kernels.peft_patch", "monkey_kernels.monkey_vlm")
-_builtins_loaded = False
-
-
-def _load_builtin_rules() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in _BUILTIN_RULE_MODULES:
-            importlib.import_module(module)
+def register_builtin_rule(rule: PatchRule) -> PatchRule:
+    """:func:`register_rule` for the modules of :mod:`monkey_kernels.rules`, called on their import: it neither
+    loads the other rule modules (a rule module may be imported on its own, e.g. for ``adapter_selection``) nor
+    checks the order yet (the rules it names may register later); both happen on the first use of the rules."""
+    if not isinstance(rule, PatchRule):
+        raise ValueError(f"rule must be a PatchRule, got {type(rule).__name__}")
+    global _ordered
+    _registry[:] = [r for r in _registry if r.name != rule.name] + [rule]
+    _ordered = None
+    return rule
 
 
 def registered_rules() -> List[PatchRule]:
-    _load_builtin_rules()
-    return list(_REGISTRY)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Monkey rules
-# ---------------------------------------------------------------------------------------------------------
-def _is_adapter_list(value) -> bool:
-    return isinstance(value, nn.ModuleList) and len(value) > 0 and all(
-        isinstance(getattr(ad, "lora_a", None), nn.Linear) and isinstance(getattr(ad, "lora_b", None), nn.Linear)
-        and isinstance(getattr(ad, "lora_scale", None), nn.Parameter)
-        for ad in value
-    )
-
-
-def _is_monkey_block(module: nn.Module) -> bool:
-    attn = getattr(module, "attn", None)
-    mlp = getattr(module, "mlp", None)
-    return (
-        isinstance(getattr(module, "ln_1", None), nn.Module)
-        and isinstance(getattr(module, "ln_2", None), nn.Module)
-        and isinstance(attn, nn.Module)
-        and isinstance(getattr(attn, "in_proj", None), nn.Linear)
-        and isinstance(getattr(attn, "out_proj", None), nn.Linear)
-        and _is_adapter_list(getattr(attn, "in_proj_lora", None))
-        and _is_adapter_list(getattr(attn, "out_proj_lora", None))
-        and isinstance(mlp, nn.Module)
-        and isinstance(getattr(mlp, "c_fc", None), nn.Linear)
-        and isinstance(getattr(mlp, "c_proj", None), nn.Linear)
-        and _is_adapter_list(getattr(module, "mlp_lora", None))
-        and not hasattr(module, "ln_1_kv")  # cross-attention blocks are not fused
-    )
-
-
-def _num_heads(attn: nn.Module) -> int:
-    for name in ("num_heads", "num_attention_heads_per_partition"):
-        if isinstance(getattr(attn, name, None), int):
-            return getattr(attn, name)
-    raise ValueError(f"cannot find the number of heads of {type(attn).__name__} (num_heads attribute)")
-
-
-def _block_to_fused(block: nn.Module, options: PatchOptions) -> nn.Module:
-    return FusedMonkeyBlock(block, _num_heads(block.attn), backend=options.backend).train(block.training)
-
-
-def _is_monkey_transformer(module: nn.Module) -> bool:
-    blocks = getattr(module, "resblocks", None)
-    return (isinstance(blocks, nn.ModuleList) and len(blocks) > 0
-            and all(isinstance(b, FusedMonkeyBlock) for b in blocks) and "forward" not in module.__dict__)
-
-
-def _transformer_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
-    module.forward = InstanceForward(fused_transformer_forward, module)
-    return module
-
-
-def _drop_instance_forward(module: nn.Module) -> nn.Module:
-    module.__dict__.pop("forward", None)
-    return module
-
-
-def _is_monkey_vision_model(module: nn.Module) -> bool:
-    from .models.monkey_vision import MonkeyVisionModel  # noqa: PLC0415 (models import transformers)
-
-    return (isinstance(module, MonkeyVisionModel) and "forward" not in module.__dict__
-            and getattr(module.transformer, _RULE_ATTR, None) == "monkey_transformer")
-
-
-def _model_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
-    module.forward = InstanceForward(batched_model_forward, module)
-    module.forward_views = InstanceForward(batched_views_forward, module)
-    return module
-
-
-def _model_to_reference(module: nn.Module) -> nn.Module:
-    module.__dict__.pop("forward_views", None)
-    return _drop_instance_forward(module)
-
-
-_register(PatchRule(
-    "monkey_block", _is_monkey_block, _block_to_fused, lambda fused: fused.to_reference(),
-    kinds={"attn.in_proj": 1, "attn.out_proj": 1, "mlp.c_proj": 1},
-))
-_register(PatchRule("monkey_transformer", _is_monkey_transformer, _transformer_to_fused, _drop_instance_forward,
-                        kinds={"batched_encoder_forward": 1}))
-_register(PatchRule("monkey_vision_model", _is_monkey_vision_model, _model_to_fused, _model_to_reference,
-                        kinds={"batched_view_loop": 1}))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# SLP rule: reference projector + embedding assembly -> one fused out-of-place pass
-# ---------------------------------------------------------------------------------------------------------
-def _is_slp_embedding(module: nn.Module) -> bool:
-    from .modules import FusedSLPEmbedding  # noqa: PLC0415
-
-    projector = getattr(module, "projector", None)
-    proj = getattr(projector, "proj", None)
-    embed = getattr(module, "embed_tokens", None)
-    return (
-        not isinstance(module, FusedSLPEmbedding)
-        and isinstance(embed, nn.Embedding)
-        and isinstance(proj, nn.Linear) and proj.in_features == 4 and proj.out_features == embed.embedding_dim
-        and isinstance(getattr(module, "box_token_id", None), int)
-        and hasattr(module, "image_token_id")
-    )
-
-
-def _slp_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
-    from .modules import FusedSLPEmbedding  # noqa: PLC0415
-
-    return FusedSLPEmbedding.from_reference(module, backend=options.backend).train(module.training)
-
-
-_register(PatchRule("slp_embedding", _is_slp_embedding, _slp_to_fused, lambda fused: fused.to_reference(),
-                        kinds={"slp_embedding": 1}))
+    """Every registered rule, in the order ``patch_model`` applies them."""
+    _discover_rules()
+    return list(_application_order())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,22 +246,56 @@ def _set_child(root: nn.Module, name: str, new: nn.Module, old: nn.Module) -> No
     setattr(parent, child, new)
 
 
+def _restore(root: nn.Module, name: str, rule: PatchRule, fused: nn.Module) -> None:
+    reference = rule.to_reference(fused)
+    fused.__dict__.pop(_RULE_ATTR, None)
+    reference.__dict__.pop(_RULE_ATTR, None)
+    _set_child(root, name, reference, fused)
+
+
 def is_patched(model: nn.Module) -> bool:
     return _STATE_ATTR in model.__dict__
+
+
+def rule_of(module: nn.Module) -> Optional[str]:
+    """The name of the rule that produced ``module`` (a fused module, or one patched in place), or ``None``."""
+    return module.__dict__.get(_RULE_ATTR)
+
+
+def _nothing_to_patch_message(model: nn.Module, rules: List[PatchRule], skipped) -> str:
+    needs = "; ".join(f"{r.name}: {r.description}" if r.description else r.name for r in rules)
+    message = (f"patch_model found nothing to patch in {type(model).__name__}: no module matched a rule "
+               f"({needs})")
+    if skipped:
+        grouped: Dict[Tuple[str, str], List[str]] = {}
+        for name, rule, reason in skipped:
+            grouped.setdefault((rule, reason), []).append(name or type(model).__name__)
+        lines = []
+        for (rule, reason), names in grouped.items():
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            lines.append(f"{shown} [{rule}]: {reason}")
+        message += "; recognised but not patched: " + "; ".join(lines)
+    return message
 
 
 def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool = True) -> PatchReport:
     """Replaces, on the instance ``model``, every module a registered rule matches by its fused module.
 
     Args:
-        model: any ``nn.Module`` containing Monkey-structured blocks (this package's model or a copy of the
-            public Monkey code).
+        model: any ``nn.Module`` holding modules of a supported family (Monkey blocks of this package's model or
+            a copy of the public Monkey code, a Monkey VLM, PEFT LoRA layers, an SLP embedding layer, ...).
         backend: backend of the fused ops (``"triton"``, ``"native"``, ``"torch"``, ``None`` = automatic; see
             :mod:`monkey_kernels.ops.backends`).
         strict: when nothing matches, raise :class:`NothingToPatchError` (``True``) or only warn.
     Returns:
-        A :class:`PatchReport` of the replacements. Patching an already patched model changes nothing, warns
-        and returns a report with ``already_patched=True``.
+        A :class:`PatchReport` of the replacements and of what was recognised but left alone (with the reason).
+        Patching an already patched model changes nothing, warns and returns a report with
+        ``already_patched=True``.
+    Raises:
+        NothingToPatchError: nothing matched (``strict``); the message says what each rule needs and lists what
+            was recognised but skipped, and why.
+        ValueError: a bad argument, or a rule that cannot fuse a module it matched (e.g. adapters of different
+            ranks in one list): the model is then left exactly as it was.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -292,12 +306,12 @@ def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool
         warnings.warn(f"patch_model: {type(model).__name__} is already patched; nothing done "
                       "(call unpatch_model first to re-patch with other options)", UserWarning, stacklevel=2)
         return PatchReport(already_patched=True)
-    _load_builtin_rules()
+    rules = registered_rules()
     options = PatchOptions(backend=backend)
     report = PatchReport()
-    done: List[Tuple[str, PatchRule, nn.Module, nn.Module]] = []
+    done: List[Tuple[str, PatchRule, nn.Module]] = []
     try:
-        for rule in _REGISTRY:
+        for rule in rules:
             for name, module in list(model.named_modules()):
                 if getattr(module, _RULE_ATTR, None) is not None:
                     continue
@@ -309,25 +323,19 @@ def patch_model(model: nn.Module, *, backend: Optional[str] = None, strict: bool
                 fused = rule.to_fused(module, options)
                 fused.__dict__[_RULE_ATTR] = rule.name
                 _set_child(model, name, fused, module)
-                done.append((name, rule, module, fused))
+                done.append((name, rule, fused))
                 report.rules[rule.name] += 1
                 report.kinds.update(rule.kinds)
     except BaseException:
         # Atomic: a rule that fails half-way (e.g. adapters of different ranks in one list) leaves the model
         # exactly as it was, not half-patched.
-        for name, rule, module, fused in reversed(done):
-            reference = rule.to_reference(fused)
-            fused.__dict__.pop(_RULE_ATTR, None)
-            reference.__dict__.pop(_RULE_ATTR, None)
-            _set_child(model, name, reference, fused)
+        for name, rule, fused in reversed(done):
+            _restore(model, name, rule, fused)
         raise
+    patched = {name for name, _, _ in done}
+    report.skipped = [entry for entry in report.skipped if entry[0] not in patched]  # another rule took it
     if report.total == 0:
-        message = (f"patch_model found nothing to patch in {type(model).__name__}: no module matched the rules "
-                   f"{[r.name for r in _REGISTRY]} (a Monkey block needs attn.in_proj + attn.in_proj_lora, "
-                   "attn.out_proj + attn.out_proj_lora, mlp.c_fc / mlp.c_proj and mlp_lora adapter lists; an SLP "
-                   "embedding layer needs embed_tokens + projector.proj = Linear(4, hidden) + box_token_id)")
-        if report.skipped:
-            message += f"; recognised but not fusable: {report.skipped}"
+        message = _nothing_to_patch_message(model, rules, report.skipped)
         if strict:
             raise NothingToPatchError(message)
         warnings.warn(message, UserWarning, stacklevel=2)
@@ -345,18 +353,13 @@ def unpatch_model(model: nn.Module) -> PatchReport:
         warnings.warn(f"unpatch_model: {type(model).__name__} is not patched; nothing done", UserWarning,
                       stacklevel=2)
         return PatchReport()
-    _load_builtin_rules()
-    rules = {r.name: r for r in _REGISTRY}
     report = PatchReport()
-    # Outer modules first (reverse registry order): a container's patch depends on its fused children.
-    for rule in reversed(_REGISTRY):
+    # Reverse application order: a container's patch depends on its fused children.
+    for rule in reversed(registered_rules()):
         for name, module in list(model.named_modules()):
             if getattr(module, _RULE_ATTR, None) != rule.name:
                 continue
-            reference = rules[rule.name].to_reference(module)
-            module.__dict__.pop(_RULE_ATTR, None)
-            reference.__dict__.pop(_RULE_ATTR, None)
-            _set_child(model, name, reference, module)
+            _restore(model, name, rule, module)
             report.rules[rule.name] += 1
             report.kinds.update(rule.kinds)
     del model.__dict__[_STATE_ATTR]

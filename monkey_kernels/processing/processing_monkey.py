@@ -28,7 +28,7 @@ num_image_tokens=counts, image_span_unit=tokens_per_view)`` writes row ``j`` of 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers.image_processing_utils import BatchFeature
@@ -162,7 +162,38 @@ class MonkeyProcessor(ProcessorMixin):
         if not texts or not all(isinstance(t, str) for t in texts):
             raise ValueError("text must be a string or a non-empty list of strings")
 
-        # Images per text: one list per text, or a flat list consumed in placeholder order.
+        placeholder_counts, per_text, flat_images = self._images_per_text(texts, images)
+        if image_refs is not None:
+            image_refs = list(image_refs)
+            if len(image_refs) != len(flat_images):
+                raise ValueError(f"image_refs must hold one reference per image ({len(flat_images)}), "
+                                 f"got {len(image_refs)}")
+        image_data: Dict[str, Any] = {}
+        tokens_per_image: List[int] = []
+        if flat_images:
+            image_data = dict(self.image_processor(flat_images, return_tensors="pt", **image_options))
+            tokens_per_image = image_data["num_image_tokens"].tolist()
+
+        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=False, **kwargs)["input_ids"]
+        all_ids, all_masks = self._expand_placeholders(encoded, placeholder_counts, tokens_per_image, image_refs)
+        attention = self._pad(all_ids, all_masks, padding, return_tensors)
+        starts = [0]
+        for count in per_text:
+            starts.append(starts[-1] + count)
+        tokens_per_sequence = [sum(tokens_per_image[starts[b]:starts[b + 1]]) for b in range(len(texts))]
+        data: Dict[str, Any] = {"input_ids": all_ids, "attention_mask": attention, "image_token_mask": all_masks,
+                                "images_per_sequence": per_text, "image_tokens_per_sequence": tokens_per_sequence}
+        if return_tensors is not None:
+            for key, dtype in (("input_ids", torch.int64), ("attention_mask", torch.int64),
+                               ("image_token_mask", torch.bool), ("images_per_sequence", torch.int64),
+                               ("image_tokens_per_sequence", torch.int64)):
+                data[key] = torch.tensor(data[key], dtype=dtype)
+        data.update(image_data)
+        return BatchFeature(data=data)
+
+    def _images_per_text(self, texts: List[str], images):
+        """``(placeholders per text, images per text, the images flat in placeholder order)``: ``images`` is one
+        list per text, or a flat list consumed in placeholder order; the counts must agree."""
         placeholder_counts = [t.count(self.image_token) for t in texts]
         nested = (images is not None and isinstance(images, (list, tuple)) and len(images) == len(texts)
                   and all(isinstance(item, (list, tuple)) for item in images))
@@ -181,19 +212,11 @@ class MonkeyProcessor(ProcessorMixin):
             if have != want:
                 raise ValueError(f"text[{t}] holds {have} image placeholders ({self.image_token!r}) but "
                                  f"{want} images were given for it")
-        if image_refs is not None:
-            image_refs = list(image_refs)
-            if len(image_refs) != len(flat_images):
-                raise ValueError(f"image_refs must hold one reference per image ({len(flat_images)}), "
-                                 f"got {len(image_refs)}")
+        return placeholder_counts, per_text, flat_images
 
-        image_data: Dict[str, Any] = {}
-        tokens_per_image: List[int] = []
-        if flat_images:
-            image_data = dict(self.image_processor(flat_images, return_tensors="pt", **image_options))
-            tokens_per_image = image_data["num_image_tokens"].tolist()
-
-        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens, padding=False, **kwargs)["input_ids"]
+    def _expand_placeholders(self, encoded: List[List[int]], placeholder_counts: List[int],
+                             tokens_per_image: List[int], image_refs) -> Tuple[List[List[int]], List[List[bool]]]:
+        """``(ids, image_token_mask)`` per text: each placeholder token replaced by its image's span."""
         all_ids: List[List[int]] = []
         all_masks: List[List[bool]] = []
         image_index = 0
@@ -220,7 +243,12 @@ class MonkeyProcessor(ProcessorMixin):
             out_mask += [False] * (len(ids) - previous)
             all_ids.append(out_ids)
             all_masks.append(out_mask)
+        return all_ids, all_masks
 
+    def _pad(self, all_ids: List[List[int]], all_masks: List[List[bool]], padding: bool,
+             return_tensors: Optional[str]) -> List[List[int]]:
+        """Pads ``all_ids`` / ``all_masks`` in place to the longest (``padding``, on the tokenizer's side);
+        returns the attention masks."""
         lengths = [len(ids) for ids in all_ids]
         longest = max(lengths)
         attention = [[1] * n for n in lengths]
@@ -241,23 +269,7 @@ class MonkeyProcessor(ProcessorMixin):
                     attention[b] = attention[b] + [0] * fill
         elif return_tensors is not None and any(n != longest for n in lengths):
             raise ValueError(f"padding=False with return_tensors={return_tensors!r} needs equal lengths, got {lengths}")
-
-        images_per_sequence = per_text
-        starts = [0]
-        for count in images_per_sequence:
-            starts.append(starts[-1] + count)
-        tokens_per_sequence = [sum(tokens_per_image[starts[b]:starts[b + 1]]) for b in range(len(texts))]
-        data: Dict[str, Any] = {"input_ids": all_ids, "attention_mask": attention, "image_token_mask": all_masks,
-                                "images_per_sequence": images_per_sequence,
-                                "image_tokens_per_sequence": tokens_per_sequence}
-        if return_tensors is not None:
-            data["input_ids"] = torch.tensor(all_ids, dtype=torch.int64)
-            data["attention_mask"] = torch.tensor(attention, dtype=torch.int64)
-            data["image_token_mask"] = torch.tensor(all_masks, dtype=torch.bool)
-            data["images_per_sequence"] = torch.tensor(images_per_sequence, dtype=torch.int64)
-            data["image_tokens_per_sequence"] = torch.tensor(tokens_per_sequence, dtype=torch.int64)
-        data.update(image_data)
-        return BatchFeature(data=data)
+        return attention
 
     # -- the fused embedding assembly -------------------------------------------------------------------
     def placeholder_input_ids(self, batch) -> torch.Tensor:

@@ -143,3 +143,100 @@ class UserTower(nn.Module):
 
     def forward(self, x, idx=None):
         return self.transformer(x, idx=idx)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Structure-alike variants: Monkey's modules, other call contracts. patch_model must leave them alone.
+# ---------------------------------------------------------------------------------------------------------
+class TextMonkeyStyleBlock(VisualAttentionBlock):
+    """TextMonkey's block (reference §6): Monkey's modules, the adapter keyword is ``lora_idx``."""
+
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None, lora_idx=None):
+        return super().forward(q_x, attn_mask=attn_mask, idx=lora_idx)
+
+
+class TextMonkeyStyleTransformer(nn.Module):
+    """TextMonkey's ``TransformerBlock`` (reference §6, without the cross-window attention): given windows
+    ``x[i][j]`` (row i, column j, each ``[seq, batch, width]``) the window loop runs INSIDE every layer; with
+    ``lora_idx`` None or 0 every window uses it, otherwise window k (row-major) uses adapter k."""
+
+    def __init__(self, width, layers, heads, mlp_ratio=2.0, lora_repeat_num=4):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            [TextMonkeyStyleBlock(width, heads, mlp_ratio, lora_repeat_num=lora_repeat_num) for _ in range(layers)]
+        )
+
+    def forward(self, x, attn_mask=None, lora_idx=None, image_size=(64, 64)):
+        if isinstance(x, list):
+            for r in self.resblocks:
+                k = 0
+                for i in range(len(x)):
+                    for j in range(len(x[i])):
+                        window_idx = lora_idx if lora_idx is None or lora_idx == 0 else k
+                        x[i][j] = r(x[i][j], attn_mask=attn_mask, lora_idx=window_idx)
+                        k += 1
+            return x
+        for r in self.resblocks:
+            x = r(x, attn_mask=attn_mask)
+        return x
+
+
+class WindowLoopTransformer(TransformerBlock):
+    """Monkey's blocks and signature, but the forward loops over windows itself: ``x`` is a list of windows
+    ``[seq, batch, width]``; with ``idx`` given, window k uses adapter ``idx + k``."""
+
+    def forward(self, x, attn_mask=None, idx=None):
+        out = []
+        for k, window in enumerate(x):
+            for r in self.resblocks:
+                window = r(window, attn_mask=attn_mask, idx=None if idx is None else idx + k)
+            out.append(window)
+        return out
+
+
+class ExtraKeywordBlock(VisualAttentionBlock):
+    """A Monkey block whose forward takes one more keyword (a user's extension)."""
+
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None, idx=None, residual_scale=1.0):
+        return q_x + residual_scale * (super().forward(q_x, attn_mask=attn_mask, idx=idx) - q_x)
+
+
+def structure_alike(variant: str, width=32, layers=2, heads=2, adapters=4):
+    """``(model, call)``: a structure-alike ``variant`` ("textmonkey", "window_loop", "extra_keyword" or
+    "bare_blocks": Monkey blocks in an ``nn.Sequential``) and a function running a model of that variant (or a
+    copy, in any dtype) on the same fresh inputs (two windows ``[seq 5, batch 2, width]``), returning one tensor."""
+    drawn = [torch.randn(5, 2, width) for _ in range(2)]
+
+    def windows_for(m):
+        dtype = next(m.parameters()).dtype
+        return [w.to(dtype) for w in drawn]
+
+    if variant == "textmonkey":
+        model = TextMonkeyStyleTransformer(width, layers, heads, lora_repeat_num=adapters)
+
+        def call(m):
+            windows = windows_for(m)
+            out = m([[w.clone() for w in windows]], lora_idx=adapters)
+            return torch.cat(out[0] + [m(windows[0], lora_idx=None)])
+    elif variant == "window_loop":
+        model = WindowLoopTransformer(width, layers, heads, mlp_ratio=2.0, lora_repeat_num=adapters)
+
+        def call(m):
+            windows = windows_for(m)
+            return torch.cat(m(windows, idx=1) + m(windows))
+    elif variant == "extra_keyword":
+        model = TransformerBlock(width, layers, heads, mlp_ratio=2.0, lora_repeat_num=adapters)
+        model.resblocks = nn.ModuleList(
+            [ExtraKeywordBlock(width, heads, 2.0, lora_repeat_num=adapters) for _ in range(layers)])
+
+        def call(m):
+            return torch.cat([m(w, idx=k) for k, w in enumerate(windows_for(m))])
+    elif variant == "bare_blocks":
+        model = nn.Sequential(*[VisualAttentionBlock(width, heads, 2.0, lora_repeat_num=adapters)
+                                for _ in range(layers)])
+
+        def call(m):
+            return torch.cat([m(w) for w in windows_for(m)])
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return randomize_(model).eval(), call

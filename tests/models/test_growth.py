@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from monkey_kernels.fused_monkey import FusedMonkeyBlock
+from monkey_kernels.rules.monkey_vit import FusedMonkeyBlock
 from monkey_kernels.growth import (
     add_new_adapters_to_optimizer,
     find_adapter_blocks,

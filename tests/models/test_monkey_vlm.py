@@ -14,9 +14,9 @@ from torch import nn
 
 from helpers.accuracy import rel_err
 from conftest import kernel_device, require_native
-from monkey_kernels.fused_monkey import FusedMonkeyBlock
+from monkey_kernels.rules.monkey_vit import FusedMonkeyBlock
 from monkey_kernels.models import MonkeyVisionBlock
-from monkey_kernels.monkey_vlm import MonkeyVLMForward, find_image_spans, is_monkey_vlm
+from monkey_kernels.rules.monkey_vlm import MonkeyVLMForward, find_image_spans, is_monkey_vlm
 from monkey_kernels.patching import is_patched, patch_model, unpatch_model
 from helpers.monkey_vlm_double import MonkeyLMHeadModel, QWenConfig, tiny_visual_config
 
@@ -377,6 +377,30 @@ def test_recognised_by_structure_only_once_fused():
     assert report.rules["monkey_vlm"] == 1
     assert not is_monkey_vlm(model.transformer), "already patched"
     assert not is_monkey_vlm(model.transformer.visual) and not is_monkey_vlm(model)
+
+
+def test_a_visual_that_reads_idx_itself_is_not_claimed_and_the_model_still_runs():
+    """The monkey_vlm rule hands the encoder one adapter id per view; a vision tower whose forward does more with
+    ``idx`` than handing it to its transformer is left alone (the ViT rules still fuse its transformer)."""
+
+    class Visual(type(make_model().transformer.visual)):
+        def forward(self, x, idx=None):
+            if isinstance(idx, int):
+                idx = idx % 6
+            return super().forward(x, idx=idx)
+
+    model = make_model()
+    model.transformer.visual.__class__ = Visual
+    add_images(model, {p: IMAGE_SHAPES[4] for p in ["img0.png", "dir/ü-1.jpg", "c.png"]}, torch.float64)
+    ids, mask, labels, _ = batch_of_three(4)
+    reference = copy.deepcopy(model).eval()
+    report = patch_model(model, backend="torch")
+    assert "monkey_vlm" not in report.rules and report.rules["monkey_transformer"] == 1
+    reason = next(r for name, rule, r in report.skipped if rule == "monkey_vlm")
+    assert "idx" in reason and "self.transformer" in reason, reason
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids, attention_mask=mask).logits,
+                                   reference(ids, attention_mask=mask).logits, rtol=1e-10, atol=1e-10)
 
 
 def test_find_image_spans_decodes_like_the_original():

@@ -16,7 +16,7 @@ from conftest import kernel_device
 from helpers.monkey_models import UserTower, VisualAttentionBlock, make_model, randomize_, views
 from helpers.peft_towers import build_peft
 from monkey_kernels._triton.env import interpreter_active
-from monkey_kernels.fused_monkey import FusedMonkeyBlock
+from monkey_kernels.rules.monkey_vit import FusedMonkeyBlock
 from monkey_kernels.models import MonkeyVisionBlock, MonkeyVisionModel
 from monkey_kernels.patching import NothingToPatchError, is_patched, patch_model, unpatch_model
 from helpers.slp_models import H, LayoutModel, V, slp_inputs

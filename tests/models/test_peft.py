@@ -17,7 +17,7 @@ from peft import PeftModel  # noqa: E402
 from conftest import kernel_device  # noqa: E402
 from helpers.peft_towers import ADAPTERS, make_peft, pixels, tiny_tower  # noqa: E402
 from monkey_kernels.patching import NothingToPatchError, is_patched, patch_model, unpatch_model  # noqa: E402
-from monkey_kernels.peft_patch import (  # noqa: E402
+from monkey_kernels.rules.peft_lora import (  # noqa: E402
     RULE_NAME, adapter_selection, clear_adapter_rows, peft_adapter_names, set_adapter_rows,
 )
 from helpers.peft_towers import build_peft  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import train_with_trainer as twt  # noqa: E402
 
-from monkey_kernels.fused_monkey import FusedMonkeyBlock  # noqa: E402
+from monkey_kernels.rules.monkey_vit import FusedMonkeyBlock  # noqa: E402
 from monkey_kernels.models import MonkeyVisionBlock  # noqa: E402
 from monkey_kernels.patching import is_patched  # noqa: E402
 

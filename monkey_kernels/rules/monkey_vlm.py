@@ -1,5 +1,5 @@
-"""The ``monkey_vlm`` patch rule: the full Monkey VLM (``MonkeyLMHeadModel`` loaded with ``trust_remote_code``)
-gets ONE batched encoder pass per forward and an out-of-place image-feature write.
+"""The full Monkey VLM (``MonkeyLMHeadModel`` loaded with ``trust_remote_code``): ONE batched encoder pass per
+forward and an out-of-place image-feature write (the ``monkey_vlm`` rule).
 
 The public ``MonkeyModel.forward`` (first step only, ``past_key_values is None``) runs the vision encoder once per
 window (``self.visual(window, idx=i)``) and once for the global view, then ``QWenModel.forward`` writes the
@@ -8,10 +8,15 @@ registers a rule (after the block / transformer rules, whose fused encoder it ne
 BY STRUCTURE, not by class (users hold their own copies of the remote code):
 
 - a module with ``visual``, a Monkey-structured ``VisionTransformer`` (``conv1``, ``positional_embedding``,
-  ``ln_pre``, ``transformer.resblocks`` with per-tile adapter lists, fused by ``monkey_block`` /
-  ``monkey_transformer``, ``attn_pool``, ``ln_post``, ``proj``, ``encode`` and ``forward(x, idx=...)``);
+  ``ln_pre``, ``transformer.resblocks`` with per-tile adapter lists, fused by the ``monkey_block`` /
+  ``monkey_transformer`` rules of :mod:`.monkey_vit`, ``attn_pool``, ``ln_post``, ``proj``, ``encode``);
 - ``config.visual`` a mapping holding ``image_start_id``;
 - Qwen's ``wte`` / ``drop`` / ``h`` / ``ln_f`` and a ``forward`` taking ``input_ids`` and ``past_key_values``.
+
+Call contract checked (else the model is left alone and listed in ``PatchReport.skipped``): ``visual``'s class
+``forward`` is exactly ``forward(x, idx=None)`` and hands ``idx`` on unchanged as ``self.transformer(...,
+idx=idx)`` (read from its source: the fused transformer then receives one adapter id per view); the model's
+class ``forward`` takes ``input_ids`` and ``past_key_values``.
 
 The rule installs, on that INSTANCE, a forward (:class:`MonkeyVLMForward`, an ``InstanceForward``: it pickles;
 ``unpatch_model`` restores the previous forward) that, on a first step with image spans:
@@ -46,8 +51,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .fused_monkey import FusedMonkeyBlock, InstanceForward, fused_transformer_forward
-from .patching import PatchRule, register_rule
+from ..call_contract import class_forward, forward_parameters_problem, only_forwarded_problem
+from ..monkey_structure import adapter_count
+from ..patching import InstanceForward, PatchRule, register_builtin_rule, rule_of
 
 __all__ = [
     "ImageSpan",
@@ -197,11 +203,7 @@ def gather_views(encoded, num_images: int) -> Tuple[torch.Tensor, List[int]]:
 
 def _adapter_count(visual: nn.Module) -> int:
     """Adapters every per-tile LoRA list of every block holds (``lora_repeat_num``)."""
-    counts = []
-    for block in visual.transformer.resblocks:
-        for adapters in (block.attn.in_proj_lora, block.attn.out_proj_lora, block.mlp_lora):
-            counts.append(len(adapters))
-    return min(counts)
+    return min(adapter_count(block) for block in visual.transformer.resblocks)
 
 
 def _check_spans(spans: Sequence[ImageSpan], windows: Sequence[int], adapters: int,
@@ -358,14 +360,17 @@ def _unpatchable_reason(module: nn.Module) -> Optional[str]:
     blocks = getattr(visual.transformer, "resblocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         return "visual.transformer has no resblocks"
-    if not all(isinstance(block, FusedMonkeyBlock) for block in blocks):
-        return ("visual.transformer.resblocks are not all fused (they need per-tile adapter lists in_proj_lora / "
-                "out_proj_lora / mlp_lora that the monkey_block rule accepts)")
-    installed = visual.transformer.__dict__.get("forward")
-    if not (isinstance(installed, InstanceForward) and installed.function is fused_transformer_forward):
-        return "visual.transformer does not run the batched fused forward (monkey_transformer rule)"
-    if not _has_param(visual.forward, "idx"):
-        return "visual.forward takes no idx (not the Monkey VisionTransformer.forward(x, idx))"
+    if rule_of(visual.transformer) != "monkey_transformer" or not all(rule_of(b) == "monkey_block" for b in blocks):
+        return ("visual.transformer was not patched by the monkey_transformer / monkey_block rules (see their "
+                "entries): no batched encoder pass to run")
+    visual_forward, problem = class_forward(visual)
+    if problem is not None:
+        return f"visual: {problem}"
+    problem = (forward_parameters_problem(visual_forward, keywords=("idx",), first="x",
+                                          expected="Monkey's VisionTransformer.forward(x, idx=None)")
+               or only_forwarded_problem(visual_forward, "idx", "transformer"))
+    if problem is not None:
+        return f"visual: {problem}"
     original = type(module).forward
     if not (_has_param(original, "input_ids") and _has_param(original, "past_key_values")):
         return "forward takes no input_ids / past_key_values"
@@ -400,7 +405,10 @@ def _to_reference(module: nn.Module) -> nn.Module:
     return module
 
 
-MONKEY_VLM_RULE = register_rule(PatchRule(
+MONKEY_VLM_RULE = register_builtin_rule(PatchRule(
     "monkey_vlm", is_monkey_vlm, _to_fused, _to_reference,
     kinds={"vlm_one_encoder_pass": 1, "vlm_out_of_place_features": 1}, skip_reason=_skip_reason,
+    after=("monkey_block",),
+    description=("a Qwen-VL-style model (wte, drop, h, ln_f, config.visual['image_start_id']) whose visual is a "
+                 "Monkey VisionTransformer with forward(x, idx=None) and a transformer the rules above patch"),
 ))

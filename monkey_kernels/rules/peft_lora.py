@@ -1,9 +1,16 @@
-"""HuggingFace PEFT LoRA on ``patch_model``: every PEFT LoRA ``Linear`` runs the fused multi-LoRA op with its
-adapters stacked, and one call of the whole model can use a different adapter per batch row, in training too.
+"""HuggingFace PEFT LoRA towers (the ``peft_lora_linear`` rule): every PEFT LoRA ``Linear`` runs the fused
+multi-LoRA op with its adapters stacked, and one call of the whole model can use a different adapter per batch
+row, in training too.
+
+What it recognises: ``peft.tuners.lora.layer.Linear`` layers (by class: PEFT is never imported here; without
+PEFT loaded no such layer exists) over a plain ``nn.Linear`` with only plain LoRA adapters. Call contract: PEFT's
+``forward(x, *args, **kwargs)``, kept whole: the fused forward serves exactly the calls it can (no extra
+arguments, the input in the base weight's dtype, adapters not merged, one active adapter or a per-row
+selection) and hands every other call to PEFT's own ``forward``. Its fused forward:
+``x [B, ..., K] -> [B, ..., N]``, one ``multi_lora_linear`` over all rows with each row's adapter.
 
 Usage::
 
-    import monkey_kernels.peft_patch  # registers the "peft_lora_linear" rule (also done by monkey_kernels)
     report = patch_model(peft_model)          # report.skipped lists what stays a plain PEFT layer, and why
     with adapter_selection(peft_model, ["a", "__base__", "b"]):   # one entry per batch row (names or ids)
         out = peft_model(pixel_values=pixel_values)               # [3, ...] rows use a / base only / b
@@ -15,8 +22,9 @@ Design:
   children, same Parameters), only an instance ``forward`` is installed. So ``state_dict`` keys, PEFT's
   ``save_pretrained`` / ``set_adapter`` / ``add_adapter`` / ``delete_adapter``, and optimizers built before or
   after patching are all unaffected; ``unpatch_model`` removes the instance ``forward``.
-- The fused ``forward`` stacks the ``lora_A`` / ``lora_B`` weights of the adapters used by the current batch with
-  ``torch.stack`` (after zero-padding ranks to the largest one), so gradients flow to PEFT's own Parameters and
+- The fused ``forward`` stacks the ``lora_A`` / ``lora_B`` weights of the adapters used by the current batch
+  (:class:`~monkey_kernels.adapter_stack.AdapterStack`, zero-padding ranks to the largest one; cached without
+  autograd while the weights are unchanged), so gradients flow to PEFT's own Parameters and
   adapters not used by a batch get no gradient at all (``None``, as with PEFT). ``scale[a]`` is PEFT's
   ``scaling[a]`` (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA; also after ``set_scale``), read every call.
 - Row selection: :func:`set_adapter_rows` / :func:`adapter_selection` store ONE :class:`AdapterRows` holder on
@@ -57,12 +65,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from monkey_kernels.ops.segments import SegmentInfo
-
-from .fused_monkey import InstanceForward
-from .ops.checks import FLOAT_DTYPES, accumulation_dtype
-from .ops.multi_lora import multi_lora_linear
-from .patching import _RULE_ATTR, PatchOptions, PatchRule, register_rule
+from ..adapter_stack import AdapterStack, remap_adapter_ids
+from ..ops.checks import FLOAT_DTYPES, accumulation_dtype
+from ..ops.multi_lora import multi_lora_linear
+from ..ops.segments import SegmentInfo
+from ..patching import InstanceForward, PatchOptions, PatchRule, register_builtin_rule, rule_of
 
 __all__ = ["AdapterRows", "adapter_selection", "set_adapter_rows", "clear_adapter_rows", "peft_adapter_names",
            "fused_peft_linear_forward", "BASE_NAME", "RULE_NAME"]
@@ -72,8 +79,7 @@ RULE_NAME = "peft_lora_linear"
 _ROWS_ATTR = "_monkey_kernels_peft_rows"  # AdapterRows holder on fused layers
 _BACKEND_ATTR = "_monkey_kernels_peft_backend"
 _SELECTION_ATTR = "_monkey_kernels_peft_selection"  # on the model: (rows, hook handles, layers)
-_CONSTS_ATTR = "_monkey_kernels_peft_consts"  # per-layer cache of the scale / rank tensors
-_STACK_ATTR = "_monkey_kernels_peft_stack"  # per-layer cache of the stacked adapters for no-grad calls
+_STACK_ATTR = "_monkey_kernels_peft_stack"  # the layer's AdapterStack (its caches)
 
 # Bumped whenever this rule patches or unpatches a layer: cached layer lists of a model are then stale.
 _generation = 0
@@ -150,7 +156,7 @@ def _to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
 def _to_reference(module: nn.Module) -> nn.Module:
     global _generation
     _generation += 1
-    for attr in ("forward", _BACKEND_ATTR, _ROWS_ATTR, _CONSTS_ATTR, _STACK_ATTR):
+    for attr in ("forward", _BACKEND_ATTR, _ROWS_ATTR, _STACK_ATTR):
         module.__dict__.pop(attr, None)
     return module
 
@@ -237,11 +243,10 @@ class AdapterRows:
         key = (layer_adapters, per_row, x.device)
         hit = self._cache.get(key)
         if hit is None:
-            present = set(self.names)
-            used = tuple(a for a in layer_adapters if a in present)
-            index = {a: i for i, a in enumerate(used)}
-            ids = [index.get(n, -1) if n is not None else -1 for n in self.names]
-            hit = (used, SegmentInfo.from_batch(torch.tensor(ids, dtype=torch.int32), per_row).to(x.device))
+            index = {a: i for i, a in enumerate(layer_adapters)}
+            ids = torch.tensor([index.get(n, -1) if n is not None else -1 for n in self.names], dtype=torch.int32)
+            used, positions = remap_adapter_ids(ids)  # the layer's adapters some row uses, in layer order
+            hit = (tuple(layer_adapters[i] for i in used), SegmentInfo.from_batch(positions, per_row).to(x.device))
             self._cache[key] = hit
         return hit
 
@@ -287,7 +292,7 @@ def _peft_layers(model: nn.Module) -> Tuple[Tuple[nn.Module, ...], Tuple[nn.Modu
         return cached[1], cached[2]
     fused, unfused = [], []
     for module in model.modules():
-        if module.__dict__.get(_RULE_ATTR) == RULE_NAME:
+        if rule_of(module) == RULE_NAME:
             fused.append(module)
         elif _is_lora_layer(module):
             unfused.append(module)
@@ -361,75 +366,17 @@ def _dropout_p(layer: nn.Module, name: str) -> float:
     return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
-class _StackPadded(torch.autograd.Function):
-    """``[n, *shape]`` from ``n`` weights, each zero-padded at the end of dim ``dim`` to ``size``, in ``dtype``:
-    one allocation and one copy per weight (``F.pad`` + ``torch.stack`` cost two of each per adapter and layer,
-    as much as the layer's GEMMs at small sizes); the backward hands each weight its slice of the gradient."""
-
-    @staticmethod
-    def forward(ctx, dim: int, size: int, dtype: torch.dtype, *weights: torch.Tensor) -> torch.Tensor:
-        first = weights[0]
-        shape = list(first.shape)
-        shape[dim] = size
-        out = first.new_zeros((len(weights), *shape), dtype=dtype) if any(
-            w.shape[dim] != size for w in weights) else first.new_empty((len(weights), *shape), dtype=dtype)
-        for i, w in enumerate(weights):
-            out[i].narrow(dim, 0, w.shape[dim]).copy_(w)
-        ctx.dim = dim
-        ctx.meta = [(w.shape[dim], w.dtype) for w in weights]
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grads = tuple(grad[i].narrow(ctx.dim, 0, size).to(dtype) for i, (size, dtype) in enumerate(ctx.meta))
-        return (None, None, None) + grads
-
-
-def _padded(weight: torch.Tensor, pad: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    weight = torch.nn.functional.pad(weight, pad) if any(pad) else weight
-    return weight if weight.dtype == dtype else weight.to(dtype)
-
-
-def _stacked_weights(layer: nn.Module, used: Tuple[str, ...], ranks: List[int], dtype: torch.dtype):
-    """``(A [n, r_max, K], B [n, N, r_max])``, differentiable towards PEFT's Parameters. Without autograd (eval,
-    ``no_grad``) the stacks are cached per layer and reused while the weights are unchanged (same storage
-    and version counter: an optimizer step or any in-place edit bumps the version)."""
-    weights_a = [layer.lora_A[a].weight for a in used]
-    weights_b = [layer.lora_B[a].weight for a in used]
-    r_max = max(ranks)
-    differentiable = torch.is_grad_enabled() and any(w.requires_grad for w in weights_a + weights_b)
-    if torch.compiler.is_compiling():  # traced: plain differentiable ops, which the compiler fuses anyway
-        return (torch.stack([_padded(w, (0, 0, 0, r_max - w.shape[0]), dtype) for w in weights_a]),
-                torch.stack([_padded(w, (0, r_max - w.shape[1]), dtype) for w in weights_b]))
-    if differentiable or any(w.is_inference() for w in weights_a + weights_b):
-        return (_StackPadded.apply(0, r_max, dtype, *weights_a), _StackPadded.apply(1, r_max, dtype, *weights_b))
-    stamp = (used, dtype, tuple((w.data_ptr(), w._version) for w in weights_a + weights_b))
-    cached = layer.__dict__.get(_STACK_ATTR)
-    if cached is not None and cached[0] == stamp:
-        return cached[1], cached[2]
-    with torch.no_grad():
-        stacks = (_StackPadded.apply(0, r_max, dtype, *weights_a), _StackPadded.apply(1, r_max, dtype, *weights_b))
-    layer.__dict__[_STACK_ATTR] = (stamp,) + stacks
-    return stacks
-
-
-def _stack(layer: nn.Module, used: Tuple[str, ...], dtype: torch.dtype, device: torch.device):
-    """``(A [n, r_max, K], B [n, N, r_max], scale [n], ranks [n])`` of the adapters ``used``; ranks are padded
-    with zeros to ``r_max`` (the op also masks past ``ranks``), differentiable towards PEFT's Parameters."""
-    ranks = [layer.lora_A[a].weight.shape[0] for a in used]
-    lora_a, lora_b = _stacked_weights(layer, used, ranks, dtype)
-    cache = layer.__dict__.setdefault(_CONSTS_ATTR, {})
-    scales = tuple(float(layer.scaling[a]) for a in used)
-    scale_dtype = accumulation_dtype(dtype)  # float64 models keep alpha / r exact (it rarely is in float32)
-    key = (scales, tuple(ranks), device, scale_dtype)
-    consts = cache.get(key)
-    if consts is None:
-        if len(cache) > 32:
-            cache.clear()
-        consts = (torch.tensor(scales, dtype=scale_dtype, device=device),
-                  torch.tensor(ranks, dtype=torch.int32, device=device))
-        cache[key] = consts
-    return lora_a, lora_b, consts[0], consts[1]
+def _stack(layer: nn.Module, used: Tuple[str, ...], dtype: torch.dtype):
+    """``(A [n, r_max, K], B [n, N, r_max], scale [n], ranks [n])`` of the adapters ``used`` in ``dtype``; ranks are
+    padded with zeros to ``r_max`` (the op also masks past ``ranks``), differentiable towards PEFT's Parameters;
+    ``scale[a]`` is PEFT's ``scaling[a]``, read on every call, in the accumulation dtype (a float64 model keeps
+    alpha / r exact, which it rarely is in float32)."""
+    stack = layer.__dict__.get(_STACK_ATTR)
+    if stack is None:
+        stack = layer.__dict__[_STACK_ATTR] = AdapterStack()
+    return stack([layer.lora_A[a].weight for a in used], [layer.lora_B[a].weight for a in used],
+                 [float(layer.scaling[a]) for a in used], dtype=dtype, scale_dtype=accumulation_dtype(dtype),
+                 with_ranks=True)
 
 
 def fused_peft_linear_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -468,7 +415,7 @@ def fused_peft_linear_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs
                                  "before that adapter was added: unpatch_model and patch_model again")
     if not used:  # every row is base-only in this layer
         return base(x)
-    lora_a, lora_b, scale, ranks = _stack(layer, used, x.dtype, x.device)
+    lora_a, lora_b, scale, ranks = _stack(layer, used, x.dtype)
     probs = [_dropout_p(layer, a) for a in used] if layer.training else [0.0]
     lora_input, dropout_p = None, max(probs)
     if len(set(probs)) > 1:
@@ -484,5 +431,7 @@ def fused_peft_linear_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs
     )
 
 
-register_rule(PatchRule(RULE_NAME, _matches, _to_fused, _to_reference, kinds={"peft_lora_linear": 1},
-                        skip_reason=_skip_reason))
+PEFT_RULE = register_builtin_rule(PatchRule(
+    RULE_NAME, _matches, _to_fused, _to_reference, kinds={"peft_lora_linear": 1}, skip_reason=_skip_reason,
+    description="a PEFT LoRA Linear (peft.tuners.lora.layer.Linear) over an nn.Linear with plain LoRA adapters",
+))
