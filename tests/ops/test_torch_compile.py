@@ -126,7 +126,7 @@ def test_patched_model_trains_compiled_with_dropout():
 def test_patched_peft_model_compiles_without_graph_breaks():
     """A PEFT model patched in place, with one adapter (or none) per batch row: one graph, same output."""
     pytest.importorskip("peft")
-    from monkey_kernels.peft_patch import set_adapter_rows
+    from monkey_kernels import set_adapter_rows
     from helpers.peft_towers import ADAPTERS, make_peft, pixels
 
     model = make_peft("siglip")
