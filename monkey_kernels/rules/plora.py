@@ -34,7 +34,8 @@ and the text runs as base-only segments (``-1``); no gather, no scatter, no host
   per forward, built once as well. Eager: trimmed to exactly the runs (one small read of the run count per mask;
   free on CPU). Under ``torch.compile`` (no cache: the compiler sees plain device ops) and CUDA-graph capture:
   no host read, ``B * N`` segments (the runs, then empty ones; what the kernels pay for the empty tail is in the
-  README's PLoRA section).
+  README's PLoRA section). A mask made under ``torch.inference_mode`` has no version counter: it is not cached
+  (built per layer, by device ops, ``B * N`` segments), so an in-place edit of it is never missed.
 - Gradients: ``dW``, ``db``, ``dx`` over all rows; ``dPlora_A``, ``dPlora_B`` over the image rows only. A batch
   without an image token gives exact zero gradients (not ``None``) to ``Plora_A`` / ``Plora_B``, as the
   reference's zero-multiply branch does; unlike that branch, a NaN / inf of the LoRA on the first token does not
@@ -203,9 +204,11 @@ def mask_segments(im_mask: torch.Tensor, device: torch.device, true_adapter: int
 
     While compiling it is built afresh by device ops on every call (the compiler traces them; no Python cache
     inside a graph); under CUDA-graph capture it is built without a host read (``M`` segments) and cached for
-    the captured region apart from the eager (trimmed) one."""
+    the captured region apart from the eager (trimmed) one. An inference tensor (made under
+    ``torch.inference_mode``) has no version counter, so an in-place edit could not be seen: it is built afresh
+    on every call, without a host read."""
     trim = _host_read_allowed(device)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or im_mask.is_inference():
         return SegmentInfo.from_row_mask(im_mask, true_adapter=true_adapter, false_adapter=false_adapter,
                                          trim=False, device=device)
     key = (device, true_adapter, false_adapter, trim)

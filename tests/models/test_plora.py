@@ -225,6 +225,25 @@ def test_segments_are_built_once_per_forward(monkeypatch, checkpointing):
     assert len(calls) == 4
 
 
+def test_inference_mode_masks_are_never_stale(monkeypatch):
+    """A mask made under ``torch.inference_mode`` has no version counter: it is built per layer (never cached), so
+    editing it in place between two forwards gives the new mask's result."""
+    calls = count_builds(monkeypatch)
+    model = build().eval()
+    reference = copy.deepcopy(model)
+    patch_model(model, backend="native")
+    x = torch.randn(B, N, HIDDEN, dtype=torch.float64)
+    with torch.inference_mode():
+        mask = image_mask(MASKS["mixed"], N)
+        first = model(inputs_embeds=x, im_mask=mask).logits
+        assert len(calls) == 5  # one per PLoRA layer
+        mask.fill_(True)  # in place: no version bump for an inference tensor
+        second = model(inputs_embeds=x, im_mask=mask).logits
+        expected = reference(inputs_embeds=x, im_mask=mask).logits
+    torch.testing.assert_close(second, expected, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(first, second)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_gradient_checkpointing_with_dropout(form):
     """Reentrant checkpointing (the public code's): the recompute draws the same dropout masks (torch's RNG
