@@ -37,7 +37,6 @@ Results go to ``benchmarks/results/plora_<device>_<date>.json`` (+ ``.png``).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 import sys
@@ -188,7 +187,7 @@ def run_case(images: int, shapes: Dict, device, dtype, backends: Sequence[str], 
         return fn
 
     flops = flop_counts(shapes, rows, image_rows)
-    case = f"{images} image{'s' if images > 1 else ''} ({rows} tokens)"
+    case = f"{images} img, {rows} tok"
     results = []
     for mode, make in (("fwd", forward), ("fwd_bwd", forward_backward)):
         for model in models.values():
@@ -208,8 +207,6 @@ def run_case(images: int, shapes: Dict, device, dtype, backends: Sequence[str], 
                 row["target_met"] = row["roofline_ratio"] <= 1.05 and row["speedup_vs_reference"] > 1.0
                 row["patch_report"] = patch_reports[row["method"].replace("fused", "patched")]
             results.append(row)
-    del models, fused, reference, base
-    gc.collect()
     return results
 
 

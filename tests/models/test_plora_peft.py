@@ -145,8 +145,8 @@ def test_training_dropout_two_independent_masks(backend):
 
 
 def test_gradient_checkpointing_recipe():
-    """The recipe's training setup: frozen base, PEFT LoRA r = alpha = 64 (dropout 0.05 both), reentrant checkpointing with
-    ``enable_input_require_grads``, ``input_ids``-free ``inputs_embeds`` from the frozen embedding: the
+    """The recipe's training setup: frozen base, PEFT LoRA r = alpha = 64 (dropout 0.05 both), reentrant
+    checkpointing with ``enable_input_require_grads``, ``inputs_embeds`` from the frozen embedding: the
     checkpointed patched model gives the un-checkpointed patched model's gradients (same seed)."""
     model = peft_model(dropout=0.05, plora_dropout=0.05, r=64, alpha=64)  # finetune.py's LoraArguments
     model.train()
