@@ -67,7 +67,9 @@ zero-width base GEMM): exact in distribution, one more pass over the output. Wit
 merged adapters and other calls run PEFT's own forward (whose base layer call is the fused PLoRA forward).
 
 Patching is in place (:class:`~monkey_kernels.patching.InstanceForward`): same modules, Parameters, state-dict
-keys; PEFT's ``save_pretrained`` / ``from_pretrained`` and ``merge_and_unload`` are unchanged.
+keys; PEFT's ``save_pretrained`` / ``from_pretrained``, ``merge_adapter`` and ``merge_and_unload`` work unchanged
+(the model ``merge_and_unload`` returns keeps its PLoRAs fused; call ``unpatch_model`` on the PEFT model first
+for plain modules).
 """
 from __future__ import annotations
 

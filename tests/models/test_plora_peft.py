@@ -239,3 +239,20 @@ def test_peft_on_an_unfusable_plora_is_skipped_with_both_reasons():
         report = patch_model(model, strict=False)
     reasons = {rule: reason for _, rule, reason in report.skipped}
     assert "takes mem_mask" in reasons[RULE_NAME] and "base layer PLoRA" in reasons[PEFT_RULE_NAME]
+
+
+def test_merge_and_unload_of_a_patched_model():
+    """PEFT's ``merge_adapter`` (PEFT's forward while merged) and ``merge_and_unload`` (the adapter added into the
+    PLoRA's own weight; the PLoRA stays, still fused) give the unmerged outputs."""
+    model = peft_model().eval()
+    patch_model(model, backend="native")
+    x = torch.randn(B, N, HIDDEN, dtype=torch.float64)
+    mask = image_mask(MASKS["mixed"], N)
+    with torch.no_grad():
+        expected = model(inputs_embeds=x, im_mask=mask).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(inputs_embeds=x, im_mask=mask).logits, expected, rtol=1e-10, atol=1e-12)
+        model.unmerge_adapter()
+        merged = model.merge_and_unload()
+        assert all(rule_of(m) == RULE_NAME for m in merged.modules() if isinstance(m, PLoRA))
+        torch.testing.assert_close(merged(inputs_embeds=x, im_mask=mask).logits, expected, rtol=1e-10, atol=1e-12)
