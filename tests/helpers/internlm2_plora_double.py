@@ -53,8 +53,11 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from helpers.accuracy import rel_err
+
 __all__ = ["InternLM2Config", "PLoRA", "PLoRAIXC2", "InternLM2Model", "InternLM2ForCausalLM", "tiny_config",
-           "PLORA_TARGETS", "plora_layers", "image_mask"]
+           "PLORA_TARGETS", "plora_layers", "image_mask", "build", "run", "assert_same_results", "MASKS", "B", "N",
+           "HIDDEN"]
 
 #: PEFT target modules of InternLM-XComposer's fine-tuning recipe (finetune.py's LoraArguments)
 PLORA_TARGETS = ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
@@ -402,3 +405,55 @@ def image_mask(spans_per_row, seq_len: int, device=None) -> torch.Tensor:
         for start, end in spans:
             mask[row, start:min(end, seq_len)] = True
     return mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test utilities shared by tests/models/test_plora*.py
+# ---------------------------------------------------------------------------------------------------------
+B, N, HIDDEN = 3, 12, 32
+
+
+def build(form: str = "ixc2d5", dtype=torch.float64, dropout: float = 0.0, layers: int = 1, bias: bool = False,
+          **overrides) -> InternLM2ForCausalLM:
+    """A tiny InternLM2 with PLoRA everywhere; 4KHD-like ``wqkv`` (rank 2, alpha 4: scale 2), the rest rank 8,
+    alpha 8; every weight N(0, 0.02) but ``Plora_B`` drawn larger, so the image rows differ clearly."""
+    config = tiny_config(plora_form=form, hidden_size=HIDDEN, intermediate_size=48, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=layers, plora_r=8, plora_alpha=8, wqkv_lora_r=2,
+                         wqkv_lora_alpha=4, plora_dropout=dropout, bias=bias, **overrides)
+    model = InternLM2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in plora_layers(model).values():
+            layer.Plora_B.weight.normal_(0, 0.2)
+            if layer.bias is not None:
+                layer.bias.normal_(0, 0.1)
+    return model.to(dtype)
+
+
+MASKS = {
+    # several spans in row 0, a span at the start of row 1, row 2 all text; the last tokens are text (padding)
+    "mixed": [[(1, 4), (6, 9)], [(0, 5)], []],
+    "all_text": [[], [], []],
+    "all_image": [[(0, N)], [(0, N)], [(0, N)]],
+    "cut_at_end": [[(8, 40)], [(2, 3), (5, 7), (11, 30)], [(0, 1)]],
+}
+
+
+def run(model: nn.Module, x: torch.Tensor, mask, grad_weights: torch.Tensor, **kwargs):
+    """``(logits, d inputs_embeds, {name: grad})`` of ``sum(logits * grad_weights)``."""
+    model.zero_grad(set_to_none=True)
+    embeds = x.detach().clone().requires_grad_()
+    logits = model(inputs_embeds=embeds, im_mask=mask, **kwargs).logits
+    (logits * grad_weights).sum().backward()
+    return logits.detach(), embeds.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_results(got, want, rel: float) -> None:
+    assert rel_err(got[0], want[0]) <= rel, ("logits", rel_err(got[0], want[0]))
+    assert rel_err(got[1], want[1]) <= rel, ("inputs_embeds grad", rel_err(got[1], want[1]))
+    assert got[2].keys() == want[2].keys()
+    for name, grad in want[2].items():
+        assert (got[2][name] is None) == (grad is None), name
+        if grad is not None and grad.abs().max() > 0:
+            assert rel_err(got[2][name], grad) <= rel, (name, rel_err(got[2][name], grad))
+        elif grad is not None:
+            assert torch.equal(got[2][name].double().cpu(), grad.double().cpu()), name

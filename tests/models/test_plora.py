@@ -16,62 +16,14 @@ from torch import nn
 pytest.importorskip("transformers")
 
 from conftest import available_backends, kernel_device  # noqa: E402
-from helpers.accuracy import rel_err  # noqa: E402
 from helpers.internlm2_plora_double import (  # noqa: E402
-    PLoRA, PLoRAIXC2, InternLM2ForCausalLM, image_mask, plora_layers, tiny_config,
+    HIDDEN, MASKS, B, N, PLoRA, PLoRAIXC2, assert_same_results, build, image_mask, plora_layers, run,
 )
 from monkey_kernels import SegmentInfo, dropout_keep_mask  # noqa: E402
 from monkey_kernels.patching import NothingToPatchError, patch_model, rule_of, unpatch_model  # noqa: E402
 from monkey_kernels.rules.plora import RULE_NAME  # noqa: E402
 
 FORMS = ["ixc2", "ixc2d5"]
-B, N, HIDDEN = 3, 12, 32
-
-
-def build(form: str = "ixc2d5", dtype=torch.float64, dropout: float = 0.0, layers: int = 1, bias: bool = False,
-          **overrides) -> InternLM2ForCausalLM:
-    """A tiny InternLM2 with PLoRA everywhere; 4KHD-like ``wqkv`` (rank 2, alpha 4: scale 2), the rest rank 8,
-    alpha 8; every weight N(0, 0.02) but ``Plora_B`` drawn larger, so the image rows differ clearly."""
-    config = tiny_config(plora_form=form, hidden_size=HIDDEN, intermediate_size=48, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=layers, plora_r=8, plora_alpha=8, wqkv_lora_r=2,
-                         wqkv_lora_alpha=4, plora_dropout=dropout, bias=bias, **overrides)
-    model = InternLM2ForCausalLM(config)
-    with torch.no_grad():
-        for layer in plora_layers(model).values():
-            layer.Plora_B.weight.normal_(0, 0.2)
-            if layer.bias is not None:
-                layer.bias.normal_(0, 0.1)
-    return model.to(dtype)
-
-
-MASKS = {
-    # several spans in row 0, a span at the start of row 1, row 2 all text; the last tokens are text (padding)
-    "mixed": [[(1, 4), (6, 9)], [(0, 5)], []],
-    "all_text": [[], [], []],
-    "all_image": [[(0, N)], [(0, N)], [(0, N)]],
-    "cut_at_end": [[(8, 40)], [(2, 3), (5, 7), (11, 30)], [(0, 1)]],
-}
-
-
-def run(model: nn.Module, x: torch.Tensor, mask, grad_weights: torch.Tensor, **kwargs):
-    """``(logits, d inputs_embeds, {name: grad})`` of ``sum(logits * grad_weights)``."""
-    model.zero_grad(set_to_none=True)
-    embeds = x.detach().clone().requires_grad_()
-    logits = model(inputs_embeds=embeds, im_mask=mask, **kwargs).logits
-    (logits * grad_weights).sum().backward()
-    return logits.detach(), embeds.grad, {n: p.grad for n, p in model.named_parameters()}
-
-
-def assert_same_results(got, want, rel: float) -> None:
-    assert rel_err(got[0], want[0]) <= rel, ("logits", rel_err(got[0], want[0]))
-    assert rel_err(got[1], want[1]) <= rel, ("inputs_embeds grad", rel_err(got[1], want[1]))
-    assert got[2].keys() == want[2].keys()
-    for name, grad in want[2].items():
-        assert (got[2][name] is None) == (grad is None), name
-        if grad is not None and grad.abs().max() > 0:
-            assert rel_err(got[2][name], grad) <= rel, (name, rel_err(got[2][name], grad))
-        elif grad is not None:
-            assert torch.equal(got[2][name].double().cpu(), grad.double().cpu()), name
 
 
 @pytest.mark.parametrize("backend", available_backends())

@@ -17,11 +17,12 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 from conftest import available_backends, kernel_device  # noqa: E402
 from helpers.accuracy import rel_err  # noqa: E402
-from helpers.internlm2_plora_double import PLORA_TARGETS, PLoRA, PLoRAIXC2, image_mask  # noqa: E402
+from helpers.internlm2_plora_double import (  # noqa: E402
+    HIDDEN, MASKS, PLORA_TARGETS, B, N, PLoRA, PLoRAIXC2, assert_same_results, build, image_mask, run,
+)
 from monkey_kernels import adapter_selection, dropout_keep_mask  # noqa: E402
 from monkey_kernels.patching import patch_model, rule_of, unpatch_model  # noqa: E402
 from monkey_kernels.rules.plora import PEFT_RULE_NAME, RULE_NAME  # noqa: E402
-from test_plora import HIDDEN, MASKS, B, N, assert_same_results, build, run  # noqa: E402
 
 
 def peft_model(form: str = "ixc2d5", dtype=torch.float64, dropout: float = 0.0, plora_dropout: float = 0.0,
