@@ -257,3 +257,22 @@ def test_merge_and_unload_of_a_patched_model():
         merged = model.merge_and_unload()
         assert all(rule_of(m) == RULE_NAME for m in merged.modules() if isinstance(m, PLoRA))
         torch.testing.assert_close(merged(inputs_embeds=x, im_mask=mask).logits, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_compiles_fullgraph_with_peft_stacked():
+    """``torch.compile(fullgraph=True)`` of the PEFT model: the one-pass path in eval, the two-call path with both
+    dropouts in training (same seed: same masks), the eager outputs."""
+    model = peft_model(dtype=torch.float32, dropout=0.1, plora_dropout=0.1)
+    patch_model(model, backend="torch")
+    x = torch.randn(B, N, HIDDEN)
+    mask = image_mask(MASKS["mixed"], N)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for training in (False, True):
+        model.train(training)
+        outputs = []
+        for fn in (model, compiled):
+            torch.manual_seed(4)
+            with torch.set_grad_enabled(training):
+                outputs.append(fn(inputs_embeds=x, im_mask=mask).logits)
+        torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
