@@ -52,6 +52,8 @@ BENCHMARKS: Dict[str, tuple] = {
     "monkey_vlm": ("bench_monkey_vlm", ["--quick"]),
     "processor": ("bench_processor", ["--quick"]),
     "mixed_resolution": ("bench_mixed_resolution", ["--quick"]),
+    # InternLM-XComposer's Partial LoRA: one decoder layer's five linears, gather/scatter reference vs fused
+    "plora": ("bench_plora", ["--quick"]),
 }
 
 _DTYPES = ("fp32", "bf16", "fp16")
