@@ -474,7 +474,8 @@ def fused_lora_gemm(
         R_BLOCK=h.shape[1] if has_lora else 16,
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None, LORA_DROPOUT=has_lora and dropout_p > 0.0,
-        BASE_PRECISION=_dot_precision(out_dtype), LORA_PRECISION=_dot_precision(out_dtype),
+        BASE_PRECISION=_dot_precision(x.dtype if has_base else out_dtype),
+        LORA_PRECISION=_dot_precision(expand.dtype if has_lora else out_dtype),
         UPCAST=has_base and _interpreter_upcast(x.dtype),
     )
     return out
