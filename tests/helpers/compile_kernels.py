@@ -70,13 +70,21 @@ def variants():
 
 
 def slp_variants():
-    for dtype in ("float32", "float16", "bfloat16"):
-        for config in slp_kernels._embed_configs()[:1] if LEAN else slp_kernels._embed_configs():
-            yield (f"slp_embed {dtype} {config.kwargs} w{config.num_warps}", "_slp_embed_kernel",
+    # (table / output dtype, projection dtype): the projection in a half dtype with the box rows rounded to it is
+    # the autocast case (fp32 table, bf16 / fp16 nn.Linear)
+    dtypes = [("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"), ("float32", "bfloat16"),
+              ("float32", "float16")]
+    for dtype, proj in dtypes:
+        configs = slp_kernels._embed_configs()
+        for config in configs[:1] if LEAN or dtype != proj else configs:
+            round_box = dtype != proj
+            yield (f"slp_embed {dtype}{f' proj={proj} round_box' if round_box else ''} {config.kwargs} "
+                   f"w{config.num_warps}", "_slp_embed_kernel",
                    {"out_ptr": dtype, "kind_ptr": "int32", "src_ptr": "int32", "table_ptr": dtype,
-                    "boxes_ptr": "float32", "sizes_ptr": "float32", "w_ptr": dtype, "bias_ptr": dtype,
-                    "feat_ptr": dtype},
-                   dict(HAS_SIZES=True, HAS_BIAS=True, HAS_IMAGE=True, **config.kwargs),
+                    "boxes_ptr": proj if round_box else "float32", "sizes_ptr": "float32", "w_ptr": proj,
+                    "bias_ptr": proj, "feat_ptr": dtype},
+                   dict(HAS_SIZES=not round_box, HAS_BIAS=True, HAS_IMAGE=True, ROUND_BOX=round_box,
+                        **config.kwargs),
                    config.num_warps, config.num_stages)
 
 
