@@ -23,7 +23,7 @@ Dropout keeps element ``(row, col)`` of the LoRA input iff ``tl.rand(seed, row *
 function of the seed, regenerated in backward, never stored.
 
 Ranks up to 256 (Partial LoRA's): no kernel holds a whole ``R_BLOCK``-wide tile. The rank is cut into chunks of
-``R_CHUNK = rank_chunk(R_BLOCK, kernel)`` columns (64; 128 in the outer product): the shrink and the outer product
+``R_CHUNK = rank_chunk(R_BLOCK, kernel)`` columns (64; 32 in the outer product): the shrink and the outer product
 give each chunk its own program (a grid axis; the shrink's chunks past an adapter's rank store zeros without a pass
 over ``K``), the fused GEMM's epilogue loops over the chunks of each segment's rank. A rank block within one chunk
 compiles to the unchunked kernels (no loop).
@@ -56,9 +56,10 @@ __all__ = [
 
 
 #: The widest rank chunk each kernel holds at once (registers: its [BLOCK, R_CHUNK] fp32 accumulator or H tile;
-#: shared memory: the chunk's operand tiles), chosen on the sm_90 compile report (README): the grouped outer
-#: product keeps rank 128 whole (no spill there), the shrink and the GEMM epilogue take 64 columns at a time.
-RANK_CHUNK = {"shrink": 64, "gemm": 64, "outer": 128}
+#: shared memory: the chunk's operand tiles), chosen on the sm_90 compile report (README): the shrink and the GEMM
+#: epilogue take 64 columns at a time, the grouped outer product 32 (wider chunks spill there, 64 in bf16, 128 in
+#: fp32 with dropout).
+RANK_CHUNK = {"shrink": 64, "gemm": 64, "outer": 32}
 
 
 def rank_chunk(r_block: int, kernel: str) -> int:
