@@ -374,3 +374,42 @@ def test_slp_compiled_fullgraph_under_autocast_equals_eager(backend):
     torch.testing.assert_close(out_comp, out_eager, rtol=0, atol=0)
     for got, want in zip(grads_comp, grads_eager):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the modules
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_modules_under_autocast_follow_the_ops(backend):
+    """``MultiLoRALinear`` and ``FusedSLPEmbedding`` with fp32 Parameters in an autocast region: the op's policy
+    (outputs bf16 / the table's dtype), fp32 gradients on every Parameter, the reference's outputs for the SLP."""
+    from helpers.slp_models import slp_inputs
+    from monkey_kernels import FusedSLPEmbedding, MultiLoRALinear
+    from monkey_kernels.ops.slp.reference import SLPEmbeddingRef, SpatialLayoutProjector
+
+    device = kernel_device(backend)
+    layer = MultiLoRALinear(16, 12, num_adapters=3, rank=4, backend=backend).to(device)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(3, 5, 16, device=device, requires_grad=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = layer(x, [2, -1, 0])
+        expected = multi_lora_linear(x, layer.weight, layer.bias, layer.lora_a, layer.lora_b, layer.lora_scale,
+                                     [2, -1, 0], backend=backend)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+    reference = SLPEmbeddingRef(torch.nn.Embedding(12, 8), SpatialLayoutProjector(8), 0, 11).to(device)
+    fused = FusedSLPEmbedding(reference.embed_tokens, reference.projector, 0, 11, backend=backend)
+    inputs = slp_inputs(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = fused(inputs["input_ids"], inputs["boxes"], None, inputs["image_features"])
+        want = reference(inputs["input_ids"], inputs["boxes"], None, inputs["image_features"])
+    assert got.dtype == want.dtype == torch.float32
+    # the interpreter rounds fp32 -> bf16 toward zero: one bf16 unit on the box rows there
+    tolerance = 2**-7 if backend == "triton" else 0.0
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    got.square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fused.parameters())
