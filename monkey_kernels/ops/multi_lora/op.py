@@ -79,36 +79,30 @@ def _linear_forward(
 
     Runs with autocast off (:func:`~monkey_kernels.ops.autocast.autocast_excluded`): the caller applied the policy.
     """
+    # no frame of its own (the frames from a patched block down to a kernel are counted: tests/tools)
+    seed, out_dtype = int(seed), u.dtype if out_dtype is None else out_dtype
     with autocast_excluded():
-        return _linear_forward_steps(u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, seg_indptr,
-                                     adapter_ids, row_segment, row_adapter, segment_length, r_block, dropout_p,
-                                     int(seed), backend, need_h, u.dtype if out_dtype is None else out_dtype)
-
-
-def _linear_forward_steps(u, v, weight, bias, lora_a, lora_b, scale, residual, ranks, seg_indptr, adapter_ids,
-                          row_segment, row_adapter, segment_length, r_block, dropout_p, seed: int, backend, need_h,
-                          out_dtype):
-    segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
-    prims = implementation("multi_lora", backend)
-    lora_in = u if v is None else v
-    if not _has_lora(lora_a):
-        y = prims.fused_gemm(u, weight, bias, None, None, None, residual, segments, ranks,
-                             out_features=weight.shape[0], out_dtype=out_dtype)
-        return y, u.new_zeros((u.shape[0], r_block if need_h else 0), dtype=accumulation_dtype(u.dtype))
-    if _merged_path(prims, segments, v, dropout_p, u.dtype):
-        # H comes out of the same pass over U as Y (segment by segment, while U is in cache)
-        y, h, _ = prims.merged_linear(u, weight, bias, lora_a, lora_b, scale, residual, segments, ranks,
-                                      out_dtype=out_dtype, r_block=r_block if need_h else 0)
-    else:
-        h = prims.shrink(lora_in, lora_a, segments, ranks, r_block, dropout_p=dropout_p, seed=seed)
-        h = _rounded_like_reference(h, u.dtype)
-        y = prims.fused_gemm(
-            u, weight, bias, h, lora_b, scale, residual, segments, ranks,
-            out_features=weight.shape[0], out_dtype=out_dtype,
-        )
-    if not need_h:
-        h = u.new_empty((u.shape[0], 0), dtype=accumulation_dtype(u.dtype))
-    return y, h
+        segments = _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length)
+        prims = implementation("multi_lora", backend)
+        lora_in = u if v is None else v
+        if not _has_lora(lora_a):
+            y = prims.fused_gemm(u, weight, bias, None, None, None, residual, segments, ranks,
+                                 out_features=weight.shape[0], out_dtype=out_dtype)
+            return y, u.new_zeros((u.shape[0], r_block if need_h else 0), dtype=accumulation_dtype(u.dtype))
+        if _merged_path(prims, segments, v, dropout_p, u.dtype):
+            # H comes out of the same pass over U as Y (segment by segment, while U is in cache)
+            y, h, _ = prims.merged_linear(u, weight, bias, lora_a, lora_b, scale, residual, segments, ranks,
+                                          out_dtype=out_dtype, r_block=r_block if need_h else 0)
+        else:
+            h = prims.shrink(lora_in, lora_a, segments, ranks, r_block, dropout_p=dropout_p, seed=seed)
+            h = _rounded_like_reference(h, u.dtype)
+            y = prims.fused_gemm(
+                u, weight, bias, h, lora_b, scale, residual, segments, ranks,
+                out_features=weight.shape[0], out_dtype=out_dtype,
+            )
+        if not need_h:
+            h = u.new_empty((u.shape[0], 0), dtype=accumulation_dtype(u.dtype))
+        return y, h
 
 
 multi_lora_linear_fwd = torch.library.custom_op("monkey_kernels::multi_lora_linear_fwd", mutates_args=())(
@@ -169,37 +163,30 @@ def _linear_backward(
     dtype (a reference LoRA module in that dtype holds it so: an fp16 overflow there is an inf here too), and
     ``dA``, ``dV`` read it unscaled; ``ds`` reads the unrounded fp32 ``G``.
     """
-    with autocast_excluded():
-        return _linear_backward_steps(grad_out, u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr,
-                                      adapter_ids, row_segment, row_adapter, segment_length, r_block, dropout_p,
-                                      seed, backend, needs)
-
-
-def _linear_backward_steps(grad_out, u, v, weight, lora_a, lora_b, scale, h, ranks, seg_indptr, adapter_ids,
-                           row_segment, row_adapter, segment_length, r_block, dropout_p, seed, backend, needs):
-    need = _Needs(*needs)
-    p = _BackwardPass(implementation("multi_lora", backend),
-                      _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length),
-                      ranks, scale, r_block, dropout_p, int(seed))
-    dy = grad_out.contiguous()
-    if not _has_lora(lora_a):  # no adapter, or rank 0: the LoRA terms and their gradients are zero
-        return _base_only_gradients(p, need, dy, u, v, weight, lora_a, lora_b)
-    if (need.b or need.scale) and h.shape[1] == 0:
-        raise RuntimeError("multi_lora_linear_bwd: dB / dscale wanted but the forward ran with need_h=False")
-    merged = need.u and _merged_path(p.prims, p.segments, v, dropout_p, u.dtype)
-    need_g = need.a or need.v or need.scale or (need.u and not merged)
-    g, merged_u, merged_b = _shrink_grad_out(p, need, dy, weight, lora_a, lora_b, h, u.dtype, merged, need_g)
-    grad_scale = _scale_gradient(p, g, h, lora_a.shape[0]) if need.scale else None
-    # dH = s G, and the scale the kernels reading it apply (None: dH formed here, rounded like the reference's)
-    dh, dh_scale = g, p.scale
-    if g is not None and u.dtype in HALF_DTYPES and (need.a or need.v or (need.u and not merged)):
-        dh, dh_scale = _rounded_lora_gradient(p, g, u.dtype), None
-    grad_a, outer_b = _adapter_gradients(p, need, dy, h, dh, dh_scale, u if v is None else v, lora_a, lora_b,
-                                         need_b=need.b and not merged)
-    grad_u, grad_v = _input_gradients(p, need, dy, weight, dh, dh_scale, lora_a, u, v, merged)
-    grads = (merged_u if merged else grad_u, grad_v, grad_a, merged_b if merged else outer_b, grad_scale)
-    # one placeholder each for the gradients not computed: outputs of a custom op may not alias one another
-    return [t if t is not None else dy.new_empty(0) for t in grads]
+    with autocast_excluded():  # no frame of its own (see the forward)
+        need = _Needs(*needs)
+        p = _BackwardPass(implementation("multi_lora", backend),
+                          _segments_from_tensors(seg_indptr, adapter_ids, row_segment, row_adapter, segment_length),
+                          ranks, scale, r_block, dropout_p, int(seed))
+        dy = grad_out.contiguous()
+        if not _has_lora(lora_a):  # no adapter, or rank 0: the LoRA terms and their gradients are zero
+            return _base_only_gradients(p, need, dy, u, v, weight, lora_a, lora_b)
+        if (need.b or need.scale) and h.shape[1] == 0:
+            raise RuntimeError("multi_lora_linear_bwd: dB / dscale wanted but the forward ran with need_h=False")
+        merged = need.u and _merged_path(p.prims, p.segments, v, dropout_p, u.dtype)
+        need_g = need.a or need.v or need.scale or (need.u and not merged)
+        g, merged_u, merged_b = _shrink_grad_out(p, need, dy, weight, lora_a, lora_b, h, u.dtype, merged, need_g)
+        grad_scale = _scale_gradient(p, g, h, lora_a.shape[0]) if need.scale else None
+        # dH = s G, and the scale the kernels reading it apply (None: dH formed here, rounded like the reference's)
+        dh, dh_scale = g, p.scale
+        if g is not None and u.dtype in HALF_DTYPES and (need.a or need.v or (need.u and not merged)):
+            dh, dh_scale = _rounded_lora_gradient(p, g, u.dtype), None
+        grad_a, outer_b = _adapter_gradients(p, need, dy, h, dh, dh_scale, u if v is None else v, lora_a, lora_b,
+                                             need_b=need.b and not merged)
+        grad_u, grad_v = _input_gradients(p, need, dy, weight, dh, dh_scale, lora_a, u, v, merged)
+        grads = (merged_u if merged else grad_u, grad_v, grad_a, merged_b if merged else outer_b, grad_scale)
+        # one placeholder each for the gradients not computed: outputs of a custom op may not alias one another
+        return [t if t is not None else dy.new_empty(0) for t in grads]
 
 
 class _Needs(NamedTuple):
