@@ -63,6 +63,7 @@ __all__ = [
     "monkey_vlm_forward",
     "forward_with_image_features",
     "is_monkey_vlm",
+    "looks_like_qwen_vl",
     "MONKEY_VLM_RULE",
 ]
 
@@ -358,8 +359,10 @@ def _image_start_id(module: nn.Module) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _looks_like_monkey_vlm(module: nn.Module) -> bool:
-    """A Qwen-VL-style model with a vision tower: what the rule reports on when it cannot patch it."""
+def looks_like_qwen_vl(module: nn.Module) -> bool:
+    """A Qwen-VL-style model with a vision tower (``visual`` with ``encode``, ``config.visual['image_start_id']``,
+    ``wte`` / ``drop`` / ``h`` / ``ln_f``): what the Monkey and TextMonkey VLM rules report on when they cannot
+    patch it."""
     visual = getattr(module, "visual", None)
     return (isinstance(visual, nn.Module) and callable(getattr(visual, "encode", None))
             and _image_start_id(module) is not None
@@ -406,12 +409,12 @@ def _unpatchable_reason(module: nn.Module) -> Optional[str]:
 def is_monkey_vlm(module: nn.Module) -> bool:
     """Whether ``module`` is a Monkey VLM (``MonkeyModel``-like) the ``monkey_vlm`` rule patches, judged by
     structure, with its vision blocks already fused."""
-    return (not isinstance(module.__dict__.get("forward"), MonkeyVLMForward) and _looks_like_monkey_vlm(module)
+    return (not isinstance(module.__dict__.get("forward"), MonkeyVLMForward) and looks_like_qwen_vl(module)
             and _unpatchable_reason(module) is None)
 
 
 def _skip_reason(module: nn.Module) -> Optional[str]:
-    if isinstance(module.__dict__.get("forward"), MonkeyVLMForward) or not _looks_like_monkey_vlm(module):
+    if isinstance(module.__dict__.get("forward"), MonkeyVLMForward) or not looks_like_qwen_vl(module):
         return None
     return _unpatchable_reason(module)
 
