@@ -176,8 +176,7 @@ class ImageTransform:
 
     def __init__(self, size, mean=CLIP_MEAN, std=CLIP_STD) -> None:
         self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)  # floats: transformers builds models on the meta device
 
     def __call__(self, image) -> torch.Tensor:
         from PIL import Image
@@ -193,7 +192,9 @@ class ImageTransform:
             image = image.resize((width, height), Image.BICUBIC)
         array = np.asarray(image, dtype=np.uint8).copy()
         tensor = torch.from_numpy(array).permute(2, 0, 1).float().div(255.0)
-        return (tensor - self.mean) / self.std
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (tensor - mean) / std
 
 
 # ---------------------------------------------------------------------------------------------------------
