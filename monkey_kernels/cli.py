@@ -52,6 +52,7 @@ BENCHMARKS: Dict[str, tuple] = {
     "monkey_vlm": ("bench_monkey_vlm", ["--quick"]),
     "processor": ("bench_processor", ["--quick"]),
     "mixed_resolution": ("bench_mixed_resolution", ["--quick"]),
+    "textmonkey": ("bench_textmonkey", ["--quick"]),
 }
 
 _DTYPES = ("fp32", "bf16", "fp16")
