@@ -410,3 +410,30 @@ def test_a_user_copy_that_changes_the_window_loop_is_skipped():
         assert rel_err(model(images, lora_idx=4, add_window=True), reference(images, lora_idx=4, add_window=True)) \
             <= 1e-12
         assert counts["blocks"][0] == LAYERS
+
+
+def test_benchmark_runs_and_counts_block_calls(tmp_path):
+    """The benchmark script (one harness, one schema) on its quick case: outputs checked against the reference,
+    block calls per encode 4 layers x (4 windows + 1 global view) vs one per layer."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    bench = importlib.import_module("benchmarks.bench_textmonkey")
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main(["--device", "cpu", "--quick", "--rounds", "1", "--backends", "torch", "--no-plot",
+                             "--out", str(tmp_path / "textmonkey.json")])
+        with pytest.raises(SystemExit):
+            bench.main(["--device", "cpu", "--release", "--no-plot", "--out", str(tmp_path / "x.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "textmonkey.json").exists() and result["bench"] == "textmonkey"
+    rows = {(r["method"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(m, mode) for m in ("reference", "patched") for mode in ("inference", "train_step")}
+    assert rows[("reference", "inference")]["block_calls_per_encode"] == 4 * 5
+    assert rows[("patched", "inference")]["block_calls_per_encode"] == 4
+    assert rows[("patched", "inference")]["rel_diff_to_reference"] < 1e-5
