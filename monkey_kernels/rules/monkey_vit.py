@@ -62,6 +62,7 @@ __all__ = [
     "batched_model_forward",
     "batched_views_forward",
     "run_blocks",
+    "fuse_block",
     "adapter_ids_for",
     "block_contract_problem",
     "transformer_problem",
@@ -427,9 +428,16 @@ def _block_skip_reason(module: nn.Module) -> Optional[str]:
             f"{_TRANSFORMER_CALL}); a fused block is only called by that fused loop")
 
 
+def fuse_block(block: nn.Module, backend: Optional[str] = None, allow_empty: bool = False) -> nn.Module:
+    """A :class:`FusedMonkeyBlock` over ``block``'s own submodules, in ``block``'s train / eval mode (shared by the
+    Monkey and TextMonkey block rules; ``allow_empty``: empty adapter lists, TextMonkey's ``lora_repeat_num=0``)."""
+    return fused_block_class()(block, _num_heads(block.attn), backend=backend,
+                               allow_empty=allow_empty).train(block.training)
+
+
 def _block_to_fused(block: nn.Module, options: PatchOptions) -> nn.Module:
     # The claim stays on the reference block: the transformer's to_reference drops it after the block's.
-    return fused_block_class()(block, _num_heads(block.attn), backend=options.backend).train(block.training)
+    return fuse_block(block, options.backend)
 
 
 def _monkey_vision_model_class() -> Optional[type]:

@@ -72,7 +72,7 @@ from torch import nn
 from ..call_contract import ANY_DEFAULT, attributes_used_problem, class_forward, forward_parameters_problem
 from ..monkey_structure import adapter_count, adapter_lists, block_problem, fusion_problem
 from ..patching import InstanceForward, PatchOptions, PatchRule, register_builtin_rule, rule_of
-from .monkey_vit import _num_heads, fused_block_class, run_blocks
+from .monkey_vit import fuse_block, run_blocks
 
 __all__ = [
     "WINDOW_PATCHES",
@@ -278,7 +278,7 @@ def fused_transformer_forward(self, x, attn_mask: Optional[torch.Tensor] = None,
     k = 0
     for row in x:
         for j in range(len(row)):
-            row[j] = out[k].transpose(0, 1)
+            row[j] = out[k].transpose(0, 1).contiguous()  # [tokens, B, width], as the original's blocks return
             k += 1
     return x
 
@@ -529,8 +529,7 @@ def _block_skip_reason(module: nn.Module) -> Optional[str]:
 
 
 def _block_to_fused(block: nn.Module, options: PatchOptions) -> nn.Module:
-    fused = fused_block_class()(block, _num_heads(block.attn), backend=options.backend, allow_empty=True)
-    return fused.train(block.training)
+    return fuse_block(block, options.backend, allow_empty=True)
 
 
 def _looks_like_encoder(module: nn.Module) -> bool:
