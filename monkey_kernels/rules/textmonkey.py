@@ -129,6 +129,9 @@ class WindowGrid:
     patches`` (window ``k = i * cols + j``; ``count`` of them)."""
 
     def __init__(self, batch: int, height: int, width: int, patches: int) -> None:
+        for name, value in (("batch", batch), ("height", height), ("width", width), ("patches", patches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.batch, self.height, self.width, self.patches = batch, height, width, patches
         self.rows, self.cols = height // patches, width // patches
 
@@ -144,6 +147,10 @@ class WindowGrid:
 def grid_to_window_rows(grid: torch.Tensor, layout: WindowGrid) -> torch.Tensor:
     """``[B, C, H, W]`` -> ``[windows * B, patches ** 2, C]``: row ``k * B + b`` is window ``k`` of image ``b``,
     its tokens row-major (the original's ``reshape(B, C, -1).permute(0, 2, 1)`` of each window)."""
+    if grid.dim() != 4 or (grid.shape[0], *grid.shape[2:]) != (layout.batch, layout.height, layout.width) \
+            or layout.height % layout.patches or layout.width % layout.patches:
+        raise ValueError(f"grid must be [{layout.batch}, C, {layout.height}, {layout.width}] with sides multiples of "
+                         f"{layout.patches}, got {tuple(grid.shape)}")
     b, c, p = layout.batch, grid.shape[1], layout.patches
     rows = grid.view(b, c, layout.rows, p, layout.cols, p).permute(2, 4, 0, 3, 5, 1)
     return rows.reshape(layout.count * b, p * p, c)
@@ -152,6 +159,9 @@ def grid_to_window_rows(grid: torch.Tensor, layout: WindowGrid) -> torch.Tensor:
 def window_rows_to_grid(rows: torch.Tensor, layout: WindowGrid) -> torch.Tensor:
     """The inverse of :func:`grid_to_window_rows`: a contiguous ``[B, C, H, W]`` (the original's
     ``reconstruct_matrix``)."""
+    if rows.dim() != 3 or tuple(rows.shape[:2]) != (layout.count * layout.batch, layout.tokens):
+        raise ValueError(f"rows must be [{layout.count * layout.batch}, {layout.tokens}, C] (windows x images, "
+                         f"tokens), got {tuple(rows.shape)}")
     b, p, c = layout.batch, layout.patches, rows.shape[-1]
     grid = rows.view(layout.rows, layout.cols, b, p, p, c).permute(2, 5, 0, 3, 1, 4)
     return grid.reshape(b, c, layout.height, layout.width)

@@ -437,3 +437,25 @@ def test_benchmark_runs_and_counts_block_calls(tmp_path):
     assert rows[("reference", "inference")]["block_calls_per_encode"] == 4 * 5
     assert rows[("patched", "inference")]["block_calls_per_encode"] == 4
     assert rows[("patched", "inference")]["rel_diff_to_reference"] < 1e-5
+
+
+def test_window_rows_round_trip_and_checks():
+    """Window-major rows (row k * B + b: window k of image b, tokens row-major) and back, against slicing."""
+    from monkey_kernels.rules.textmonkey import WindowGrid, grid_to_window_rows, window_rows_to_grid
+
+    grid = torch.randn(2, 5, 8, 12, dtype=torch.float64)
+    layout = WindowGrid(2, 8, 12, 4)
+    rows = grid_to_window_rows(grid, layout)
+    assert rows.shape == (6 * 2, 16, 5) and layout.count == 6
+    for k in range(6):
+        i, j = divmod(k, 3)
+        for b in range(2):
+            window = grid[b, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(5, 16).t()
+            assert torch.equal(rows[k * 2 + b], window)
+    assert torch.equal(window_rows_to_grid(rows, layout), grid)
+    with pytest.raises(ValueError, match="grid must be"):
+        grid_to_window_rows(grid[:, :, :7], layout)
+    with pytest.raises(ValueError, match="rows must be"):
+        window_rows_to_grid(rows[1:], layout)
+    with pytest.raises(ValueError, match="patches must be a positive int"):
+        WindowGrid(2, 8, 12, 0)

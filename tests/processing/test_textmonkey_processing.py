@@ -106,3 +106,16 @@ def test_an_int_image_size_is_refused():
         MonkeyImageProcessor.from_textmonkey_config(dict(image_size=896, resampler=True, r=512, use_global=True))
     with pytest.raises(ValueError, match="config.visual mapping"):
         MonkeyImageProcessor.from_textmonkey_config([896, 896])
+
+
+def test_pixel_budget_then_the_whole_image_resize():
+    """``image_max_pixels`` (LLaMA-Factory's budget, a real resize first), then the resize to the model's size."""
+    from monkey_kernels.processing.image_processing_monkey import _resize_pil_like
+
+    proc = MonkeyImageProcessor.from_textmonkey_config(tiny_textmonkey_visual(), image_max_pixels=56 * 56)
+    image = smooth_uint8(120, 90)
+    out = proc(image, return_tensors="pt")
+    budgeted = _resize_pil_like(image[None], 64, 48)  # sqrt(3136 / 10800) * (90, 120) -> (48, 64), int()
+    plain = MonkeyImageProcessor.from_textmonkey_config(tiny_textmonkey_visual())
+    assert torch.equal(out["pixel_values"], plain(budgeted[0], return_tensors="pt")["pixel_values"])
+    assert proc.layout(90, 120).budget_width == 48 and proc.layout(90, 120).budget_height == 64
