@@ -459,3 +459,29 @@ def test_window_rows_round_trip_and_checks():
         window_rows_to_grid(rows[1:], layout)
     with pytest.raises(ValueError, match="patches must be a positive int"):
         WindowGrid(2, 8, 12, 0)
+
+
+def test_release_geometry_with_the_original_literals():
+    """The release's geometry at a tiny width: 896x896 images, 448 px windows of 32x32 patches, the 448 px global
+    view, 256 queries, the 12-token Swin window with shift 6 on the 64x64 grid (padded to 72: the -100 mask's
+    quirks), the default window_pos (a stitch before block 2 of 3), the token filter keeping 512 of 1024. The
+    patched model has NO window_patches / global_view_size attributes, as the public code: the rule's literals
+    (32, 448) must be the original's."""
+    visual = dict(image_size=[896, 896], patch_size=14, width=16, layers=3, heads=2, mlp_ratio=2.0, output_dim=32,
+                  lora_repeat_num=4, add_window=True, use_global=True, resampler=True, r=512,
+                  window_dim=(8, 8, 16, 16), window_head=(2, 2, 4, 4), pool_heads=2, perceiver_dim=8,
+                  perceiver_dim_head=4, perceiver_heads=2, attn_lora_rank=4, mlp_lora_rank=8, lora_dropout=0.0)
+    model = randomize_textmonkey_(VisionTransformer(**visual)).double().eval()
+    assert model.transformer.window_attention[0].shift_attn.attn_mask.shape == (36, 144, 144)
+    reference = copy.deepcopy(model)
+    for module in (model, model.transformer):
+        del module.window_patches
+    del model.global_view_size
+    images = torch.randn(1, 3, 896, 896, dtype=torch.float64)
+    patch_model(model, backend="torch")
+    counts = count_calls(model)
+    with torch.no_grad():
+        expected = reference.encode(None, lora_idx=4, input_image=images)
+        got = model.encode(None, lora_idx=4, input_image=images)
+    assert got.shape == expected.shape == (1, 512 + 256, 32) and rel_err(got, expected) <= 1e-12
+    assert counts["blocks"][0] == 3 and counts["cross_window"][0] == 1
