@@ -13,7 +13,9 @@ adapters' weights per layer and forward (``n * r * (K + N)`` elements), small ne
 - :func:`remap_adapter_ids`: ``(used, positions)``: the adapters a batch uses and its ids as positions in them.
 - :class:`AdapterStack` (one per fused layer or adapter list; it holds caches, no Parameters):
   ``stack(lora_a, lora_b, scale, dtype=..., with_ranks=...) -> StackedLoRA(A [n, r_max, K], B [n, N, r_max],
-  scale [n], ranks [n] | None)``. Ranks that differ are zero-padded to the largest (the op also masks past
+  scale [n], ranks [n] | None)``; ``stack.concatenated(lora_a, lora_b, scales)`` -> ONE adapter of rank
+  ``sum r_i`` (``A [sum r_i, K]``, ``B [N, sum r_i]``, scales folded into ``B``: two LoRAs on the same rows in one
+  product). Ranks that differ are zero-padded to the largest (the op also masks past
   ``ranks``). Scales are tensors (Monkey's learnable ``lora_scale``: stacked differentiably) or floats (PEFT's
   ``alpha / r``: one constant tensor, cached per values). Without autograd (eval, ``no_grad``, frozen weights)
   the stacks are cached and reused while every weight is the same tensor with the same storage, version
@@ -169,11 +171,16 @@ class AdapterStack:
                 s = s if scale_dtype is None else s.to(scale_dtype)
             return a, b, s
 
+        return self._build_or_reuse(weights, ("stack", dtype, scale_dtype), build)
+
+    def _build_or_reuse(self, weights: Sequence[torch.Tensor], key: tuple, build):
+        """``build()`` under autograd (or while compiling, or for inference tensors); otherwise the result of the
+        last ``build`` when ``key`` and every weight (same tensor, storage, version counter, dtype, shape) are
+        unchanged, else a fresh ``build()`` (without autograd), kept for the next call."""
         differentiable = torch.is_grad_enabled() and any(w.requires_grad for w in weights)
         if differentiable or torch.compiler.is_compiling() or any(w.is_inference() for w in weights):
             return build()
-        stamp = (dtype, scale_dtype) + tuple((id(w), w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.device)
-                                             for w in weights)
+        stamp = key + tuple((id(w), w.data_ptr(), w._version, w.dtype, tuple(w.shape), w.device) for w in weights)
         cached = self._stacked
         if cached is not None and cached[0] == stamp:
             return cached[2]
@@ -182,6 +189,40 @@ class AdapterStack:
         # Holding the tensors (and so their storages) keeps every id / data_ptr of the stamp unique while cached.
         self._stacked = (stamp, [w.detach() for w in weights] + list(weights), stacks)
         return stacks
+
+    def concatenated(self, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], scale: Sequence[float],
+                     *, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ONE adapter made of ``n >= 1`` adapters side by side along the rank: ``(A [sum r_i, K], B [N, sum r_i])``
+        with ``A = cat_i A_i`` and ``B = cat_i (s_i B_i)``, so that ``B A x = sum_i s_i B_i A_i x`` in one rank
+        ``sum r_i`` product (e.g. InternLM-XComposer's PLoRA and a PEFT LoRA on the same image rows). Its first
+        ``r_0`` rank columns are adapter 0 alone, which an op call can address with ``ranks``.
+
+        Args:
+            lora_a: ``n`` weights ``[r_i, K]``; lora_b: ``n`` weights ``[N, r_i]``.
+            scale: ``n`` floats, folded into ``B``: multiplied only where ``s_i != 1`` (a power of two stays exact
+                in any dtype; other values round once in ``dtype``).
+            dtype: of the result (default: the first weight's); gradients reach the weights in theirs.
+        Differentiable; cached without autograd like the stacks (see the class)."""
+        if len(lora_a) == 0 or len(lora_a) != len(lora_b) or len(lora_a) != len(scale):
+            raise ValueError(f"lora_a, lora_b and scale must hold the same number (>= 1) of adapters, got "
+                             f"{len(lora_a)}, {len(lora_b)}, {len(scale)}")
+        for i, value in enumerate(scale):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"scale[{i}] must be a float, got {value!r}")
+        dtype = lora_a[0].dtype if dtype is None else dtype
+        scales = tuple(float(s) for s in scale)
+
+        def build():
+            a = torch.cat([w.to(dtype) for w in lora_a])
+            b = torch.cat([w.to(dtype) if s == 1.0 else w.to(dtype) * s for w, s in zip(lora_b, scales)], dim=1)
+            return a, b
+
+        return self._build_or_reuse(list(lora_a) + list(lora_b), ("concatenated", dtype, scales), build)
+
+    def constant(self, values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``torch.tensor(values, dtype, device)``, cached per values (a scale or rank vector of an op call:
+        created once, not copied to the device on every forward)."""
+        return self._const(tuple(values), dtype, torch.device(device))
 
     def _const(self, values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (values, dtype, device)

@@ -52,6 +52,9 @@ BENCHMARKS: Dict[str, tuple] = {
     "monkey_vlm": ("bench_monkey_vlm", ["--quick"]),
     "processor": ("bench_processor", ["--quick"]),
     "mixed_resolution": ("bench_mixed_resolution", ["--quick"]),
+    # InternLM-XComposer's Partial LoRA: one decoder layer's five linears, gather/scatter reference vs fused
+    "plora": ("bench_plora", ["--quick"]),
+    # TextMonkey's encoder: the per-layer window loop vs one fused block call per layer
     "textmonkey": ("bench_textmonkey", ["--quick"]),
 }
 

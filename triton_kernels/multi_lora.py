@@ -21,6 +21,12 @@ it reaches in the per-segment loop.
 
 Dropout keeps element ``(row, col)`` of the LoRA input iff ``tl.rand(seed, row * K + col) >= p``: a pure
 function of the seed, regenerated in backward, never stored.
+
+Ranks up to 256 (Partial LoRA's): no kernel holds a whole ``R_BLOCK``-wide tile. The rank is cut into chunks of
+``R_CHUNK = rank_chunk(R_BLOCK, kernel)`` columns (64; 32 in the outer product): the shrink and the outer product
+give each chunk its own program (a grid axis; the shrink's chunks past an adapter's rank store zeros without a pass
+over ``K``), the fused GEMM's epilogue loops over the chunks of each segment's rank. A rank block within one chunk
+compiles to the unchunked kernels (no loop).
 """
 from __future__ import annotations
 
@@ -47,6 +53,19 @@ __all__ = [
     "dropout_keep_mask",
 ]
 
+
+
+#: The widest rank chunk each kernel holds at once (registers: its [BLOCK, R_CHUNK] fp32 accumulator or H tile;
+#: shared memory: the chunk's operand tiles), chosen on the sm_90 compile report (README): the shrink and the GEMM
+#: epilogue take 64 columns at a time, the grouped outer product 32 (wider chunks spill there, 64 in bf16, 128 in
+#: fp32 with dropout).
+RANK_CHUNK = {"shrink": 64, "gemm": 64, "outer": 32}
+
+
+def rank_chunk(r_block: int, kernel: str) -> int:
+    """The rank chunk of ``kernel`` (``"shrink"``, ``"gemm"``, ``"outer"``) on an ``r_block``-wide ``H`` (a
+    power of two, at least 16)."""
+    return min(int(r_block), RANK_CHUNK[kernel])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -97,18 +116,20 @@ def _segmented_shrink_kernel(
     x_ptr, w_ptr, out_ptr, row_segment_ptr, adapter_ids_ptr, ranks_ptr,
     M, K, seed, dropout_p,
     stride_xm, stride_xk, stride_wa, stride_wr, stride_wk, stride_om,
-    R_BLOCK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    R_BLOCK: tl.constexpr, R_CHUNK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Each segment of the tile gets its own product and writes only its own rows. Dotting other segments'
     # rows as zeros would not do: 0 * NaN (a NaN of this adapter's A) is NaN, and leaks into their rows.
+    # Program (row tile, rank chunk): columns [r0, r0 + R_CHUNK) of H for the tile's rows.
     pid = tl.program_id(0)
+    r0 = tl.program_id(1) * R_CHUNK
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     row_seg = tl.load(row_segment_ptr + rows, mask=row_ok, other=-1)
     seg_first = tl.min(tl.where(row_ok, row_seg, 2147483647), axis=0)
     seg_last = tl.max(row_seg, axis=0)
-    r = tl.arange(0, R_BLOCK)
+    r = r0 + tl.arange(0, R_CHUNK)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + r[None, :]
     # Segments outer, K inner: a single-segment tile (the common case) makes one pass over K, accumulating
@@ -117,10 +138,11 @@ def _segmented_shrink_kernel(
     for g in range(seg_first, seg_last + 1):
         in_seg = row_seg == g  # implies row_ok (g >= 0, rows past M read -1)
         adapter = tl.load(adapter_ids_ptr + g)
-        h = tl.zeros((BLOCK_M, R_BLOCK), dtype=tl.float32)
-        # base-only segments (and segments with no row here: zero-length ones) store zeros with no pass over K
-        if (adapter >= 0) & (tl.max(in_seg.to(tl.int32), axis=0) > 0):
-            rank = tl.load(ranks_ptr + adapter)
+        rank = tl.load(ranks_ptr + tl.maximum(adapter, 0))
+        h = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
+        # base-only segments (and segments with no row here: zero-length ones), and chunks past the adapter's
+        # rank, store zeros with no pass over K
+        if (adapter >= 0) & (r0 < rank) & (tl.max(in_seg.to(tl.int32), axis=0) > 0):
             w_base = w_ptr + adapter.to(tl.int64) * stride_wa + r[None, :] * stride_wr
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -180,6 +202,30 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     return fitting or [min(configs, key=lambda c: _gemm_shared_bytes(c, element_bytes))]
 
 
+@triton.jit
+def _expand_rank_chunk(lora, h_ptr, e_ptr, scale_ptr, rows64, cols, col_ok, in_seg, single_segment, adapter, rank, r,
+                       stride_hm, stride_ea, stride_en, stride_er, HAS_SCALE: tl.constexpr,
+                       LORA_PRECISION: tl.constexpr):
+    """``lora`` plus segment ``in_seg``'s term ``s[a] * H[rows, r] @ E[a][cols, r]^T`` over the rank columns ``r``
+    (one chunk; columns at or past ``rank`` count nothing), the other rows of the tile untouched."""
+    in_rank = r < rank
+    # only this segment's rows and the adapter's rank: whatever H holds elsewhere is never read
+    h = tl.load(h_ptr + rows64[:, None] * stride_hm + r[None, :], mask=in_seg[:, None] & in_rank[None, :], other=0.0)
+    if HAS_SCALE:
+        # selected, not multiplied: 0 * an infinite scale past the rank would be NaN
+        h = tl.where(in_rank[None, :], h * tl.load(scale_ptr + adapter).to(tl.float32), 0.0)
+    e = tl.load(
+        e_ptr + adapter.to(tl.int64) * stride_ea + cols[None, :] * stride_en + r[:, None] * stride_er,
+        mask=in_rank[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+    if single_segment:
+        lora = tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION)
+    else:
+        lora = tl.where(in_seg[:, None], tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION), lora)
+    return lora
+
+
 @triton.autotune(
     configs=_gemm_configs(),
     key=["N", "K", "R_BLOCK", "HAS_BASE", "HAS_LORA", "HAS_RESIDUAL", "LORA_DROPOUT"],
@@ -194,7 +240,7 @@ def _fused_lora_gemm_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk,
     stride_hm, stride_ea, stride_en, stride_er,
     stride_resm, stride_resn, stride_om, stride_on,
-    R_BLOCK: tl.constexpr,
+    R_BLOCK: tl.constexpr, R_CHUNK: tl.constexpr,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, LORA_DROPOUT: tl.constexpr,
     BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -235,7 +281,7 @@ def _fused_lora_gemm_kernel(
         row_seg = tl.load(row_segment_ptr + rows, mask=row_ok, other=-1)
         seg_first = tl.min(tl.where(row_ok, row_seg, 2147483647), axis=0)
         seg_last = tl.max(row_seg, axis=0)
-        r = tl.arange(0, R_BLOCK)
+        r_chunk = tl.arange(0, R_CHUNK)
         # Without dropout the expand accumulates straight into the GEMM accumulator: a second
         # [BLOCK_M, BLOCK_N] fp32 accumulator would double the registers of the largest live tile.
         if LORA_DROPOUT:
@@ -252,27 +298,17 @@ def _fused_lora_gemm_kernel(
             in_seg = (row_seg == g) & row_ok
             if (adapter >= 0) & (tl.max(in_seg.to(tl.int32), axis=0) > 0):
                 rank = tl.load(ranks_ptr + adapter)
-                in_rank = r < rank
-                # only this segment's rows and the adapter's rank: whatever H holds elsewhere is never read
-                h = tl.load(
-                    h_ptr + rows64[:, None] * stride_hm + r[None, :],
-                    mask=in_seg[:, None] & in_rank[None, :],
-                    other=0.0,
-                )
-                if HAS_SCALE:
-                    # selected, not multiplied: 0 * an infinite scale past the rank would be NaN
-                    h = tl.where(in_rank[None, :], h * tl.load(scale_ptr + adapter).to(tl.float32), 0.0)
-                e = tl.load(
-                    e_ptr + adapter.to(tl.int64) * stride_ea + cols[None, :] * stride_en + r[:, None] * stride_er,
-                    mask=in_rank[:, None] & col_ok[None, :],
-                    other=0.0,
-                )
-                if single_segment:
-                    lora = tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION)
+                # the adapter's rank in chunks of R_CHUNK columns: up to rank 64 one chunk and no loop (the
+                # code of the unchunked kernel), past it a loop over the chunks the rank covers
+                if R_BLOCK <= R_CHUNK:
+                    lora = _expand_rank_chunk(
+                        lora, h_ptr, e_ptr, scale_ptr, rows64, cols, col_ok, in_seg, single_segment, adapter, rank,
+                        r_chunk, stride_hm, stride_ea, stride_en, stride_er, HAS_SCALE, LORA_PRECISION)
                 else:
-                    lora = tl.where(
-                        in_seg[:, None], tl.dot(h, e.to(tl.float32), lora, input_precision=LORA_PRECISION), lora
-                    )
+                    for r0 in range(0, rank, R_CHUNK):
+                        lora = _expand_rank_chunk(
+                            lora, h_ptr, e_ptr, scale_ptr, rows64, cols, col_ok, in_seg, single_segment, adapter,
+                            rank, r0 + r_chunk, stride_hm, stride_ea, stride_en, stride_er, HAS_SCALE, LORA_PRECISION)
         if LORA_DROPOUT:
             keep = _dropout_keep(seed, rows, cols, N, dropout_p)
             acc += tl.where(keep, lora / (1.0 - dropout_p), 0.0)
@@ -310,18 +346,19 @@ def _segmented_outer_kernel(
     x_ptr, y_ptr, scale_ptr, out_ptr, seg_indptr_ptr, adapter_ids_ptr,
     num_segments, N, R, seed, dropout_p, num_splits,
     stride_xm, stride_xn, stride_ym, stride_os, stride_oa, stride_on, stride_or,
-    R_BLOCK: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    R_BLOCK: tl.constexpr, R_CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per (adapter, column tile, split), walking the adapter's segments in order; split s
-    # takes the s-th chunk of every segment's rows and writes its own partial sum (reduced by the
+    # One program per (adapter, column tile x rank chunk, split), walking the adapter's segments in order;
+    # split s takes the s-th chunk of every segment's rows and writes its own partial sum (reduced by the
     # launcher): deterministic, no atomics, and adapters that own no rows get an exact zero gradient.
     adapter = tl.program_id(0)
     split = tl.program_id(2)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    num_chunks = R_BLOCK // R_CHUNK
+    cols = (tl.program_id(1) // num_chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    r = tl.arange(0, R_BLOCK)
-    acc = tl.zeros((BLOCK_N, R_BLOCK), dtype=tl.float32)
+    r = (tl.program_id(1) % num_chunks) * R_CHUNK + tl.arange(0, R_CHUNK)
+    acc = tl.zeros((BLOCK_N, R_CHUNK), dtype=tl.float32)
     for g in range(0, num_segments):
         if tl.load(adapter_ids_ptr + g) == adapter:
             seg_start = tl.load(seg_indptr_ptr + g)
@@ -394,12 +431,13 @@ def segmented_shrink(
     out = alloc.empty((M, r_block), device=x.device, dtype=torch.float32)
     if M == 0:
         return out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    chunk = rank_chunk(r_block, "shrink")
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), r_block // chunk)  # noqa: E731
     _segmented_shrink_kernel[grid](
         x, weight, out, segments.row_segment, segments.adapter_ids, ranks,
         M, K, int(seed), float(dropout_p),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0),
-        R_BLOCK=r_block, DROPOUT=dropout_p > 0.0, PRECISION=_dot_precision(x.dtype),
+        R_BLOCK=r_block, R_CHUNK=chunk, DROPOUT=dropout_p > 0.0, PRECISION=_dot_precision(x.dtype),
         UPCAST=_interpreter_upcast(x.dtype),
     )
     return out
@@ -471,10 +509,11 @@ def fused_lora_gemm(
         x_t.stride(0), x_t.stride(1), w_t.stride(0), w_t.stride(1),
         h_t.stride(0), e_t.stride(0), e_t.stride(1), e_t.stride(2),
         res_t.stride(0), res_t.stride(1), out.stride(0), out.stride(1),
-        R_BLOCK=h.shape[1] if has_lora else 16,
+        R_BLOCK=h.shape[1] if has_lora else 16, R_CHUNK=rank_chunk(h.shape[1] if has_lora else 16, "gemm"),
         HAS_BASE=has_base, HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_SCALE=scale is not None,
         HAS_RESIDUAL=residual is not None, LORA_DROPOUT=has_lora and dropout_p > 0.0,
-        BASE_PRECISION=_dot_precision(out_dtype), LORA_PRECISION=_dot_precision(out_dtype),
+        BASE_PRECISION=_dot_precision(x.dtype if has_base else out_dtype),
+        LORA_PRECISION=_dot_precision(expand.dtype if has_lora else out_dtype),
         UPCAST=has_base and _interpreter_upcast(x.dtype),
     )
     return out
@@ -511,13 +550,15 @@ def segmented_outer(
         target = out.unsqueeze(0)
     else:
         target = alloc.empty((num_splits, num_adapters, N, R), device=out.device, dtype=torch.float32)
-    grid = lambda meta: (num_adapters, triton.cdiv(N, meta["BLOCK_N"]), num_splits)  # noqa: E731
+    r_block = y.shape[1]
+    chunk = rank_chunk(r_block, "outer")
+    grid = lambda meta: (num_adapters, triton.cdiv(N, meta["BLOCK_N"]) * (r_block // chunk), num_splits)  # noqa: E731
     _segmented_outer_kernel[grid](
         x, y, scale if scale is not None else out, target, segments.seg_indptr, segments.adapter_ids,
         segments.num_segments, N, R, int(seed), float(dropout_p), num_splits,
         x.stride(0), x.stride(1), y.stride(0),
         target.stride(0), target.stride(1), target.stride(2), target.stride(3),
-        R_BLOCK=y.shape[1], HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0.0,
+        R_BLOCK=r_block, R_CHUNK=chunk, HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0.0,
         PRECISION=_dot_precision(x.dtype),
     )
     if num_splits > 1:

@@ -5,7 +5,8 @@ by ``monkey_kernels.ops.slp.checks.build_token_index`` (cumsums in torch, no hos
 
     kind[t] = ZERO  (0): out[t] = 0                                       (padding id -1, surplus placeholders)
     kind[t] = TEXT  (1): out[t] = table[src[t]]                           (src = the token id)
-    kind[t] = BOX   (2): out[t] = W @ c + b,  c = boxes[b, k] / (w, h, w, h)[b]   (src = b * N + k)
+    kind[t] = BOX   (2): out[t] = W @ c + b,  c = boxes[b, k] / (w, h, w, h)[b]   (src = b * N + k; rounded to
+                         the weight's dtype with ROUND_BOX: the reference's nn.Linear output under autocast)
     kind[t] = IMAGE (3): out[t] = features[b, j]                          (src = b * n_image + j)
 
 so each output row is written exactly once and nothing is written in place. The 4-wide projection is four
@@ -53,7 +54,8 @@ def _embed_configs():
     ]
 
 
-@triton.autotune(configs=_embed_configs(), key=["H", "HAS_SIZES", "HAS_BIAS", "HAS_IMAGE"], cache_results=True)
+@triton.autotune(configs=_embed_configs(), key=["H", "HAS_SIZES", "HAS_BIAS", "HAS_IMAGE", "ROUND_BOX"],
+                 cache_results=True)
 @triton.jit
 def _slp_embed_kernel(
     out_ptr, kind_ptr, src_ptr, table_ptr, boxes_ptr, sizes_ptr, w_ptr, bias_ptr, feat_ptr,
@@ -64,7 +66,7 @@ def _slp_embed_kernel(
     stride_wh, stride_wc, stride_bias,
     stride_fb, stride_fn, stride_fh,
     stride_ot, stride_oh,
-    HAS_SIZES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IMAGE: tl.constexpr,
+    HAS_SIZES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IMAGE: tl.constexpr, ROUND_BOX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -106,6 +108,8 @@ def _slp_embed_kernel(
     z = c0[:, None] * w0[None, :] + c1[:, None] * w1[None, :] + c2[:, None] * w2[None, :] + c3[:, None] * w3[None, :]
     if HAS_BIAS:
         z += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if ROUND_BOX:
+        z = z.to(w_ptr.dtype.element_ty).to(tl.float32)
     acc = tl.where(is_box[:, None], z, acc)
 
     if HAS_IMAGE:
@@ -135,6 +139,7 @@ def slp_embed_forward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     image_features: Optional[torch.Tensor],
+    box_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """``inputs_embeds`` rows ``[T, H]`` in the dtype of ``table`` (see the module docstring for the math).
 
@@ -146,7 +151,11 @@ def slp_embed_forward(
         page_sizes: ``[B, 2]`` ``(w, h)`` or ``None`` (boxes already normalized).
         weight: the SLP's ``[H, 4]``; bias ``[H]`` or ``None``.
         image_features: ``[B, n_image, H]`` (``n_image >= 1``) or ``None``.
+        box_dtype: ``None``, or the dtype of ``weight``: the box rows are rounded to it before they are written
+            (autocast: the reference's ``nn.Linear`` output).
     """
+    if box_dtype is not None and box_dtype != weight.dtype:
+        raise ValueError(f"box_dtype must be None or the dtype of weight ({weight.dtype}), got {box_dtype}")
     T = kind.shape[0]
     H = table.shape[1]
     out = alloc.empty((T, H), device=table.device, dtype=table.dtype)
@@ -165,5 +174,6 @@ def slp_embed_forward(
         feat.stride(0), feat.stride(1), feat.stride(2),
         out.stride(0), out.stride(1),
         HAS_SIZES=page_sizes is not None, HAS_BIAS=bias is not None, HAS_IMAGE=image_features is not None,
+        ROUND_BOX=box_dtype is not None,
     )
     return out

@@ -115,15 +115,20 @@ class SLPBackend(Protocol):
     @staticmethod
     def forward(kind: "torch.Tensor", src: "torch.Tensor", table: "torch.Tensor", boxes: "torch.Tensor",
                 page_sizes: Optional["torch.Tensor"], weight: "torch.Tensor", bias: Optional["torch.Tensor"],
-                image_features: Optional["torch.Tensor"]) -> "torch.Tensor":
-        """``[T, H]`` in the table's dtype: the table row, the projected box or the image feature of each token."""
+                image_features: Optional["torch.Tensor"], box_dtype: Optional["torch.dtype"] = None) -> "torch.Tensor":
+        """``[T, H]`` in the table's dtype: the table row, the projected box or the image feature of each token.
+        ``box_dtype`` (autocast: the dtype of the reference's ``nn.Linear`` output): the box rows are rounded to it
+        before they are written."""
 
     @staticmethod
     def backward(dy: "torch.Tensor", kind: "torch.Tensor", src: "torch.Tensor", boxes: "torch.Tensor",
                  page_sizes: Optional["torch.Tensor"], weight: "torch.Tensor", num_embeddings: int,
-                 padding_idx: int, n_image: int, needs: List[bool]) -> List[Optional["torch.Tensor"]]:
+                 padding_idx: int, n_image: int, needs: List[bool],
+                 box_dtype: Optional["torch.dtype"] = None) -> List[Optional["torch.Tensor"]]:
         """The gradients of ``table [V, H], weight [H, 4], bias [H], boxes, page_sizes, image rows [B * n_image,
-        H]`` that ``needs`` asks for, in that order (``None`` for the others). ``dy [T, H]`` contiguous."""
+        H]`` that ``needs`` asks for, in that order (``None`` for the others). ``dy [T, H]`` contiguous. With
+        ``box_dtype`` the box rows of ``dy`` are rounded to it first (the gradient the reference's ``nn.Linear``
+        receives under autocast)."""
 
 
 #: op -> its backend contract

@@ -190,6 +190,81 @@ class SegmentInfo:
         )
         return cls._finish(indptr, ids, row_segment, num_rows, validate, segment_length)
 
+    @classmethod
+    def from_row_mask(
+        cls,
+        mask: torch.Tensor,
+        *,
+        true_adapter: int = 0,
+        false_adapter: int = -1,
+        trim: Optional[bool] = None,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> "SegmentInfo":
+        """Runs of rows from a boolean row mask: every maximal run of ``True`` rows is one segment of adapter
+        ``true_adapter``, every run of ``False`` rows one of ``false_adapter`` (``-1`` = base only). ``mask`` of
+        any shape flattens row-major to the ``M`` rows of an input ``[*mask.shape, K]`` (e.g. InternLM-XComposer's
+        ``im_mask [B, N]``: the image tokens' runs use the adapter, the text runs do not). Runs may cross the
+        boundary between two batch rows: the rows are one flattened sequence.
+
+        Built with device ops only (change points, a cumulative sum, a scatter): no host read, so it works
+        under ``torch.compile(fullgraph=True)`` and inside a CUDA-graph capture. The number of runs is
+        data-dependent, so without a host read the segment count is the static bound ``M``: the runs first, in
+        row order, then empty segments (offset ``M``, adapter ``-1``) up to ``M`` (the kernels only visit the
+        segments a row tile touches; see the PLoRA rule's notes for what each backend pays for the tail).
+
+        Args:
+            mask: bool tensor, at least 1-D; ``M = mask.numel()``.
+            true_adapter: adapter id (``>= 0``) of the ``True`` runs; false_adapter: id (``>= -1``) of the others.
+            trim: read the run count back (one small device-to-host read) and keep exactly the runs; ``None``
+                trims when a host read is allowed (not while compiling, not while capturing a CUDA graph).
+            device: where to build (default: the mask's device).
+        Returns:
+            ``SegmentInfo`` with ``num_rows = M``, ``num_segments`` = the run count (trimmed) or ``M``; built
+            without host validation (``max_adapter_id`` is ``None``), its values are valid by construction.
+        """
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"mask must be a bool tensor, got {got}")
+        if mask.dim() < 1:
+            raise ValueError("mask must have at least 1 dimension (one entry per row)")
+        for name, value, low in (("true_adapter", true_adapter, 0), ("false_adapter", false_adapter, -1)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _INT32_MAX:
+                raise ValueError(f"{name} must be an int in [{low}, 2**31), got {value!r}")
+        if trim is not None and not isinstance(trim, bool):
+            raise ValueError(f"trim must be a bool or None, got {trim!r}")
+        flat = mask.reshape(-1)
+        if device is not None:
+            flat = flat.to(device)
+        dev = flat.device
+        if trim is None:
+            trim = _host_checks_wanted(None, dev)
+        M = flat.numel()
+        if M == 0:
+            return cls._finish(torch.zeros(1, dtype=torch.int32, device=dev), torch.zeros(0, dtype=torch.int32,
+                               device=dev), torch.zeros(0, dtype=torch.int32, device=dev), 0, False, None)
+        # run index of every row: a new run starts at row 0 and wherever the mask changes
+        starts = torch.cat([flat.new_ones(1), flat[1:] != flat[:-1]])
+        run = starts.cumsum(0) - 1  # int64 [M]
+        positions = torch.arange(M, device=dev, dtype=torch.int64)
+        # a run's offset is the smallest row in it; slots no run reaches keep M (empty trailing segments)
+        indptr = torch.full((M + 1,), M, dtype=torch.int64, device=dev)
+        indptr.scatter_reduce_(0, run, positions, reduce="amin", include_self=True)
+        runs = run[-1:] + 1  # [1], on the device
+        live = positions < runs
+        first_row = flat[indptr[:M].clamp(max=M - 1)]
+        ids = torch.where(live, torch.where(first_row, true_adapter, false_adapter), -1).to(torch.int32)
+        row_adapter = torch.where(flat, true_adapter, false_adapter).to(torch.int64)
+        segment_length = None
+        if trim:
+            count = int(runs.item())
+            indptr, ids = indptr[:count + 1], ids[:count]
+            segment_length = M if count == 1 else None
+        return cls(
+            seg_indptr=indptr.to(torch.int32), adapter_ids=ids.contiguous(), row_segment=run.to(torch.int32),
+            row_adapter=row_adapter, num_rows=M, num_segments=int(ids.numel()), max_adapter_id=None,
+            segment_length=segment_length,
+        )
+
     @staticmethod
     def _check_indptr(indptr: torch.Tensor, num_rows: int) -> None:
         values = indptr.cpu().to(torch.int64)

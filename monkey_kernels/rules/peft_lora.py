@@ -60,7 +60,7 @@ import contextlib
 import sys
 import weakref
 from functools import partial
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -72,7 +72,8 @@ from ..ops.segments import SegmentInfo
 from ..patching import InstanceForward, PatchOptions, PatchRule, register_builtin_rule, rule_of
 
 __all__ = ["AdapterRows", "adapter_selection", "set_adapter_rows", "clear_adapter_rows", "peft_adapter_names",
-           "fused_peft_linear_forward", "BASE_NAME", "RULE_NAME"]
+           "fused_peft_linear_forward", "BASE_NAME", "RULE_NAME", "is_peft_lora_layer", "peft_linear_problem",
+           "adapter_unfusable", "adapter_dropout_p", "single_adapter_segments"]
 
 BASE_NAME = "__base__"  # PEFT's adapter_names entry for "base model only"
 RULE_NAME = "peft_lora_linear"
@@ -95,12 +96,13 @@ def _lora_module():
     return sys.modules.get("peft.tuners.lora.layer")
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
+def is_peft_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a PEFT LoRA layer (any kind); ``False`` without PEFT imported."""
     lora = _lora_module()
     return lora is not None and isinstance(module, lora.LoraLayer)
 
 
-def _adapter_unfusable(layer: nn.Module, name: str) -> Optional[str]:
+def adapter_unfusable(layer: nn.Module, name: str) -> Optional[str]:
     """Why adapter ``name`` of a PEFT LoRA layer cannot run in the fused op, or ``None``."""
     variant = getattr(layer, "lora_variant", {}).get(name)
     if variant is not None:
@@ -114,14 +116,26 @@ def _adapter_unfusable(layer: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def _unfusable_reason(module: nn.Module) -> Optional[str]:
-    """Why a PEFT LoRA layer stays a PEFT layer, or ``None`` when it can be fused."""
+def _plain_linear_base_problem(base: nn.Module) -> Optional[str]:
+    """Why the base layer of a PEFT LoRA ``Linear`` is not the plain ``nn.Linear`` this rule fuses, or ``None``."""
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)"
+    return None
+
+
+def peft_linear_problem(module: nn.Module, base_problem: Callable[[nn.Module], Optional[str]]) -> Optional[str]:
+    """Why a PEFT LoRA layer stays a PEFT layer, or ``None`` when it can be fused: it must be a
+    ``peft.tuners.lora.layer.Linear`` whose base layer ``base_problem`` accepts (``None``), with a float base
+    weight, no ``fan_in_fan_out``, unmerged plain LoRA adapters (no DoRA / variant / ``lora_bias``). Shared by
+    the rules fusing PEFT layers over different base layers (a plain ``nn.Linear`` here, InternLM-XComposer's
+    PLoRA in :mod:`.plora`)."""
     lora = _lora_module()
     if type(module) is not lora.Linear:  # conv, embedding, bnb / torchao / hqq quantized, ...
         return f"{type(module).__module__}.{type(module).__name__} (only peft.tuners.lora.layer.Linear is fused)"
     base = module.base_layer
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)"
+    problem = base_problem(base)
+    if problem is not None:
+        return problem
     if base.weight.dtype not in FLOAT_DTYPES or type(base.weight.data) is not torch.Tensor:
         return f"base weight is a {type(base.weight.data).__name__} of {base.weight.dtype} (quantized?)"
     if getattr(module, "fan_in_fan_out", False):
@@ -131,18 +145,23 @@ def _unfusable_reason(module: nn.Module) -> Optional[str]:
     if len(module.lora_A) == 0:
         return "no LoRA adapter loaded"
     for name in module.lora_A.keys():
-        reason = _adapter_unfusable(module, name)
+        reason = adapter_unfusable(module, name)
         if reason is not None:
             return reason
     return None
 
 
+def _unfusable_reason(module: nn.Module) -> Optional[str]:
+    """Why a PEFT LoRA layer stays a PEFT layer under this rule, or ``None`` when it can be fused."""
+    return peft_linear_problem(module, _plain_linear_base_problem)
+
+
 def _matches(module: nn.Module) -> bool:
-    return _is_lora_layer(module) and _unfusable_reason(module) is None
+    return is_peft_lora_layer(module) and _unfusable_reason(module) is None
 
 
 def _skip_reason(module: nn.Module) -> Optional[str]:
-    return _unfusable_reason(module) if _is_lora_layer(module) else None
+    return _unfusable_reason(module) if is_peft_lora_layer(module) else None
 
 
 def _to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
@@ -174,7 +193,7 @@ def peft_adapter_names(model: nn.Module) -> List[str]:
         return list(config.keys())
     names: Dict[str, None] = {}
     for module in model.modules():
-        if _is_lora_layer(module):
+        if is_peft_lora_layer(module):
             for name in module.lora_A.keys():
                 names.setdefault(name, None)
             for name in getattr(module, "lora_embedding_A", {}).keys():
@@ -294,7 +313,7 @@ def _peft_layers(model: nn.Module) -> Tuple[Tuple[nn.Module, ...], Tuple[nn.Modu
     for module in model.modules():
         if rule_of(module) == RULE_NAME:
             fused.append(module)
-        elif _is_lora_layer(module):
+        elif is_peft_lora_layer(module):
             unfused.append(module)
     result = (tuple(fused), tuple(unfused))
     if key is not None:
@@ -337,8 +356,8 @@ _ALL_ROWS_CACHE: Dict[tuple, SegmentInfo] = {}
 _ADAPTER_NAMES_CACHE: List = [None, None]  # (tuple of names, AdapterRows) of the last PEFT adapter_names call
 
 
-def _all_rows(num_rows: int, device: torch.device) -> SegmentInfo:
-    """One segment: every row uses stacked adapter 0 (the single active adapter)."""
+def single_adapter_segments(num_rows: int, device: torch.device) -> SegmentInfo:
+    """One segment: every row uses stacked adapter 0 (the single active adapter); cached per rows and device."""
     key = (num_rows, device)
     seg = _ALL_ROWS_CACHE.get(key)
     if seg is None:
@@ -361,7 +380,8 @@ def _rows_from_peft_names(layer: nn.Module, adapter_names: Sequence[str]) -> Ada
     return _ADAPTER_NAMES_CACHE[1]
 
 
-def _dropout_p(layer: nn.Module, name: str) -> float:
+def adapter_dropout_p(layer: nn.Module, name: str) -> float:
+    """The dropout probability of PEFT adapter ``name`` of ``layer`` (0 without an ``nn.Dropout``)."""
     dropout = layer.lora_dropout[name]
     return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
@@ -399,24 +419,24 @@ def fused_peft_linear_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs
     layer_adapters = tuple(layer.lora_A.keys())
     if rows is None:
         active = [a for a in layer.active_adapters if a in layer.lora_A]
-        if layer.merged or len(active) != 1 or _adapter_unfusable(layer, active[0]) is not None:
+        if layer.merged or len(active) != 1 or adapter_unfusable(layer, active[0]) is not None:
             return peft_forward(layer, x, *args, **kwargs)
         used = (active[0],)
-        segments = _all_rows(x.numel() // x.shape[-1], x.device)
+        segments = single_adapter_segments(x.numel() // x.shape[-1], x.device)
     else:
         if layer.merged:
             raise ValueError("cannot select adapters per row when adapters are merged into the base weight; "
                              "call unmerge_adapter() first")
         used, segments = rows.segments_for(layer_adapters, x)
         for name in used:
-            reason = _adapter_unfusable(layer, name)
+            reason = adapter_unfusable(layer, name)
             if reason is not None:
                 raise ValueError(f"rows select {reason}, which cannot run per row; this layer was patched "
                                  "before that adapter was added: unpatch_model and patch_model again")
     if not used:  # every row is base-only in this layer
         return base(x)
     lora_a, lora_b, scale, ranks = _stack(layer, used, x.dtype)
-    probs = [_dropout_p(layer, a) for a in used] if layer.training else [0.0]
+    probs = [adapter_dropout_p(layer, a) for a in used] if layer.training else [0.0]
     lora_input, dropout_p = None, max(probs)
     if len(set(probs)) > 1:
         # One op call has one dropout p: apply PEFT's per-adapter p per row here instead (row_adapter -> p).

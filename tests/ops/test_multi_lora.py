@@ -55,6 +55,9 @@ CASES = {
     # segments long enough (>= 32 rows on average) for the native backend's merged weights (W + s B A), with an
     # adapter too small to be worth merging (10 rows), a base-only segment and a residual
     "long_segments": Case([48, 0, 70, 10, 36], [1, -1, 0, 2, -1], 37, 45, [6, 3, 4], residual=True),
+    # Partial LoRA's ranks: 256 (four 64-wide chunks in the Triton shrink and GEMM epilogue, two in the outer
+    # product) and 8 (4KHD's wqkv) with junk past it, image runs between base-only text runs
+    "rank256_plora": Case([40, 9, 0, 23, 5], [-1, 0, 1, 0, 1], 24, 20, [256, 8]),
 }
 
 

@@ -7,6 +7,7 @@ import torch
 
 from monkey_kernels.ops.segments import SegmentInfo
 
+from ..autocast import autocast_dtype, cast_for_autocast
 from ..backends import implementation, resolve_backend
 from ..custom import through_custom_op
 from .checks import check_backend_dtype, validate_multi_lora
@@ -29,6 +30,7 @@ def multi_lora_linear(
     residual: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     seed: Optional[Union[int, torch.Tensor]] = None,
+    out_dtype: Optional[torch.dtype] = None,
     backend: Optional[str] = None,
     ranks_checked: bool = False,
 ) -> torch.Tensor:
@@ -55,20 +57,40 @@ def multi_lora_linear(
         seed: dropout seed, an int in ``[0, 2**31)`` or a one-element integer CPU tensor holding one (what a
             compiled graph can draw without a graph break); ``None`` draws one from PyTorch's default CPU
             generator (so ``torch.manual_seed`` makes runs repeatable).
+        out_dtype: the dtype of the output (float32, float16, bfloat16; float64 on the CPU backends), written
+            from the fp32 accumulator; ``None``: the compute dtype (the input's), or under autocast that dtype
+            promoted with the residual's (what ``F.linear(...) + residual`` returns there). The backward rounds
+            the incoming gradient to the compute dtype, as the reference's ``F.linear`` receives it.
         backend: ``"triton"``, ``"native"``, ``"torch"`` or ``None``/``"auto"`` (see :mod:`monkey_kernels.ops.backends`).
         ranks_checked: ``ranks`` was validated before (``MultiLoRALinear`` does it once); skips reading a
             device tensor back, which would synchronise with the device on every call.
     Returns:
-        ``[..., N]`` in the dtype of ``input``.
+        ``[..., N]`` in ``out_dtype``: by default the dtype of ``input`` (of the autocast dtype under autocast,
+        promoted with the residual's dtype when there is a residual).
     Raises:
         ValueError: naming the argument, for bad shapes, dtypes, devices, ids, ranks or segments.
+
+    Autocast (``torch.autocast`` enabled for the input's device type, CPU or CUDA): ``input``, ``lora_input``,
+    ``weight``, ``bias``, ``lora_a`` and ``lora_b`` are cast to the autocast dtype as ``F.linear`` casts its
+    operands (float64 tensors excepted); ``scale`` keeps its dtype (its gradient too) and ``residual`` its own
+    (added to the fp32 accumulator; the output takes the promoted dtype). Outside autocast every tensor operand
+    but ``scale`` must have the input's dtype. With half inputs (fp16 / bf16, under autocast or not) the LoRA
+    intermediate ``H = drop(V) A^T`` and its gradient ``s dY B`` are rounded to that dtype, where a reference
+    LoRA module in that dtype rounds them (so an fp16 overflow there gives inf / NaN gradients, as GradScaler
+    expects), while every product accumulates in fp32.
     """
+    amp = autocast_dtype(input.device.type) if isinstance(input, torch.Tensor) else None
+    if amp is not None:
+        device_type = input.device.type
+        input, lora_input, weight, bias, lora_a, lora_b = (
+            cast_for_autocast(t, amp, device_type) for t in (input, lora_input, weight, bias, lora_a, lora_b))
     problem = validate_multi_lora(
         input, weight, bias, lora_a, lora_b, scale, segments, ranks=ranks, lora_input=lora_input,
-        residual=residual, dropout_p=dropout_p, seed=seed, ranks_checked=ranks_checked,
+        residual=residual, dropout_p=dropout_p, seed=seed, out_dtype=out_dtype, autocast=amp is not None,
+        ranks_checked=ranks_checked,
     )
     backend = resolve_backend(backend, input.device, "multi_lora")
-    check_backend_dtype(backend, input.dtype)
+    check_backend_dtype(backend, input.dtype, problem.out_dtype)
     p, segments = problem, problem.segments
     u, v, res = p.u, p.v, p.residual
     if backend == "triton":
@@ -82,7 +104,7 @@ def multi_lora_linear(
         u, v, p.weight, p.bias, p.lora_a, p.lora_b, p.scale, res, p.ranks, segments.seg_indptr,
         segments.adapter_ids, segments.row_segment, segments.row_adapter,
         NO_LENGTH if segments.segment_length is None else segments.segment_length,
-        p.r_block, p.dropout_p, p.seed, backend, need_h,
+        p.r_block, p.dropout_p, p.seed, backend, need_h, p.out_dtype,
     )
     if through_custom_op(u):
         y, _ = multi_lora_linear_fwd(*op_inputs)

@@ -20,10 +20,11 @@ __all__ = ["MultiLoRAProblem", "validate_multi_lora", "check_backend_dtype", "no
 class MultiLoRAProblem:
     """A validated multi-LoRA call: ``M`` rows of width ``K`` (``u [M, K]``), ``N`` outputs, ``num_adapters``
     adapters of rank ``<= r_max`` reading ``K_lora`` wide rows (``v [M, K_lora]`` or ``None`` for ``V = U``);
-    ``lead`` the leading dims of the caller's input (the output is ``[*lead, N]``)."""
+    ``lead`` the leading dims of the caller's input (the output is ``[*lead, N]`` of ``out_dtype``)."""
 
     u: torch.Tensor
     v: Optional[torch.Tensor]
+    out_dtype: torch.dtype
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     lora_a: torch.Tensor
@@ -99,13 +100,17 @@ def normalize_ranks(ranks, num_adapters: int, r_max: int, device: torch.device, 
 
 def validate_multi_lora(
     input, weight, bias, lora_a, lora_b, scale, segments, *, ranks=None, lora_input=None, residual=None,
-    dropout_p: float = 0.0, seed=None, ranks_checked: bool = False,
+    dropout_p: float = 0.0, seed=None, out_dtype=None, autocast: bool = False, ranks_checked: bool = False,
 ) -> MultiLoRAProblem:
     """Checks the arguments of :func:`~monkey_kernels.multi_lora_linear` (same names) and returns the
-    :class:`MultiLoRAProblem`; builds the :class:`SegmentInfo` when ``segments`` are adapter ids."""
+    :class:`MultiLoRAProblem`; builds the :class:`SegmentInfo` when ``segments`` are adapter ids.
+
+    ``autocast``: the call runs under autocast (its operands already cast by the caller): the residual may then
+    have any float dtype, and the default output dtype is the input's promoted with the residual's."""
     lead, K, N, num_adapters, r_max, k_lora = _check_shapes(input, weight, bias, lora_a, lora_b, scale, lora_input,
                                                             residual)
-    _check_dtypes_and_devices(input, weight, bias, lora_a, lora_b, scale, lora_input, residual)
+    _check_dtypes_and_devices(input, weight, bias, lora_a, lora_b, scale, lora_input, residual, autocast)
+    out_dtype = _output_dtype(out_dtype, input.dtype, residual, autocast)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     dropout_p = float(dropout_p)
@@ -119,7 +124,7 @@ def validate_multi_lora(
     # The kernels index bias and scale as dense vectors (no stride argument): an expanded (stride-0) or
     # strided bias / scale gave wrong sums. Both are tiny, so a copy when needed costs nothing.
     return MultiLoRAProblem(
-        u=input.reshape(M, K), v=lora_input.reshape(M, k_lora) if lora_input is not None else None,
+        u=input.reshape(M, K), out_dtype=out_dtype, v=lora_input.reshape(M, k_lora) if lora_input is not None else None,
         weight=weight, bias=bias.contiguous() if bias is not None else None, lora_a=lora_a, lora_b=lora_b,
         scale=scale.contiguous(), residual=residual.reshape(M, N) if residual is not None else None,
         segments=segments, ranks=ranks_t, dropout_p=dropout_p, seed=seed, lead=lead, M=M, N=N, K=K,
@@ -174,14 +179,33 @@ def _check_shapes(input, weight, bias, lora_a, lora_b, scale, lora_input, residu
     return lead, K, N, num_adapters, r_max, k_lora
 
 
-def _check_dtypes_and_devices(input, weight, bias, lora_a, lora_b, scale, lora_input, residual) -> None:
-    """Every operand in the dtype of ``input`` (``scale``: any float dtype) and on its device."""
+def _check_dtypes_and_devices(input, weight, bias, lora_a, lora_b, scale, lora_input, residual, autocast) -> None:
+    """Every operand in the dtype of ``input`` (``scale``: any float dtype; under autocast ``residual`` too) and
+    on its device."""
     named = [("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)]
-    named += [(n, t) for n, t in (("bias", bias), ("lora_input", lora_input), ("residual", residual)) if t is not None]
+    named += [(n, t) for n, t in (("bias", bias), ("lora_input", lora_input)) if t is not None]
     for name, tensor in named:
         check_dtype(name, tensor, input.dtype, "input")
+    if residual is not None:
+        if not autocast:
+            check_dtype("residual", residual, input.dtype, "input")
+        elif residual.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"residual must be float32, float16, bfloat16 or float64, got {residual.dtype}")
+        named.append(("residual", residual))
     for name, tensor in named + [("scale", scale)]:
         check_device(name, tensor, input.device, "input")
+
+
+def _output_dtype(out_dtype, compute_dtype: torch.dtype, residual, autocast: bool) -> torch.dtype:
+    """``out_dtype`` checked, or its default: the compute dtype, promoted with the residual's under autocast (what
+    ``F.linear(...) + residual`` gives there)."""
+    if out_dtype is None:
+        if autocast and residual is not None:
+            return torch.promote_types(compute_dtype, residual.dtype)
+        return compute_dtype
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be None or torch.float32, float16, bfloat16 or float64, got {out_dtype!r}")
+    return out_dtype
 
 
 def _check_segments(segments, input, M: int, num_adapters: int) -> SegmentInfo:
@@ -213,6 +237,10 @@ def _check_segments(segments, input, M: int, num_adapters: int) -> SegmentInfo:
     return segments
 
 
-def check_backend_dtype(backend: str, dtype: torch.dtype) -> None:
+def check_backend_dtype(backend: str, dtype: torch.dtype, out_dtype: Optional[torch.dtype] = None) -> None:
+    """The dtypes the chosen backend runs: the Triton kernels compute and write float32, float16 and bfloat16."""
     if backend == "triton" and dtype not in KERNEL_DTYPES:
         raise ValueError(f"the triton backend supports float32, float16 and bfloat16 inputs, got {dtype}")
+    if backend == "triton" and out_dtype is not None and out_dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the triton backend writes float32, float16 and bfloat16 outputs, got out_dtype {out_dtype} "
+                         "(a float64 residual under autocast promotes the output to float64)")

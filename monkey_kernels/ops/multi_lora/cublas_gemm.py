@@ -16,13 +16,20 @@ __all__ = ["fused_lora_gemm_cublas"]
 
 def _base_and_epilogue(out, x, weight, bias, residual, out_dtype) -> None:
     """``out = x @ weight^T + bias + residual`` (each term optional) as one GEMM with its epilogue: fp32
-    accumulation, bias and residual added by ``addmm``, rounded once."""
+    accumulation, bias and residual added by ``addmm``, rounded once. An output wider than the inputs (a promoted
+    output under autocast) gets the GEMM in the inputs' dtype (the tensor-core path, rounded there as the
+    reference's ``F.linear`` rounds it), then the addend in the output dtype."""
     M, N = out.shape
     addend = None  # what the GEMM epilogue adds: bias [N] and / or residual [M, N], in the output dtype
     if residual is not None:
         addend = residual.to(out_dtype) if bias is None else residual.to(out_dtype) + bias.to(out_dtype)
     elif bias is not None:
         addend = bias.to(out_dtype)
+    if x is not None and x.shape[1] > 0 and x.dtype != out_dtype:
+        out.copy_(torch.mm(x, weight.to(x.dtype).t()))
+        if addend is not None:
+            out += addend
+        return
     if x is not None and x.shape[1] > 0:
         product = (x.to(out_dtype), weight.to(out_dtype).t())
         if addend is None:

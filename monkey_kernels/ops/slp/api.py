@@ -5,10 +5,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..autocast import autocast_dtype
 from ..backends import resolve_backend
 from ..custom import through_custom_op
 from .checks import check_backend, validate_slp
-from .op import EagerSLPEmbed, slp_embed_fwd
+from .op import EagerSLPEmbed, autocast_projection, slp_embed_fwd
 
 __all__ = ["slp_embed"]
 
@@ -66,6 +67,12 @@ def slp_embed(
         ``boxes``, float ``page_sizes`` and ``image_features``, whichever require grad.
     Raises:
         ValueError: naming the argument (shapes, dtypes, devices) or the sequence (values, when validating).
+
+    Autocast (enabled for the table's device type): as the reference (an ``nn.Embedding`` lookup, not autocast,
+    and an ``nn.Linear(4, H)``, autocast): the output keeps the table's dtype; the boxes are normalized in their
+    own dtype, then they, ``proj_weight`` and ``proj_bias`` are cast to the autocast dtype, and each box row is
+    rounded to it (the linear's output) before it is written in the table's dtype; the backward rounds the box
+    rows' gradient to it likewise. Image features are copied (converted to the table's dtype) as always.
     """
     problem = validate_slp(
         input_ids, embedding_weight, proj_weight, proj_bias, boxes, box_token_id=box_token_id,
@@ -76,8 +83,13 @@ def slp_embed(
     backend = resolve_backend(backend, input_ids.device, "slp")
     check_backend(backend, embedding_weight)
     p = problem
-    op_inputs = (embedding_weight, proj_weight, proj_bias, p.box_slots, page_sizes, p.image_features, p.index.kind,
-                 p.index.src, p.padding_idx, backend)
+    boxes, box_dtype = p.box_slots, None
+    amp = autocast_dtype(embedding_weight.device.type)
+    if amp is not None:
+        proj_weight, proj_bias, boxes, page_sizes, box_dtype = autocast_projection(
+            proj_weight, proj_bias, boxes, page_sizes, amp, embedding_weight.device.type)
+    op_inputs = (embedding_weight, proj_weight, proj_bias, boxes, page_sizes, p.image_features, p.index.kind,
+                 p.index.src, p.padding_idx, backend, box_dtype)
     if through_custom_op(embedding_weight):
         out = slp_embed_fwd(*op_inputs)
     else:

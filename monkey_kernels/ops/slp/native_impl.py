@@ -12,10 +12,11 @@ from typing import List, Optional
 import torch
 
 from monkey_kernels.ops import alloc
+from monkey_kernels.ops.layout import KIND_BOX
 
 from ... import _native
 from ..registry import register_backend
-from .torch_impl import torch_backward
+from .torch_impl import source_rows, torch_backward
 
 __all__ = ["NativeSLP", "IMPLEMENTATION", "has_cuda_kernel"]
 
@@ -28,19 +29,37 @@ def has_cuda_kernel() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("monkey_kernels_native::slp_embed_forward", "CUDA")
 
 
-def native_forward(kind, src, table, boxes, page_sizes, weight, bias, image_features) -> torch.Tensor:
-    # NaN-poisoned under the tests, like the Triton launchers' outputs
-    out = alloc.empty((kind.shape[0], table.shape[1]), device=table.device, dtype=table.dtype)
+def native_forward(kind, src, table, boxes, page_sizes, weight, bias, image_features, box_dtype=None) -> torch.Tensor:
+    T, H = kind.shape[0], table.shape[1]
+    # NaN-poisoned under the tests, like the Triton launchers' outputs; one spare row T absorbs unused box slots
+    full = alloc.empty((T + 1, H), device=table.device, dtype=table.dtype)
+    out = full[:T]
     _native.ops().slp_embed_forward.out(kind, src, table, boxes, page_sizes, weight, bias, image_features, out=out)
+    if box_dtype is not None:
+        # the box rows rounded to the reference's nn.Linear output dtype (autocast): O(N H), no host read
+        rows = source_rows(kind, src, KIND_BOX, boxes.shape[0] * boxes.shape[1])
+        full.index_copy_(0, rows, full.index_select(0, rows).to(box_dtype).to(table.dtype))
     return out
 
 
 def native_backward(dy, kind, src, boxes, page_sizes, weight, num_embeddings: int, padding_idx: int, n_image: int,
-                    needs: List[bool]) -> List[Optional[torch.Tensor]]:
+                    needs: List[bool], box_dtype=None) -> List[Optional[torch.Tensor]]:
     if dy.device.type != "cpu":  # the CUDA kernel is forward only
-        return torch_backward(dy, kind, src, boxes, page_sizes, weight, num_embeddings, padding_idx, n_image, needs)
-    return list(_native.ops().slp_embed_backward(dy, kind, src, boxes, page_sizes, weight, num_embeddings,
-                                                 padding_idx, n_image, list(needs)))
+        return torch_backward(dy, kind, src, boxes, page_sizes, weight, num_embeddings, padding_idx, n_image, needs,
+                              box_dtype)
+    if box_dtype is None or not any(needs[1:5]):
+        return list(_native.ops().slp_embed_backward(dy, kind, src, boxes, page_sizes, weight, num_embeddings,
+                                                     padding_idx, n_image, list(needs)))
+    # Rounded box gradients (autocast): the projection's four from the PyTorch backward (O(N H)), the table and
+    # image rows from the C++ op as usual.
+    box_needs = [False, *needs[1:5], False]
+    grads = torch_backward(dy, kind, src, boxes, page_sizes, weight, num_embeddings, padding_idx, n_image, box_needs,
+                           box_dtype)
+    if needs[0] or needs[5]:
+        rest = _native.ops().slp_embed_backward(dy, kind, src, boxes, page_sizes, weight, num_embeddings,
+                                                padding_idx, n_image, [needs[0], False, False, False, False, needs[5]])
+        grads[0], grads[5] = rest[0], rest[5]
+    return grads
 
 
 class NativeSLP:

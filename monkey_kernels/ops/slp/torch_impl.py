@@ -51,7 +51,7 @@ def gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return torch.where((pos < n)[:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_features) -> torch.Tensor:
+def torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_features, box_dtype=None) -> torch.Tensor:
     """``[T, H]``: vectorized PyTorch version of ``monkey_kernels._triton.slp.slp_embed_forward`` (same arguments).
 
     One gather of table rows for all tokens, zeroed where not text, then the box / image rows are written
@@ -67,6 +67,8 @@ def torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_featu
     acc = accumulation_dtype(table.dtype)  # fp32 (fp64 for a float64 table), one rounding to the table's dtype
     z = torch.nn.functional.linear(normalized_boxes(boxes, page_sizes, acc).reshape(B * N, 4), weight.to(acc),
                                    None if bias is None else bias.to(acc))
+    if box_dtype is not None:
+        z = z.to(box_dtype)  # the reference's nn.Linear output under autocast
     out.index_copy_(0, source_rows(kind, src, KIND_BOX, B * N), z.to(table.dtype))
     if image_features is not None:
         Bi, n_image, _ = image_features.shape
@@ -77,9 +79,10 @@ def torch_forward(kind, src, table, boxes, page_sizes, weight, bias, image_featu
 
 def torch_backward(dy: torch.Tensor, kind: torch.Tensor, src: torch.Tensor, boxes: torch.Tensor,
                    page_sizes: Optional[torch.Tensor], weight: torch.Tensor, num_embeddings: int, padding_idx: int,
-                   n_image: int, needs: List[bool]) -> List[Optional[torch.Tensor]]:
+                   n_image: int, needs: List[bool], box_dtype=None) -> List[Optional[torch.Tensor]]:
     """The six gradients ``[table, weight, bias, boxes, page_sizes, image rows [B * n_image, H]]`` of the
-    assembly for ``dY [T, H]`` (``None`` where ``needs`` is False); the math is in :mod:`.op`."""
+    assembly for ``dY [T, H]`` (``None`` where ``needs`` is False); the math is in :mod:`.op`. With ``box_dtype``
+    the box rows of ``dY`` are rounded to it first."""
     need_table, need_w, need_bias, need_boxes, need_sizes, need_image = needs
     T, H = dy.shape
     grad_table = grad_w = grad_bias = grad_boxes = grad_sizes = grad_image = None
@@ -94,7 +97,10 @@ def torch_backward(dy: torch.Tensor, kind: torch.Tensor, src: torch.Tensor, boxe
     if need_w or need_bias or need_boxes or need_sizes:
         B, N, _ = boxes.shape
         acc = accumulation_dtype(dy.dtype)  # dY has the table's (output's) dtype: as in the forward
-        g = gather_rows(dy, source_rows(kind, src, KIND_BOX, B * N)).to(acc)  # [B*N, H]
+        g = gather_rows(dy, source_rows(kind, src, KIND_BOX, B * N))  # [B*N, H]
+        if box_dtype is not None:
+            g = g.to(box_dtype)
+        g = g.to(acc)
         c = normalized_boxes(boxes, page_sizes, acc).reshape(B * N, 4)
         if need_w:
             grad_w = (g.t() @ c).to(weight.dtype)
