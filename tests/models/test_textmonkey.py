@@ -485,3 +485,38 @@ def test_release_geometry_with_the_original_literals():
         got = model.encode(None, lora_idx=4, input_image=images)
     assert got.shape == expected.shape == (1, 512 + 256, 32) and rel_err(got, expected) <= 1e-12
     assert counts["blocks"][0] == 3 and counts["cross_window"][0] == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bf16_autocast_matches_the_reference_under_the_same_autocast(backend):
+    """CPU bf16 autocast over fp32 weights (the ops cast as F.linear does): every layer's output has the reference's
+    dtype, and the outputs and gradients of the release's trainable set are as close to the float64 reference as
+    the unpatched model's under the same autocast. Without the token filter: its selection from bf16 similarities
+    is discontinuous (near-ties flip under any rounding, the original's own included)."""
+    if backend == "native":
+        require_native()
+    model = release_trainable_(make_encoder(torch.float32, resampler=False))
+    reference = copy.deepcopy(model)
+    reference64 = copy.deepcopy(model).double()
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    weights = torch.randn(2, 4 * 4 + 4, 32, dtype=torch.float64)
+    reference64.train()
+    expected, expected_grads = encode_and_backward(reference64, images.double(), 4, weights)
+    patch_model(model, backend=backend)
+
+    def run(encoder):
+        seen: Dict[int, set] = {}
+        handles = [b.register_forward_hook(lambda _m, _a, out, i=i: seen.setdefault(i, set()).add(out.dtype))
+                   for i, b in enumerate(encoder.transformer.resblocks)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = encode_and_backward(encoder.train(), images, 4, weights)
+        for handle in handles:
+            handle.remove()
+        return out, grads, seen
+
+    base_out, base_grads, base_dtypes = run(reference)
+    out, grads, dtypes = run(model)
+    assert dtypes == base_dtypes and len(dtypes) == LAYERS, (dtypes, base_dtypes)
+    assert out.dtype == base_out.dtype == torch.bfloat16
+    assert rel_err(out, expected) <= 2 * rel_err(base_out, expected) + 1e-3
+    assert_grads_close(grads, expected_grads, base_grads, floor=2e-3, factor=3.0)
