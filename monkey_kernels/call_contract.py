@@ -6,11 +6,15 @@ may loop over windows inside each layer) and hand back a model that fails on its
 read the class's ``forward`` (a module with an instance-level ``forward``, i.e. a hook, a wrapper or another
 patch, does not fit: :func:`class_forward`):
 
-- :func:`forward_parameters_problem`: the signature holds exactly the expected parameters;
+- :func:`forward_parameters_problem`: the signature holds exactly the expected parameters (keywords defaulting to
+  ``None``, or to given values, or to anything: :data:`ANY_DEFAULT`);
 - :func:`parameters_prefix_problem`: the signature is a prefix of the fused forward's (the fused one takes more);
 - :func:`plain_loop_problem`: a container's forward is exactly ``for r in self.<list>: x = r(x, k=k, ...)`` then
   ``return x`` (read from its source with :mod:`ast`);
-- :func:`only_forwarded_problem`: a keyword is only handed on, unchanged, to one child.
+- :func:`only_forwarded_problem`: a keyword is only handed on, unchanged, to one child;
+- :func:`attributes_used_problem`: a method reads the attributes of ``self`` a fused replacement reads (a weaker
+  check, for methods too long to match statement by statement, e.g. TextMonkey's window loop: a copy that drops
+  one of them does something else).
 
 Each returns ``None`` when the contract holds, else a one-line reason for ``PatchReport.skipped``. A source that
 cannot be read (a class defined in ``python -c``) or a decorated / wrapped forward does not fit: the rule cannot
@@ -22,12 +26,14 @@ import ast
 import inspect
 import textwrap
 import weakref
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["class_forward", "forward_parameters_problem", "parameters_prefix_problem", "plain_loop_problem",
-           "only_forwarded_problem"]
+__all__ = ["ANY_DEFAULT", "class_forward", "forward_parameters_problem", "parameters_prefix_problem",
+           "plain_loop_problem", "only_forwarded_problem", "attributes_used_problem"]
+
+ANY_DEFAULT = object()  # forward_parameters_problem(defaults={name: ANY_DEFAULT}): any default value will do
 
 
 def class_forward(module: nn.Module) -> Tuple[Optional[Callable], Optional[str]]:
@@ -44,11 +50,14 @@ def _describe(parameters: Sequence[inspect.Parameter]) -> str:
 
 
 def forward_parameters_problem(function: Callable, keywords: Sequence[str], optional: Sequence[str] = (),
-                               first: Optional[str] = None, expected: str = "") -> Optional[str]:
+                               first: Optional[str] = None, expected: str = "",
+                               defaults: Optional[Mapping[str, object]] = None) -> Optional[str]:
     """Why ``function(self, <first>, ...)`` does not have exactly the contract ``first`` positional input (any
-    name when ``first`` is ``None``), every name of ``keywords`` (defaulting to ``None``) and possibly names of
+    name when ``first`` is ``None``), every name of ``keywords`` (defaulting to ``None``, or to
+    ``defaults[name]`` when given there: :data:`ANY_DEFAULT` accepts any default) and possibly names of
     ``optional`` (defaulting to ``None``), and nothing else: no other parameter, no ``*args`` / ``**kwargs``.
     ``expected`` describes the contract in the message."""
+    defaults = dict(defaults or {})
     try:
         parameters = list(inspect.signature(function).parameters.values())[1:]  # drop self
     except (TypeError, ValueError):
@@ -71,8 +80,17 @@ def forward_parameters_problem(function: Callable, keywords: Sequence[str], opti
     if extra:
         return f"{shown} takes {', '.join(extra)}, which the fused forward does not; {expected} expected"
     for name, parameter in rest.items():
-        if parameter.kind == inspect.Parameter.POSITIONAL_ONLY or parameter.default is not None:
-            return f"{shown}: {name} must be a keyword defaulting to None; {expected} expected"
+        wanted = defaults.get(name)
+        positional_only = parameter.kind == inspect.Parameter.POSITIONAL_ONLY
+        if wanted is None:
+            if positional_only or parameter.default is not None:
+                return f"{shown}: {name} must be a keyword defaulting to None; {expected} expected"
+            continue
+        if positional_only or parameter.default is inspect.Parameter.empty:
+            return f"{shown}: {name} must be a keyword with a default; {expected} expected"
+        if wanted is not ANY_DEFAULT and not (type(parameter.default) is type(wanted)
+                                              and parameter.default == wanted):
+            return f"{shown}: {name} must be a keyword defaulting to {wanted!r}; {expected} expected"
     return None
 
 
@@ -215,3 +233,26 @@ def only_forwarded_problem(function: Callable, keyword: str, child: str) -> Opti
         return None
 
     return _cached(function, ("forwarded", keyword, child), check)
+
+
+def attributes_used_problem(function: Callable, names: Sequence[str]) -> Optional[str]:
+    """Why ``function`` (a method) does not read every attribute ``self.<name>`` of ``names``, or ``None``.
+    Read from the source (a source that cannot be read does not fit). A weaker check than the plain loop's: it
+    catches a copy that does something else without one of the attributes, not every edit of the body."""
+
+    def check() -> Optional[str]:
+        node, problem = _function_node(function)
+        if problem is not None:
+            return problem
+        arguments = node.args.posonlyargs + node.args.args
+        if not arguments:
+            return "it takes no self"
+        self_name = arguments[0].arg
+        read = {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and _is_name(n.value, self_name)}
+        missing = [name for name in names if name not in read]
+        if missing:
+            return (f"its {node.name} does not use " + ", ".join(f"{self_name}.{m}" for m in missing)
+                    + " (the fused replacement does)")
+        return None
+
+    return _cached(function, ("attributes", tuple(names)), check)

@@ -54,6 +54,8 @@ BENCHMARKS: Dict[str, tuple] = {
     "mixed_resolution": ("bench_mixed_resolution", ["--quick"]),
     # InternLM-XComposer's Partial LoRA: one decoder layer's five linears, gather/scatter reference vs fused
     "plora": ("bench_plora", ["--quick"]),
+    # TextMonkey's encoder: the per-layer window loop vs one fused block call per layer
+    "textmonkey": ("bench_textmonkey", ["--quick"]),
 }
 
 _DTYPES = ("fp32", "bf16", "fp16")

@@ -28,7 +28,9 @@ block (``attn.in_proj_lora``, ``attn.out_proj_lora``, ``mlp_lora``):
 
 - the config is updated (``lora_repeat_num``, and the resolution: ``image_size`` for a square one,
   ``image_resolution = [width, height]`` otherwise) so ``save_pretrained`` / ``from_pretrained`` round-trip the
-  grown model.
+  grown model; so is an int ``lora_repeat_num`` ATTRIBUTE of a module (TextMonkey's ``VisionTransformer`` keeps
+  one, and its VLM reads it to choose ``encode``'s ``lora_idx``: 1 shares adapter 0 across the windows, more
+  gives window ``k`` adapter ``k``).
 
 Which index means which tile: after growing, adapter ``i`` serves tile ``i`` of the NEW grid in row-major order,
 as in the release (the adapter list is indexed by window number). For a wider grid an old index can therefore
@@ -94,6 +96,8 @@ class GrowthReport:
         configs: the configs that were updated (``lora_repeat_num`` and the resolution).
         resolution: the ``(width, height)`` written to the configs, or ``None`` (left unchanged).
         fused_blocks: how many of the blocks were patched (fused) blocks, checked after growing.
+        modules: names of the modules whose own ``lora_repeat_num`` attribute was updated (TextMonkey's
+            ``VisionTransformer``).
     """
 
     old_num_adapters: int
@@ -105,6 +109,7 @@ class GrowthReport:
     configs: List[object] = field(default_factory=list)
     resolution: Optional[Tuple[int, int]] = None
     fused_blocks: int = 0
+    modules: List[str] = field(default_factory=list)
 
     @property
     def grew(self) -> bool:
@@ -329,6 +334,11 @@ def grow_tile_adapters(model: nn.Module, num_adapters: int, init: str = "nearest
     for cfg in configs:
         _write_config(cfg, num_adapters, resolution)
     report.configs = configs
+    for name, module in model.named_modules():
+        count = module.__dict__.get("lora_repeat_num")
+        if isinstance(count, int) and not isinstance(count, bool):
+            module.lora_repeat_num = num_adapters
+            report.modules.append(name)
     return report
 
 

@@ -12,7 +12,9 @@ silently dropped by the stacked weights:
   ``lora_b(lora_a(dropout(x))) * lora_scale`` (the public ``Lora_Adapter``; its class does not matter);
 - a **Monkey block** is a module with ``ln_1`` and ``ln_2`` (modules), ``attn.in_proj`` and ``attn.out_proj``,
   ``mlp.c_fc`` and ``mlp.c_proj`` (``nn.Linear``) and the three per-tile **adapter lists**
-  ``attn.in_proj_lora``, ``attn.out_proj_lora``, ``mlp_lora``: non-empty ``nn.ModuleList`` s of adapters.
+  ``attn.in_proj_lora``, ``attn.out_proj_lora``, ``mlp_lora``: non-empty ``nn.ModuleList`` s of adapters
+  (TextMonkey's release builds them empty, ``lora_repeat_num=0``: its rule asks :func:`block_problem` to allow
+  that).
   A module holding the three lists is a *candidate* (:func:`adapter_lists`); :func:`block_problem` says why a
   candidate is not a Monkey block. A patched (fused) block keeps the same names, so it is recognised too.
 
@@ -93,10 +95,12 @@ def adapter_lists(block: nn.Module) -> Optional[List[Tuple[str, nn.ModuleList]]]
     return found
 
 
-def block_problem(block: nn.Module) -> Optional[str]:
+def block_problem(block: nn.Module, allow_empty: bool = False) -> Optional[str]:
     """Why a candidate (a module with the three adapter lists) is not a Monkey block, or ``None`` when it is.
 
-    A module without the three lists is not a candidate: its problem is that it has no adapter lists."""
+    A module without the three lists is not a candidate: its problem is that it has no adapter lists.
+    ``allow_empty``: empty lists are allowed too (TextMonkey built with ``lora_repeat_num=0``, its release recipe:
+    blocks without adapters, which run the base weights only); Monkey's blocks need at least one adapter."""
     lists = adapter_lists(block)
     if lists is None:
         return "has no per-tile adapter lists (attn.in_proj_lora, attn.out_proj_lora, mlp_lora nn.ModuleLists)"
@@ -107,7 +111,7 @@ def block_problem(block: nn.Module) -> Optional[str]:
         if not isinstance(getattr(getattr(block, parent, None), name, None), nn.Linear):
             return f"has no {parent}.{name} nn.Linear"
     for list_name, adapters in lists:
-        if len(adapters) == 0:
+        if len(adapters) == 0 and not allow_empty:
             return f"{list_name} is empty"
         for i, adapter in enumerate(adapters):
             problem = adapter_problem(adapter)
@@ -137,14 +141,19 @@ def adapter_count(block: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Fusion
 # ---------------------------------------------------------------------------------------------------------
-def check_adapter_list(adapters: nn.ModuleList, in_features: int, out_features: int, where: str) -> float:
-    """Validates an adapter list for stacking into one op call; returns the list's shared dropout probability.
+def check_adapter_list(adapters: nn.ModuleList, in_features: int, out_features: int, where: str,
+                       allow_empty: bool = False) -> float:
+    """Validates an adapter list for stacking into one op call; returns the list's shared dropout probability
+    (``0.0`` for an empty list, allowed with ``allow_empty``: no row can use an adapter then).
 
     Raises:
-        ValueError: naming ``where``: an empty list, an entry that is not an adapter, ranks or dropout
-            probabilities that differ within the list, shapes that do not fit an ``in -> out`` layer.
+        ValueError: naming ``where``: an empty list (unless ``allow_empty``), an entry that is not an adapter,
+            ranks or dropout probabilities that differ within the list, shapes that do not fit an ``in -> out``
+            layer.
     """
     if len(adapters) == 0:
+        if allow_empty:
+            return 0.0
         raise ValueError(f"{where}: the adapter list is empty")
     for i, adapter in enumerate(adapters):
         problem = adapter_problem(adapter)
@@ -173,12 +182,21 @@ def fusion_problem(block: nn.Module) -> Optional[str]:
     return None
 
 
-def stack_adapter_list(stack, adapters: nn.ModuleList, used: Optional[Sequence[int]] = None):
+def stack_adapter_list(stack, adapters: nn.ModuleList, used: Optional[Sequence[int]] = None, *,
+                       empty_like: Optional[Tuple[torch.Tensor, int]] = None):
     """``(A [n, r, K], B [n, N, r], scale [n])`` of the adapters ``used`` (indices into the list, in that order;
     ``None``: all) through ``stack``, a :class:`~monkey_kernels.adapter_stack.AdapterStack` (differentiable
-    towards the adapters' own Parameters; cached without autograd). No adapter used: empty stacks."""
+    towards the adapters' own Parameters; cached without autograd). No adapter used: empty stacks, shaped like
+    the list's adapters, or for an empty list by ``empty_like = (base weight [N, *], K)`` (``[0, 0, K]``,
+    ``[0, N, 0]``, ``[0]`` in the weight's dtype and device)."""
     chosen = list(adapters) if used is None else [adapters[i] for i in used]
     if not chosen:  # no row uses an adapter: empty stacks, the op runs the base GEMM alone
+        if len(adapters) == 0:
+            if empty_like is None:
+                raise ValueError("stack_adapter_list: an empty adapter list needs empty_like=(base weight, K)")
+            weight, lora_in = empty_like
+            return (weight.new_empty((0, 0, lora_in)), weight.new_empty((0, weight.shape[0], 0)),
+                    weight.new_empty(0))
         first = adapters[0]
         return (first.lora_a.weight.new_empty((0, *first.lora_a.weight.shape)),
                 first.lora_b.weight.new_empty((0, *first.lora_b.weight.shape)), first.lora_scale.new_empty(0))

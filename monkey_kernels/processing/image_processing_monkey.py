@@ -20,6 +20,15 @@ Pipeline for each image of size ``w x h`` (the rules of the peers, reproduced ex
      ``resolution=None`` uses each image's own (budgeted) size, so a batch mixes grids. The global view (the
      resized, normalised image brought back to ``T x T`` with ``F.interpolate(mode="bicubic")``, as the release
      does) comes LAST, always (also for a 1x1 grid).
+   - ``tiling="textmonkey"`` (TextMonkey's ``encode``): the image is resized EXACTLY to the model's
+     ``resolution=(W, H)`` (its ``image_size``; multiples of ``T``: the windows are ``T x T`` regions of the patch
+     grid, row by row; TextMonkey's cross-window attention needs ``W == H``) and kept WHOLE: ``pixel_values`` is
+     ``[N, 3, H, W]``, what ``visual.encode(None, input_image=pixel_values)`` takes (the encoder cuts the windows
+     from its patch grid). ``global_pixel_values`` ``[N, 3, T, T]`` is the global view exactly as ``encode``
+     computes it (``F.interpolate(pixel_values, (T, T), mode="bicubic")``, bit for bit), with
+     ``use_global_view``. The placeholder span is ``(resampler_tokens if given, else tiles * tokens_per_view)
+     + (tokens_per_view with the global view)``: 512 + 256 = 768 for the release
+     (:meth:`MonkeyImageProcessor.from_textmonkey_config` reads these from ``config.visual``).
    - ``tiling="dynamic"`` (InternVL's ``dynamic_preprocess``): candidate grids are all ``(cols, rows)`` with
      ``min_tiles <= cols * rows <= max_tiles``, in InternVL's order (its Python set, sorted by tile count); the
      chosen one has the aspect ratio ``cols / rows`` closest to ``w / h``; on an exact tie (the same float
@@ -43,12 +52,14 @@ normalised tensor without antialiasing (torch's a = -0.75 cubic), reproduced as 
 Outputs of ``processor(images, return_tensors="pt")`` (a ``BatchFeature``), for ``N`` images with ``V_i`` views:
 
 - ``pixel_values`` float32 ``[sum V_i, 3, T, T]``: image 0's tiles (row-major), its global view / thumbnail,
-  then image 1's, ...;
+  then image 1's, ... (``tiling="textmonkey"``: the whole images ``[N, 3, H, W]``, and ``global_pixel_values``
+  ``[N, 3, T, T]``);
 - ``adapter_ids`` int64 ``[sum V_i]``: the tile's row-major index (its LoRA adapter), ``-1`` for the global
   view / thumbnail (no adapter);
 - ``grids`` int64 ``[N, 2]``: ``(cols, rows)``; ``views_per_image`` int64 ``[N]``;
 - ``num_image_tokens`` int64 ``[N]``: ``V_i * tokens_per_view`` (``(tiles + 1) * 256`` with a global view,
-  ``tiles * 256`` without), the placeholder span the language model reserves for image ``i``.
+  ``tiles * 256`` without; TextMonkey: see above), the placeholder span the language model reserves for image
+  ``i``.
 """
 from __future__ import annotations
 
@@ -74,7 +85,7 @@ __all__ = [
     "internvl_grid",
 ]
 
-TILINGS = ("monkey", "dynamic")
+TILINGS = ("monkey", "dynamic", "textmonkey")
 # Stacked images per resize call are capped at this many elements (fp32: 256 MiB) to bound peak memory.
 _MAX_CHUNK_ELEMENTS = 64 * 1024 * 1024
 
@@ -91,6 +102,8 @@ class MonkeyImagesKwargs(ImagesKwargs, total=False):
     image_max_pixels: Optional[int]
     image_min_pixels: Optional[int]
     tokens_per_view: int
+    resampler_tokens: Optional[int]
+    use_global_view: bool
 
 
 @dataclass(frozen=True)
@@ -102,8 +115,11 @@ class ImageLayout:
         budget_width, budget_height: the size after the pixel budget (equal to the input without one).
         cols, rows: the tile grid.
         tile_size: ``T``.
-        has_global_view: a global view (``tiling="monkey"``) or thumbnail (``"dynamic"``) follows the tiles.
+        has_global_view: a global view (``tiling="monkey"`` / ``"textmonkey"``) or thumbnail (``"dynamic"``)
+            follows the tiles.
         tokens_per_view: resampler tokens per view (256 in the release).
+        resampler_tokens: TextMonkey's token filter: the tiles' features are cut to this many tokens (``r``);
+            ``None``: no filter.
     """
 
     width: int
@@ -115,6 +131,7 @@ class ImageLayout:
     tile_size: int
     has_global_view: bool
     tokens_per_view: int
+    resampler_tokens: Optional[int] = None
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -131,6 +148,8 @@ class ImageLayout:
 
     @property
     def num_image_tokens(self) -> int:
+        if self.resampler_tokens is not None:
+            return self.resampler_tokens + int(self.has_global_view) * self.tokens_per_view
         return self.num_views * self.tokens_per_view
 
     @property
@@ -267,7 +286,9 @@ class MonkeyImageProcessor(BaseImageProcessor):
 
     Args:
         tile_size: ``T``, the side of a view in pixels (448).
-        tiling: ``"monkey"`` (fixed resize to ``resolution``, the release) or ``"dynamic"`` (InternVL's grid).
+        tiling: ``"monkey"`` (fixed resize to ``resolution``, the release), ``"dynamic"`` (InternVL's grid) or
+            ``"textmonkey"`` (TextMonkey: the whole image resized to ``resolution``, its windows' layout and
+            global view).
         resolution: ``(W, H)`` for ``tiling="monkey"`` (default ``(896, 896)``, the release); ``None`` = each
             image's own size after the pixel budget.
         min_tiles, max_tiles: tile-count bounds of ``tiling="dynamic"`` (InternVL's ``min_num`` / ``max_num``: 1,
@@ -278,6 +299,9 @@ class MonkeyImageProcessor(BaseImageProcessor):
         image_mean, image_std: per-channel normalisation (CLIP's, as the release).
         do_normalize: apply it (True).
         tokens_per_view: resampler tokens per view (256; ``config.n_queries``).
+        resampler_tokens: ``tiling="textmonkey"``: the token filter's ``r`` (512 in the release; ``None``: the
+            model has no ``downresampler``). At most ``tiles * tokens_per_view`` (the original fails otherwise).
+        use_global_view: ``tiling="textmonkey"``: the model's ``use_global`` (True).
 
     ``__call__(images, return_tensors="pt", **overrides)``: ``images`` is one image or a (nested) list of them:
     ``torch.Tensor [3, H, W]`` (uint8, or float in ``[0, 1]``; ``[B, 3, H, W]`` for several), ``numpy`` arrays
@@ -290,7 +314,8 @@ class MonkeyImageProcessor(BaseImageProcessor):
             values outside ``[0, 1]`` or not finite, a budget that truncates a side to 0).
     """
 
-    model_input_names = ["pixel_values", "adapter_ids", "grids", "views_per_image", "num_image_tokens"]
+    model_input_names = ["pixel_values", "global_pixel_values", "adapter_ids", "grids", "views_per_image",
+                         "num_image_tokens"]
     valid_kwargs = MonkeyImagesKwargs
 
     _OPTION_DEFAULTS: Dict[str, Any] = {
@@ -306,6 +331,8 @@ class MonkeyImageProcessor(BaseImageProcessor):
         "image_std": CLIP_STD,
         "do_normalize": True,
         "tokens_per_view": 256,
+        "resampler_tokens": None,
+        "use_global_view": True,
     }
     # Keys transformers writes next to the options (class names, the Auto machinery): accepted and dropped.
     _SERVICE_KEYS = ("image_processor_type", "processor_class", "auto_map", "feature_extractor_type")
@@ -331,6 +358,29 @@ class MonkeyImageProcessor(BaseImageProcessor):
         kwargs.setdefault("tile_size", config.tile_size)
         kwargs.setdefault("tokens_per_view", config.n_queries)
         kwargs.setdefault("resolution", (config.image_size, config.image_size))
+        return cls(**kwargs)
+
+    @classmethod
+    def from_textmonkey_config(cls, visual, **kwargs) -> "MonkeyImageProcessor":
+        """The ``tiling="textmonkey"`` processor of a TextMonkey model from its ``config.visual`` mapping:
+        ``image_size`` (``[h, w]``; an int is refused: TextMonkey's ``Resize(int)`` keeps the aspect ratio, which
+        its encoder cannot run), ``resampler`` / ``r``, ``use_global``; the window (448 px) and the 256 queries
+        per window are literals of the original (a mapping may give ``window_patches`` * ``patch_size`` and
+        ``pool_queries``)."""
+        if not hasattr(visual, "get"):
+            raise ValueError(f"visual must be the model's config.visual mapping, got {type(visual).__name__}")
+        size = visual.get("image_size")
+        if not isinstance(size, (list, tuple)) or len(size) != 2:
+            raise ValueError(f"config.visual['image_size'] must be [height, width] (TextMonkey resizes an int "
+                             f"size by its short side, keeping the aspect ratio, which its encoder cannot run), "
+                             f"got {size!r}")
+        patch = visual.get("patch_size", 14)
+        kwargs.setdefault("tiling", "textmonkey")
+        kwargs.setdefault("resolution", (int(size[1]), int(size[0])))
+        kwargs.setdefault("tile_size", int(visual.get("window_patches", 32)) * int(patch))
+        kwargs.setdefault("tokens_per_view", int(visual.get("pool_queries", 256)))
+        kwargs.setdefault("resampler_tokens", int(visual.get("r", 512)) if visual.get("resampler") else None)
+        kwargs.setdefault("use_global_view", bool(visual.get("use_global", False)))
         return cls(**kwargs)
 
     # -- options ------------------------------------------------------------------------------------------
@@ -371,11 +421,30 @@ class MonkeyImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"image_min_pixels={out['image_min_pixels']} must not exceed image_max_pixels={out['image_max_pixels']}"
             )
+        out["resampler_tokens"] = _optional_positive_int("resampler_tokens", out["resampler_tokens"])
+        if not isinstance(out["use_global_view"], (bool, np.bool_)):
+            raise ValueError(f"use_global_view must be a bool, got {out['use_global_view']!r}")
+        out["use_global_view"] = bool(out["use_global_view"])
+        if out["tiling"] == "textmonkey":
+            cls._check_textmonkey_options(out)
         out["image_mean"] = _channel_stats("image_mean", out["image_mean"])
         out["image_std"] = _channel_stats("image_std", out["image_std"])
         if any(s == 0 for s in out["image_std"]):
             raise ValueError(f"image_std must be non-zero, got {out['image_std']}")
         return out
+
+    @staticmethod
+    def _check_textmonkey_options(out: Dict[str, Any]) -> None:
+        tile, resolution = out["tile_size"], out["resolution"]
+        if resolution is None or resolution[0] % tile or resolution[1] % tile:
+            raise ValueError(
+                f"resolution must be the TextMonkey model's image size, multiples of tile_size={tile} per side, "
+                f"with tiling='textmonkey' (its encoder cuts {tile}-pixel windows and cannot run other sizes), "
+                f"got {resolution!r}")
+        tokens = (resolution[0] // tile) * (resolution[1] // tile) * out["tokens_per_view"]
+        if out["resampler_tokens"] is not None and out["resampler_tokens"] > tokens:
+            raise ValueError(f"resampler_tokens={out['resampler_tokens']} exceeds the {tokens} window tokens of a "
+                             f"{resolution[0]}x{resolution[1]} image (the token filter keeps at most those)")
 
     def _options(self, overrides: Dict[str, Any]) -> Dict[str, Any]:
         unknown = sorted(set(overrides) - set(self._OPTION_DEFAULTS))
@@ -417,15 +486,19 @@ class MonkeyImageProcessor(BaseImageProcessor):
         tile = options["tile_size"]
         budget_w, budget_h = apply_pixel_budget(width, height, options["image_max_pixels"],
                                                 options["image_min_pixels"], image_index=image_index)
+        resampler_tokens = None
         if options["tiling"] == "monkey":
             target = options["resolution"] if options["resolution"] is not None else (budget_w, budget_h)
             grid = tile_grid(target[0], target[1], tile_size=tile, tokens_per_view=options["tokens_per_view"])
             cols, rows, has_global = grid.n_cols, grid.n_rows, True
+        elif options["tiling"] == "textmonkey":
+            cols, rows = options["resolution"][0] // tile, options["resolution"][1] // tile
+            has_global, resampler_tokens = options["use_global_view"], options["resampler_tokens"]
         else:
             cols, rows = internvl_grid(budget_w, budget_h, options["min_tiles"], options["max_tiles"], tile)
             has_global = options["use_thumbnail"] and cols * rows != 1
         return ImageLayout(width, height, budget_w, budget_h, cols, rows, tile, has_global,
-                           options["tokens_per_view"])
+                           options["tokens_per_view"], resampler_tokens)
 
     # -- inputs ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -514,14 +587,20 @@ class MonkeyImageProcessor(BaseImageProcessor):
             raise ValueError("images must hold at least one image, got an empty batch")
         tensors = [self._as_chw(image, i, input_data_format) for i, image in enumerate(flat)]
         layouts = [self._layout(int(t.shape[2]), int(t.shape[1]), options, i) for i, t in enumerate(tensors)]
-        pixel_values = self._pixel_values(tensors, layouts, options)
-        data = {
-            "pixel_values": pixel_values,
+        data = {}
+        if options["tiling"] == "textmonkey":
+            data["pixel_values"] = self._whole_images(tensors, layouts, options)
+            if options["use_global_view"]:
+                tile = options["tile_size"]  # encode's own global view, on the normalised whole image
+                data["global_pixel_values"] = F.interpolate(data["pixel_values"], size=(tile, tile), mode="bicubic")
+        else:
+            data["pixel_values"] = self._pixel_values(tensors, layouts, options)
+        data.update({
             "adapter_ids": torch.tensor([a for lay in layouts for a in lay.adapter_ids], dtype=torch.int64),
             "grids": torch.tensor([lay.grid for lay in layouts], dtype=torch.int64).reshape(-1, 2),
             "views_per_image": torch.tensor([lay.num_views for lay in layouts], dtype=torch.int64),
             "num_image_tokens": torch.tensor([lay.num_image_tokens for lay in layouts], dtype=torch.int64),
-        }
+        })
         if return_tensors in ("np", "numpy"):
             data = {key: value.cpu().numpy() for key, value in data.items()}
         elif return_tensors not in (None, "pt", "torch"):
@@ -593,12 +672,40 @@ class MonkeyImageProcessor(BaseImageProcessor):
                     last = torch.as_tensor(offsets[idx] + np.array([layouts[i].num_tiles for i in idx]), device=device)
                     out[last] = thumb.float()
 
-        if options["do_normalize"]:
-            std = torch.tensor(options["image_std"], dtype=torch.float64)
-            shift = (-torch.tensor(options["image_mean"], dtype=torch.float64) / std).float()
-            inv_std = (1.0 / std).float()
-            scale = torch.where(is_8bit[:, None], (inv_std / 255.0)[None, :], inv_std[None, :])
-            out.mul_(scale.to(device).view(-1, 3, 1, 1)).add_(shift.to(device).view(1, 3, 1, 1))
-        else:
-            out[is_8bit.to(device)] /= 255.0
-        return out
+        return _normalise_(out, is_8bit, options)
+
+    def _whole_images(self, tensors: List[torch.Tensor], layouts: List[ImageLayout], options) -> torch.Tensor:
+        """``tiling="textmonkey"``: ``[N, 3, rows * T, cols * T]``, each (budgeted) image resized whole (PIL-style
+        bicubic, like the original's ``Resize`` of a PIL image) and normalised."""
+        tile = options["tile_size"]
+        device = tensors[0].device
+        height, width = layouts[0].rows * tile, layouts[0].cols * tile  # one resolution for all
+        out = torch.empty(len(tensors), 3, height, width, dtype=torch.float32, device=device)
+        is_8bit = torch.tensor([t.dtype == torch.uint8 for t in tensors], dtype=torch.bool)
+        groups: Dict[tuple, List[int]] = {}
+        for i, (t, lay) in enumerate(zip(tensors, layouts)):
+            groups.setdefault((t.shape[1], t.shape[2], lay.budget_height, lay.budget_width, t.dtype), []).append(i)
+        for (_, _, bh, bw, _), members in groups.items():
+            for start, stop in _chunks(len(members), 3 * max(bh * bw, height * width)):
+                idx = members[start:stop]
+                x = _stack([tensors[i] for i in idx], device)
+                if (bh, bw) != tuple(x.shape[-2:]):  # the pixel budget: a real resize first (LLaMA-Factory's)
+                    x = _resize_pil_like(x, bh, bw)
+                out[torch.as_tensor(idx, device=device)] = _resize_pil_like(x, height, width).float()
+        return _normalise_(out, is_8bit, options)
+
+
+def _normalise_(out: torch.Tensor, is_8bit: torch.Tensor, options) -> torch.Tensor:
+    """In place on ``out [n, 3, h, w]`` (uint8-range rows where ``is_8bit``, else ``[0, 1]``): ``x * scale +
+    shift`` per channel, scale = 1 / (255 * std) or 1 / std, shift = -mean / std; or only the 8-bit rows to
+    ``[0, 1]`` without normalisation."""
+    device = out.device
+    if options["do_normalize"]:
+        std = torch.tensor(options["image_std"], dtype=torch.float64)
+        shift = (-torch.tensor(options["image_mean"], dtype=torch.float64) / std).float()
+        inv_std = (1.0 / std).float()
+        scale = torch.where(is_8bit[:, None], (inv_std / 255.0)[None, :], inv_std[None, :])
+        out.mul_(scale.to(device).view(-1, 3, 1, 1)).add_(shift.to(device).view(1, 3, 1, 1))
+    else:
+        out[is_8bit.to(device)] /= 255.0
+    return out

@@ -4,7 +4,8 @@ A transformers ``ProcessorMixin`` holding a :class:`MonkeyImageProcessor` and an
 each image with ``image_token`` (default ``"<image>"``, a single token of the tokenizer: add it with
 ``tokenizer.add_tokens(["<image>"], special_tokens=True)``); the ``k``-th placeholder of the batch (text order)
 is the ``k``-th image, or ``images`` is a list per text. After tokenizing, each placeholder becomes a span of
-``n = num_image_tokens[i]`` positions (``(tiles + 1) * 256`` with a global view):
+``n = num_image_tokens[i]`` positions (``(tiles + 1) * 256`` with a global view; with ``tiling="textmonkey"``
+``r + 256``, 768 for the release):
 
 - ``span_format="generic"``: ``[image_token_id] * n``;
 - ``span_format="monkey"`` (the Qwen-VL / Monkey span, reference §4): ``image_start_id``, the image reference's

@@ -41,7 +41,7 @@ those the batch uses, so the others get no gradient, as in the reference loop).
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,7 @@ __all__ = [
     "batched_model_forward",
     "batched_views_forward",
     "run_blocks",
+    "fuse_block",
     "adapter_ids_for",
     "block_contract_problem",
     "transformer_problem",
@@ -83,9 +84,11 @@ class FusedMonkeyAttention(nn.Module):
 
     Children (same objects as the reference attention's): ``in_proj``, ``in_proj_lora``, ``out_proj``,
     ``out_proj_lora``. The qkv columns keep the release's per-head ``[q_h | k_h | v_h]`` grouping; attention
-    is ``scaled_dot_product_attention`` with the release's ``1/sqrt(head_dim)`` scale."""
+    is ``scaled_dot_product_attention`` with the release's ``1/sqrt(head_dim)`` scale. ``allow_empty``: the
+    adapter lists may be empty (TextMonkey's ``lora_repeat_num=0``; every row then runs the base weights)."""
 
-    def __init__(self, attn: nn.Module, num_heads: int, backend: Optional[str] = None) -> None:
+    def __init__(self, attn: nn.Module, num_heads: int, backend: Optional[str] = None,
+                 allow_empty: bool = False) -> None:
         super().__init__()
         self.in_proj = attn.in_proj
         self.in_proj_lora = attn.in_proj_lora
@@ -95,10 +98,11 @@ class FusedMonkeyAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = self.embed_dim // num_heads
         self.backend = backend
+        self.allow_empty = allow_empty
         self.in_dropout = check_adapter_list(self.in_proj_lora, self.embed_dim, 3 * self.embed_dim,
-                                             "attn.in_proj_lora")
+                                             "attn.in_proj_lora", allow_empty)
         self.out_dropout = check_adapter_list(self.out_proj_lora, self.embed_dim, self.embed_dim,
-                                              "attn.out_proj_lora")
+                                              "attn.out_proj_lora", allow_empty)
         self.in_stack, self.out_stack = AdapterStack(), AdapterStack()
 
     def forward(self, x: torch.Tensor, segments: SegmentInfo, attn_mask: Optional[torch.Tensor] = None,
@@ -108,7 +112,8 @@ class FusedMonkeyAttention(nn.Module):
         index ``used`` (the adapters to stack, in that order; ``None``: all)."""
         b, s, d = x.shape
         heads, hd = self.num_heads, self.head_dim
-        a, bb, sc = stack_adapter_list(self.in_stack, self.in_proj_lora, used)
+        a, bb, sc = stack_adapter_list(self.in_stack, self.in_proj_lora, used,
+                                       empty_like=(self.in_proj.weight, d))
         qkv = multi_lora_linear(
             x, self.in_proj.weight, self.in_proj.bias, a, bb, sc, segments,
             dropout_p=self.in_dropout if self.training else 0.0, seed=seeds[0], backend=self.backend,
@@ -117,7 +122,8 @@ class FusedMonkeyAttention(nn.Module):
         mask = attn_mask.to(q.dtype) if attn_mask is not None else None
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = context.transpose(1, 2).reshape(b, s, d)
-        a, bb, sc = stack_adapter_list(self.out_stack, self.out_proj_lora, used)
+        a, bb, sc = stack_adapter_list(self.out_stack, self.out_proj_lora, used,
+                                       empty_like=(self.out_proj.weight, d))
         return multi_lora_linear(
             context, self.out_proj.weight, self.out_proj.bias, a, bb, sc, segments,
             dropout_p=self.out_dropout if self.training else 0.0, seed=seeds[1], backend=self.backend,
@@ -148,11 +154,12 @@ class FusedMonkeyBlockBody:
     transformers' ``GradientCheckpointingLayer``, imports transformers -- seconds that patching an unrelated
     model, e.g. an SLP embedding or a PEFT tower, should not pay.)"""
 
-    def __init__(self, block: nn.Module, num_heads: int, backend: Optional[str] = None) -> None:
+    def __init__(self, block: nn.Module, num_heads: int, backend: Optional[str] = None,
+                 allow_empty: bool = False) -> None:
         super().__init__()
         self.ln_1 = block.ln_1
         self.ln_2 = block.ln_2
-        self.attn = FusedMonkeyAttention(block.attn, num_heads, backend)
+        self.attn = FusedMonkeyAttention(block.attn, num_heads, backend, allow_empty)
         self.mlp = block.mlp
         self.mlp_lora = block.mlp_lora
         self.backend = backend
@@ -160,7 +167,7 @@ class FusedMonkeyBlockBody:
         width = self.attn.embed_dim
         if c_fc.in_features != width or c_proj.out_features != width:
             raise ValueError(f"mlp must map {width} -> {width}, got {c_fc.in_features} -> {c_proj.out_features}")
-        self.mlp_dropout = check_adapter_list(self.mlp_lora, width, width, "mlp_lora")
+        self.mlp_dropout = check_adapter_list(self.mlp_lora, width, width, "mlp_lora", allow_empty)
         self.mlp_stack = AdapterStack()
         # Carried over so a model checkpointed before patching stays checkpointed.
         self.gradient_checkpointing = bool(getattr(block, "gradient_checkpointing", False))
@@ -178,7 +185,7 @@ class FusedMonkeyBlockBody:
         hidden = c_fc(self.ln_2(x))
         for act in acts:
             hidden = act(hidden)
-        a, b, sc = stack_adapter_list(self.mlp_stack, self.mlp_lora, used)
+        a, b, sc = stack_adapter_list(self.mlp_stack, self.mlp_lora, used, empty_like=(c_proj.weight, x.shape[-1]))
         return multi_lora_linear(
             hidden, c_proj.weight, c_proj.bias, a, b, sc, segments, lora_input=x, residual=x,
             dropout_p=self.mlp_dropout if self.training else 0.0, seed=seeds[2], backend=self.backend,
@@ -192,7 +199,7 @@ class FusedMonkeyBlockBody:
                 (attn.in_proj_lora, width, 3 * width, attn.in_dropout, "attn.in_proj_lora"),
                 (attn.out_proj_lora, width, width, attn.out_dropout, "attn.out_proj_lora"),
                 (self.mlp_lora, width, width, self.mlp_dropout, "mlp_lora")):
-            probability = check_adapter_list(adapters, in_f, out_f, f"{where}.{name}")
+            probability = check_adapter_list(adapters, in_f, out_f, f"{where}.{name}", attn.allow_empty)
             if probability != cached:
                 raise RuntimeError(f"{where}.{name}: the grown adapters' dropout {probability} differs from the "
                                    f"fused block's cached {cached}; unpatch_model, grow, then patch_model again")
@@ -281,10 +288,13 @@ def fused_transformer_forward(self, x: torch.Tensor, attn_mask: Optional[torch.T
 
 
 def run_blocks(transformer: nn.Module, h: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, idx=None,
-               used: Optional[Sequence[int]] = None) -> torch.Tensor:
+               used: Optional[Sequence[int]] = None,
+               before_block: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """The fused blocks of ``transformer.resblocks`` on batch-first rows ``h [B, S, width]`` -> ``[B, S, width]``.
 
-    Each view is a contiguous segment; ONE :class:`SegmentInfo` (built here) serves every block."""
+    Each view is a contiguous segment; ONE :class:`SegmentInfo` (built here) serves every block.
+    ``before_block(i, h) -> h``: runs before block ``i`` on the rows (same shape back), e.g. TextMonkey's
+    cross-window attention over the stitched windows."""
     batch, seq, _ = h.shape
     ids = adapter_ids_for(idx, batch, h.device)
     used, segment_ids = remap_adapter_ids(ids, used)
@@ -293,6 +303,8 @@ def run_blocks(transformer: nn.Module, h: torch.Tensor, attn_mask: Optional[torc
     seeds = _dropout_seeds(blocks, transformer.training)
     h = h.contiguous()
     for i, block in enumerate(blocks):
+        if before_block is not None:
+            h = before_block(i, h)
         block_seeds = (None, None, None) if seeds is None else seeds[i].unbind()
         h = block(h, segments=segments, attn_mask=attn_mask, seeds=block_seeds, used=used)
     return h
@@ -416,9 +428,16 @@ def _block_skip_reason(module: nn.Module) -> Optional[str]:
             f"{_TRANSFORMER_CALL}); a fused block is only called by that fused loop")
 
 
+def fuse_block(block: nn.Module, backend: Optional[str] = None, allow_empty: bool = False) -> nn.Module:
+    """A :class:`FusedMonkeyBlock` over ``block``'s own submodules, in ``block``'s train / eval mode (shared by the
+    Monkey and TextMonkey block rules; ``allow_empty``: empty adapter lists, TextMonkey's ``lora_repeat_num=0``)."""
+    return fused_block_class()(block, _num_heads(block.attn), backend=backend,
+                               allow_empty=allow_empty).train(block.training)
+
+
 def _block_to_fused(block: nn.Module, options: PatchOptions) -> nn.Module:
     # The claim stays on the reference block: the transformer's to_reference drops it after the block's.
-    return fused_block_class()(block, _num_heads(block.attn), backend=options.backend).train(block.training)
+    return fuse_block(block, options.backend)
 
 
 def _monkey_vision_model_class() -> Optional[type]:

@@ -61,7 +61,9 @@ __all__ = [
     "find_image_spans",
     "gather_views",
     "monkey_vlm_forward",
+    "forward_with_image_features",
     "is_monkey_vlm",
+    "looks_like_qwen_vl",
     "MONKEY_VLM_RULE",
 ]
 
@@ -243,7 +245,7 @@ def _features_in_embeddings(module: nn.Module, input_ids: torch.Tensor, rows: to
             return None
         given = args[0] if args else kwargs.get("input")
         if not isinstance(given, torch.Tensor) or given.numel() != input_ids.numel():
-            raise RuntimeError(f"monkey_vlm: transformer.wte was called with {type(given).__name__} "
+            raise RuntimeError(f"{type(module).__name__}: transformer.wte was called with {type(given).__name__} "
                                f"{tuple(getattr(given, 'shape', ()))}, not the batch's ids {tuple(input_ids.shape)}")
         true = input_ids.reshape(given.shape).to(given.device)
         if args:
@@ -256,8 +258,8 @@ def _features_in_embeddings(module: nn.Module, input_ids: torch.Tensor, rows: to
             return output
         batch, seq = input_ids.shape
         if not isinstance(output, torch.Tensor) or output.shape[:2] != (batch, seq):
-            raise RuntimeError(f"monkey_vlm: transformer.drop returned {tuple(getattr(output, 'shape', ()))}, "
-                               f"expected [{batch}, {seq}, hidden] embeddings")
+            raise RuntimeError(f"{type(module).__name__}: transformer.drop returned "
+                               f"{tuple(getattr(output, 'shape', ()))}, expected [{batch}, {seq}, hidden] embeddings")
         flat = output.reshape(batch * seq, output.shape[-1])
         source = features.to(dtype=flat.dtype, device=flat.device)
         # Out of place: a new tensor, each image row written once (no write into a view of the embeddings).
@@ -272,8 +274,17 @@ def _features_in_embeddings(module: nn.Module, input_ids: torch.Tensor, rows: to
             handle.remove()
 
 
-def monkey_vlm_forward(module: nn.Module, *args, **kwargs):
-    """Patched ``MonkeyModel.forward`` (same signature as the instance's original, see the module docstring)."""
+def forward_with_image_features(module: nn.Module, image_features: Callable[[nn.Module, List[ImageSpan]],
+                                                                            torch.Tensor], args, kwargs):
+    """A Qwen-VL-style model's forward with the image features placed OUT OF PLACE (see the module docstring):
+    the shared body of the Monkey and TextMonkey VLM rules, which differ only in ``image_features``.
+
+    ``module``'s original forward (its class's, or a previous instance forward) runs with ``args`` / ``kwargs``;
+    on a first step with image spans, ``image_features(module, spans)`` returns the features of every span in
+    order, ``[sum of the span lengths, hidden]`` (image-major, each span's ``length`` rows), and they replace the
+    span positions of the embedding-dropout output (the start markers are masked from the original forward, so
+    its own image branch stays off). Calls without image spans, with ``past_key_values`` or ``images``, or
+    without ``input_ids`` go to the original forward untouched."""
     original = _original_forward(module)
     try:
         # The class forward's signature: a previous instance forward (a wrapper) is called the same way.
@@ -288,6 +299,27 @@ def monkey_vlm_forward(module: nn.Module, *args, **kwargs):
         return original(*args, **kwargs)
 
     spans = find_image_spans(input_ids, image_start_id)
+    features = image_features(module, spans)
+    if features.dim() != 2 or features.shape[0] != sum(span.length for span in spans):
+        raise RuntimeError(f"{type(module).__name__}: image features of shape {tuple(features.shape)} for spans "
+                           f"of {sum(span.length for span in spans)} positions")
+    seq = input_ids.shape[1]
+    rows = torch.cat([torch.arange(span.start + 1, span.end) + span.sequence * seq for span in spans])
+
+    bound.arguments["input_ids"] = input_ids.masked_fill(input_ids == image_start_id, image_start_id + 2)
+    with _features_in_embeddings(module, input_ids, rows, features) as fired:
+        output = original(*bound.args, **bound.kwargs)
+    if fired["wte"] != 1 or fired["drop"] != 1:
+        raise RuntimeError(
+            f"{type(module).__name__}: the language model's forward called transformer.wte {fired['wte']} and "
+            f"transformer.drop {fired['drop']} times; the rule needs Qwen's order (wte once, then drop once) to "
+            f"place the image features. Unpatch the model (monkey_kernels.unpatch_model) to run its own forward."
+        )
+    return output
+
+
+def _monkey_features(module: nn.Module, spans: List[ImageSpan]) -> torch.Tensor:
+    """Monkey's image features: ``encode`` loads the windows and global views, ONE encoder pass runs them all."""
     visual = module.visual
     views, windows = gather_views(visual.encode([span.path for span in spans]), len(spans))
     queries = getattr(visual.attn_pool, "num_queries", None)
@@ -299,20 +331,12 @@ def monkey_vlm_forward(module: nn.Module, *args, **kwargs):
         raise RuntimeError(f"monkey_vlm: visual returned {tuple(features.shape)} for {len(adapter_ids)} views")
     if queries is None:
         _check_spans(spans, windows, len(adapter_ids), features.shape[1])
-    seq = input_ids.shape[1]
-    rows = torch.cat([torch.arange(span.start + 1, span.end) + span.sequence * seq for span in spans])
-    features = features.reshape(-1, features.shape[-1])  # image-major = the spans' row-major order
+    return features.reshape(-1, features.shape[-1])  # image-major = the spans' row-major order
 
-    bound.arguments["input_ids"] = input_ids.masked_fill(input_ids == image_start_id, image_start_id + 2)
-    with _features_in_embeddings(module, input_ids, rows, features) as fired:
-        output = original(*bound.args, **bound.kwargs)
-    if fired["wte"] != 1 or fired["drop"] != 1:
-        raise RuntimeError(
-            f"monkey_vlm: the language model's forward called transformer.wte {fired['wte']} and transformer.drop "
-            f"{fired['drop']} times; the rule needs Qwen's order (wte once, then drop once) to place the image "
-            f"features. Unpatch the model (monkey_kernels.unpatch_model) to run its own forward."
-        )
-    return output
+
+def monkey_vlm_forward(module: nn.Module, *args, **kwargs):
+    """Patched ``MonkeyModel.forward`` (same signature as the instance's original, see the module docstring)."""
+    return forward_with_image_features(module, _monkey_features, args, kwargs)
 
 
 class MonkeyVLMForward(InstanceForward):
@@ -335,8 +359,10 @@ def _image_start_id(module: nn.Module) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _looks_like_monkey_vlm(module: nn.Module) -> bool:
-    """A Qwen-VL-style model with a vision tower: what the rule reports on when it cannot patch it."""
+def looks_like_qwen_vl(module: nn.Module) -> bool:
+    """A Qwen-VL-style model with a vision tower (``visual`` with ``encode``, ``config.visual['image_start_id']``,
+    ``wte`` / ``drop`` / ``h`` / ``ln_f``): what the Monkey and TextMonkey VLM rules report on when they cannot
+    patch it."""
     visual = getattr(module, "visual", None)
     return (isinstance(visual, nn.Module) and callable(getattr(visual, "encode", None))
             and _image_start_id(module) is not None
@@ -383,12 +409,12 @@ def _unpatchable_reason(module: nn.Module) -> Optional[str]:
 def is_monkey_vlm(module: nn.Module) -> bool:
     """Whether ``module`` is a Monkey VLM (``MonkeyModel``-like) the ``monkey_vlm`` rule patches, judged by
     structure, with its vision blocks already fused."""
-    return (not isinstance(module.__dict__.get("forward"), MonkeyVLMForward) and _looks_like_monkey_vlm(module)
+    return (not isinstance(module.__dict__.get("forward"), MonkeyVLMForward) and looks_like_qwen_vl(module)
             and _unpatchable_reason(module) is None)
 
 
 def _skip_reason(module: nn.Module) -> Optional[str]:
-    if isinstance(module.__dict__.get("forward"), MonkeyVLMForward) or not _looks_like_monkey_vlm(module):
+    if isinstance(module.__dict__.get("forward"), MonkeyVLMForward) or not looks_like_qwen_vl(module):
         return None
     return _unpatchable_reason(module)
 

@@ -320,8 +320,13 @@ class QWenModel(QWenPreTrainedModel):
         self.drop = nn.Dropout(config.emb_dropout_prob)
         self.h = nn.ModuleList(QWenBlock(config) for _ in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.visual = VisionTransformer(**config.visual)
+        self.visual = self._build_visual(config)
         self.post_init()
+
+    def _build_visual(self, config: QWenConfig) -> nn.Module:
+        """The vision tower (a hook of the double: a subclass builds another tower, e.g. TextMonkey's, instead of
+        building this one and replacing it afterwards as the public ``TextMonkeyModel`` does)."""
+        return VisionTransformer(**config.visual)
 
     def get_input_embeddings(self):
         return self.wte

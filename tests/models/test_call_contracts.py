@@ -1,6 +1,8 @@
 """Never patch what cannot run (issue 21): modules that look like Monkey's (or the SLP's, or a Monkey VLM's) but
 are called otherwise are left alone, listed in ``PatchReport.skipped`` with the reason, and the model keeps its
-reference output; a model where everything is skipped raises ``NothingToPatchError`` listing the skips."""
+reference output; a model where everything is skipped raises ``NothingToPatchError`` listing the skips.
+TextMonkey's modules (``tests/helpers/textmonkey_double.py``) are patched by their own rules (``textmonkey_*``);
+the TextMonkey-STYLE variant here (its window loop without ``window_pos`` / ``window_attention``) is not."""
 from __future__ import annotations
 
 import copy
@@ -9,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.monkey_models import (TextMonkeyStyleBlock, UserTower, VisualAttentionBlock, make_model, randomize_,
-                                   structure_alike)
+from helpers.monkey_models import UserTower, VisualAttentionBlock, make_model, randomize_, structure_alike
 from helpers.slp_models import H, V
+from helpers.textmonkey_double import VisionTransformer as TextMonkeyVisionTransformer
+from helpers.textmonkey_double import randomize_textmonkey_, tiny_textmonkey_visual
 from monkey_kernels.call_contract import only_forwarded_problem, plain_loop_problem
 from monkey_kernels.ops.slp.reference import SLPEmbeddingRef, SpatialLayoutProjector
 from monkey_kernels.patching import NothingToPatchError, is_patched, patch_model, unpatch_model
@@ -60,7 +63,9 @@ def test_structure_alike_variants_are_skipped_with_a_reason_and_still_run(varian
     torch.testing.assert_close(after.double(), expected, rtol=1e-4, atol=1e-5)  # float32 vs float64
 
 
-def test_textmonkey_blocks_report_their_own_keyword():
+def test_textmonkey_style_blocks_report_their_own_keyword():
+    """The Monkey rules name TextMonkey's keyword; the TextMonkey rules name what the style variant lacks (its
+    window loop reads no window_pos / window_attention / add_window: not the public one)."""
     model, _ = structure_alike("textmonkey")
     with pytest.warns(UserWarning):
         report = patch_model(model, backend="torch", strict=False)
@@ -69,35 +74,43 @@ def test_textmonkey_blocks_report_their_own_keyword():
     assert all("lora_idx" in r and "idx=None" in r for r in block_reasons), block_reasons
     transformer_reason = next(r for n, rule, r in report.skipped if rule == "monkey_transformer")
     assert "forward(x, attn_mask=None, lora_idx=None, image_size=(64, 64))" in transformer_reason
+    text_reason = next(r for n, rule, r in report.skipped if rule == "textmonkey_transformer")
+    assert "self.window_pos, self.window_attention, self.add_window" in text_reason, text_reason
+    text_block_reasons = [r for n, rule, r in report.skipped if rule == "textmonkey_block"]
+    assert len(text_block_reasons) == 2 and all("textmonkey_transformer" in r for r in text_block_reasons)
 
 
 class Encoders(nn.Module):
-    """A Monkey encoder beside a TextMonkey-style one: the first is patched, the second left alone."""
+    """A Monkey encoder beside a TextMonkey one: each patched by its family's rules."""
 
     def __init__(self):
         super().__init__()
         self.monkey = randomize_(UserTower())
-        self.text_monkey, _ = structure_alike("textmonkey", width=64, heads=4)
+        visual = tiny_textmonkey_visual()
+        visual.pop("image_start_id")
+        self.text_monkey = randomize_textmonkey_(TextMonkeyVisionTransformer(**visual))
 
 
-def test_a_monkey_encoder_is_patched_beside_a_skipped_textmonkey_one():
+def test_a_monkey_encoder_and_a_textmonkey_one_are_both_patched():
     model = Encoders().double().eval()
-    _, text_call = structure_alike("textmonkey", width=64, heads=4)
     x = torch.randn(6, 3, 64, dtype=torch.float64)
+    images = torch.randn(2, 3, 112, 112, dtype=torch.float64)
     ids = [0, -1, 3]
     with torch.no_grad():
-        text_before = text_call(model.text_monkey)
+        text_expected = model.text_monkey.encode(None, lora_idx=4, input_image=images)
         expected = torch.cat([model.monkey(x[:, i:i + 1], idx=None if a < 0 else a) for i, a in enumerate(ids)], 1)
     report = patch_model(model, backend="torch")
     assert report.rules["monkey_block"] == 2 and report.rules["monkey_transformer"] == 1
-    assert {(n.split(".")[0], rule) for n, rule, _ in report.skipped} == {("text_monkey", "monkey_transformer"),
-                                                                         ("text_monkey", "monkey_block")}
+    assert report.rules["textmonkey_block"] == 4 and report.rules["textmonkey_transformer"] == 1
+    assert report.rules["textmonkey_encoder"] == 1 and report.skipped == []
     assert all(isinstance(b, FusedMonkeyBlock) for b in model.monkey.transformer.resblocks)
-    assert all(type(b) is TextMonkeyStyleBlock for b in model.text_monkey.resblocks)
+    assert all(isinstance(b, FusedMonkeyBlock) for b in model.text_monkey.transformer.resblocks)
     with torch.no_grad():
         torch.testing.assert_close(model.monkey(x, idx=torch.tensor(ids)), expected, rtol=1e-10, atol=1e-12)
-        assert torch.equal(text_call(model.text_monkey), text_before)
+        torch.testing.assert_close(model.text_monkey.encode(None, lora_idx=4, input_image=images), text_expected,
+                                   rtol=1e-10, atol=1e-12)
     unpatch_model(model)
+    assert all(type(b) is not FusedMonkeyBlock for b in model.text_monkey.transformer.resblocks)
 
 
 def test_a_cross_attention_block_and_a_non_adapter_entry_are_skipped_not_broken():
