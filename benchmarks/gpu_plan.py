@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 DEFAULT_BUDGET_S = 480
-QUICK_BUDGET_S = 240
+QUICK_BUDGET_S = 270
 FINISH_RESERVE_S = 15  # summary, results.json, cache tarball
 KILL_GRACE_S = 5  # ``timeout -k``: SIGKILL this long after SIGTERM
 MAX_FILES = 8  # what the device tool brings back from OUT_DIR
@@ -53,15 +53,21 @@ class Step:
 
 STEPS: Tuple[Step, ...] = (
     Step("environment", 3, 10, 10, True, False, "nvidia-smi, versions (no native build)"),
-    Step("correctness", 60, 170, 90, True, False,
+    Step("correctness", 60, 145, 85, True, False,
          "compiled kernels at Monkey sizes vs float64 (benchmarks/gpu_correctness.py) + tests/ops/test_cuda_graphs.py"),
-    Step("op_batch1", 30, 90, 40, True, False,
+    Step("op_batch1", 30, 75, 35, True, False,
          "multi-LoRA op at Monkey shapes, batch 1: fused vs F.linear, unfused, loop, PEFT; Triton GEMM (rank 0) "
          "vs cuBLAS; both GEMM paths"),
     Step("op_batch2_8", 30, 90, 60, False, True, "the same at batch 2 and 8"),
-    Step("encoder", 40, 120, 45, True, False,
+    Step("encoder", 40, 110, 45, True, False,
          "Monkey encoder, release config, bf16, 896x896, batch 1 and 4 (--quick: 1), CUDA graphs"),
-    Step("slp", 15, 40, 15, True, False, "SLP embedding assembly vs copy bandwidth"),
+    Step("slp", 15, 35, 15, True, False, "SLP embedding assembly vs copy bandwidth"),
+    Step("plora", 30, 60, 35, True, False,
+         "InternLM-XComposer PLoRA: one decoder layer's five linears at the released shapes (r=256, bf16), "
+         "1/2/4 images of 1225 tokens (--quick: 1), gather/scatter reference vs fused, roofline ratio"),
+    Step("textmonkey", 60, 150, 90, False, True,
+         "TextMonkey encoder, release shapes (48 layers, width 1664, bf16), 896x896, per-window adapters, batch 1 "
+         "(full run: also no adapters): reference per-window loop vs one fused block call per layer"),
     Step("build_native", 90, 150, 150, False, True, "CUDA build of the native extension (MAX_JOBS=nproc)"),
     Step("slp_native", 15, 30, 30, False, True, "SLP with the native CUDA kernel", requires="build_native"),
 )

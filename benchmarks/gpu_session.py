@@ -44,6 +44,10 @@ OUTPUT_FILES = ("session.log", "results.json", "summary.md", CACHE_TARBALL)
 TARGETS = {
     "op_fwd": ("<=", 1.08), "op_fwd_bwd": ("<=", 1.15), "op_vs_unfused": (">=", 1.4),
     "encoder_inference": (">=", 2.0), "encoder_train_step": (">=", 1.5), "slp_copy_fraction": (">=", 0.85),
+    # issue 22: the fused PLoRA layer within 1.05x of its own work's roofline, and faster than gather/scatter
+    "plora_roofline": ("<=", 1.05), "plora_vs_reference": (">=", 1.0),
+    # issue 21: one fused block call per layer over every window, never slower than the per-window loop
+    "textmonkey_inference": (">=", 1.0), "textmonkey_train_step": (">=", 1.0),
 }
 
 
@@ -76,6 +80,13 @@ def step_command(step: Step, work: Path, quick: bool, dry_run: bool) -> List[str
     if step.name == "slp":
         return [py, str(bench / "bench_slp.py"), "--backends", "triton", "--rounds", "1", "--rep-ms", "100",
                 "--no-progress", *common]
+    if step.name == "plora":
+        return [py, str(bench / "bench_plora.py"), "--release", "--backends", "triton", "--rounds", "1",
+                "--rep-ms", "100", *(["--images", "1"] if quick else []), *common]
+    if step.name == "textmonkey":
+        return [py, str(bench / "bench_textmonkey.py"), "--release", "--resolutions", "896x896", "--batches", "1",
+                "--adapters", *(["per_window"] if quick else ["per_window", "none"]), "--rounds", "1",
+                "--rep-ms", "100", *common]
     if step.name == "build_native":
         return [py, "-c", "from monkey_kernels import _native; s = _native.status(); print('native extension:', s); "
                 "raise SystemExit(0 if s in ('prebuilt', 'jit') else 1)"]
@@ -216,6 +227,13 @@ def summarize(results: Dict[str, Optional[dict]], correctness: Optional[dict]) -
                 note="MORE MEMORY than the reference" if more_memory else "")
             if more_memory:
                 rows[-1]["met"] = False
+    for row in (results.get("plora") or {}).get("rows", []):
+        if row["method"] == "fused":
+            add("plora_roofline", f"{row['case']} {row['mode']}", row.get("roofline_ratio"))
+            add("plora_vs_reference", f"{row['case']} {row['mode']}", row.get("speedup_vs_reference"))
+    for row in (results.get("textmonkey") or {}).get("rows", []):
+        if row["method"] == "patched" and row.get("speedup") is not None:
+            add(f"textmonkey_{row['mode']}", row["case"], row["speedup"])
     for step in ("slp", "slp_native"):
         for row in (results.get(step) or {}).get("rows", []):
             if row["method"].endswith("_novalidate") and row.get("fraction_of_copy") is not None:
@@ -318,6 +336,14 @@ def write_stub(step: str, out: Path) -> None:
                           peak_memory_bytes=100, speedup=1.0),
                      dict(case="896x896 b1", method="patched", mode=mode, ms=10.0 / speedup, ratio_to_base=1 / speedup,
                           peak_memory_bytes=90, speedup=speedup)]
+    elif step == "plora":
+        for mode in ("fwd", "fwd_bwd"):
+            rows.append(dict(case="1 img, 1609 tok", method="fused", mode=mode, ms=1.0, ratio_to_base=1.04,
+                             peak_memory_bytes=None, roofline_ratio=1.03, speedup_vs_reference=1.3))
+    elif step == "textmonkey":
+        for mode, speedup in (("inference", 2.0), ("train_step", 1.5)):
+            rows.append(dict(case="896x896 per_window b1", method="patched", mode=mode, ms=10.0 / speedup,
+                             ratio_to_base=1 / speedup, peak_memory_bytes=None, speedup=speedup))
     elif step.startswith("slp"):
         rows.append(dict(case="monkey", method="fused_novalidate", mode="fwd", ms=1.0, ratio_to_base=1.1,
                          peak_memory_bytes=None, fraction_of_copy=0.9))

@@ -31,7 +31,7 @@ SCRIPT = REPO_ROOT / "benchmarks" / "gpu_session.sh"
 def test_arguments_and_defaults():
     args = gpu_plan.parse_args([])
     assert (args.out_dir, args.budget_s, args.quick, args.dry_run) == (gpu_plan.DEFAULT_OUT_DIR, 480, False, False)
-    assert gpu_plan.parse_args(["--quick"]).budget_s == 240
+    assert gpu_plan.parse_args(["--quick"]).budget_s == 270
     args = gpu_plan.parse_args(["out", "--budget-s", "300", "--quick", "--steps", "correctness", "slp"])
     assert (args.out_dir, args.budget_s, args.quick, args.steps) == ("out", 300, True, ["correctness", "slp"])
 
@@ -63,9 +63,10 @@ def test_timeouts_never_sum_above_the_budget(quick):
 def test_steps_run_in_order_and_the_defaults_fit_the_essentials():
     full = {s.name: t for s, t in gpu_plan.plan(480, quick=False)}
     assert list(full) == list(gpu_plan.STEP_NAMES)
-    assert all(full[name] is not None for name in ("environment", "correctness", "op_batch1", "encoder", "slp"))
-    quick = {s.name: t for s, t in gpu_plan.plan(240, quick=True)}
-    assert list(quick) == ["environment", "correctness", "op_batch1", "encoder", "slp"]  # batch-1 timings only
+    assert all(full[name] is not None for name in ("environment", "correctness", "op_batch1", "encoder", "slp",
+                                                     "plora"))
+    quick = {s.name: t for s, t in gpu_plan.plan(270, quick=True)}
+    assert list(quick) == ["environment", "correctness", "op_batch1", "encoder", "slp", "plora"]  # batch 1 only
     assert all(t is not None for t in quick.values())
 
 
@@ -144,6 +145,14 @@ def test_summary_judges_the_targets():
             dict(case="896x896 b1", method="reference", mode="inference", speedup=1.0, peak_memory_bytes=100),
             dict(case="896x896 b1", method="patched", mode="inference", speedup=2.5, peak_memory_bytes=120)]},
         "slp": {"rows": [dict(case="monkey", method="fused_novalidate", mode="fwd", fraction_of_copy=0.9)]},
+        "plora": {"rows": [
+            dict(case="1 img", method="reference", mode="fwd", speedup_vs_reference=1.0),
+            dict(case="1 img", method="fused", mode="fwd", roofline_ratio=1.04, speedup_vs_reference=1.4),
+            dict(case="1 img", method="fused", mode="fwd_bwd", roofline_ratio=1.2, speedup_vs_reference=0.9)]},
+        "textmonkey": {"rows": [
+            dict(case="896x896 per_window b1", method="reference", mode="inference", speedup=1.0),
+            dict(case="896x896 per_window b1", method="patched", mode="inference", speedup=2.1),
+            dict(case="896x896 per_window b1", method="patched", mode="train_step", speedup=0.95)]},
     }
     rows = gpu_session.summarize(results, {"tests": 10, "failures": 1, "errors": 0, "skipped": 0, "failed": []})
     met = {(r["target"], r["case"]): r["met"] for r in rows}
@@ -153,6 +162,11 @@ def test_summary_judges_the_targets():
     assert met[("encoder_inference", "896x896 b1 patched")] is False  # fast enough, but more memory
     assert met[("slp_copy_fraction", "monkey fused_novalidate")] is True
     assert met[("info", "qkv b1 triton_gemm / F.linear")] is True
+    assert met[("plora_roofline", "1 img fwd")] is True and met[("plora_vs_reference", "1 img fwd")] is True
+    assert met[("plora_roofline", "1 img fwd_bwd")] is False and met[("plora_vs_reference", "1 img fwd_bwd")] is False
+    assert met[("textmonkey_inference", "896x896 per_window b1")] is True
+    assert met[("textmonkey_train_step", "896x896 per_window b1")] is False
+    assert not any(r["target"].startswith("plora") and "reference" in r["case"] for r in rows)
 
 
 def test_cache_tarball_stays_within_the_size_limit(tmp_path, monkeypatch):
@@ -193,11 +207,12 @@ def test_dry_run_writes_at_most_8_small_files_and_prints_the_summary_last(tmp_pa
     assert 0 < len(files) <= gpu_plan.MAX_FILES and all(f.stat().st_size <= gpu_plan.MAX_FILE_BYTES for f in files)
     assert {f.name for f in files} == {"session.log", "results.json", "summary.md", "cache.tar.gz"}
     results = json.loads((out / "results.json").read_text())
-    assert [s["name"] for s in results["session"]["steps"]] == ["environment", "correctness", "op_batch1", "encoder", "slp"]
+    assert [s["name"] for s in results["session"]["steps"]] == ["environment", "correctness", "op_batch1", "encoder", "slp",
+                                                                "plora"]
     assert all(s["status"] == "ok" for s in results["session"]["steps"])
     assert results["session"]["dry_run"] is True and results["correctness"]["tests"] == 2
     assert {r["target"] for r in results["summary"]} >= {"correctness", "op_fwd", "encoder_inference",
-                                                           "slp_copy_fraction"}
+                                                           "slp_copy_fraction", "plora_roofline"}
     summary = (out / "summary.md").read_text()
     assert summary.startswith("**DRY RUN")
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the table is printed last
