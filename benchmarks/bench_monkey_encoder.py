@@ -18,6 +18,11 @@ and the relative difference of each patched output to the reference one (eval mo
 (GPU, ``patched``): inference >= 2x and train step >= 1.5x faster than the reference at no more memory; on
 CPU: never slower.
 
+With ``--amp bf16`` / ``--amp fp16`` the weights stay fp32 (the master weights of an AMP run) and every forward of
+every method runs under ``torch.autocast(device, dtype)`` -- what the HF ``Trainer`` with ``bf16=True`` /
+``fp16=True`` does; the fp16 train step goes through ``torch.amp.GradScaler`` like the Trainer's. Both sides get
+the same autocast, so the ratio is patched-under-AMP vs reference-under-AMP.
+
 On CUDA: the release config (width 1664, 48 layers; ``lora_repeat_num`` raised to 6 so 1344x896 = 3x2 tiles
 fits), bf16, batches 1, 4, 8, resolutions 896x896 and 1344x896, the
 ``triton`` backend. Without CUDA: a small config (fp32) with the same tile grids; CPU numbers say nothing
@@ -28,6 +33,7 @@ Run ``PYTHONPATH=. python benchmarks/bench_monkey_encoder.py --help`` for the op
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -56,10 +62,12 @@ SMALL_CONFIG = dict(tile_size=112, image_size=224, patch_size=14, width=128, lay
                     attn_lora_rank=16, mlp_lora_rank=32, lora_dropout=0.05)
 
 
-def build_config(small: bool) -> MonkeyVisionConfig:
+def build_config(small: bool, layers: Optional[int] = None) -> MonkeyVisionConfig:
+    """The small config or the release's shapes (6 adapters for 3x2 tiles); ``layers`` overrides the depth."""
+    overrides = {} if layers is None else {"layers": layers}
     if small:
-        return MonkeyVisionConfig(**SMALL_CONFIG)
-    return MonkeyVisionConfig(lora_repeat_num=6)  # the release's shapes; 6 adapters for 3x2 tiles
+        return MonkeyVisionConfig(**{**SMALL_CONFIG, **overrides})
+    return MonkeyVisionConfig(lora_repeat_num=6, **overrides)
 
 
 def release_trainable_(model: torch.nn.Module) -> None:
@@ -67,9 +75,17 @@ def release_trainable_(model: torch.nn.Module) -> None:
         p.requires_grad_("lora" in name or name.startswith("attn_pool"))
 
 
+def autocast_context(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` in the ``amp`` dtype on ``device``, or a no-op context when ``amp`` is ``None``."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[amp])
+
+
 def run_case(models: Dict[str, torch.nn.Module], initial_state, config, batch: int, resolution: str, device,
              dtype, args) -> List[dict]:
     """Rows of one (resolution, batch): inference and train step of every model, timed interleaved."""
+    amp = getattr(args, "amp", None)
     for model in models.values():  # train steps of earlier cases moved the weights: start equal again
         model.load_state_dict(initial_state)
     cols, rows = RESOLUTIONS[resolution]
@@ -80,17 +96,18 @@ def run_case(models: Dict[str, torch.nn.Module], initial_state, config, batch: i
     with torch.no_grad():
         for model in models.values():
             model.eval()
-        expected = models["reference"](pixel_values).float()
-        for name, model in models.items():
-            if name != "reference":
-                rel_diff[name] = ((model(pixel_values).float() - expected).norm() / expected.norm()).item()
+        with autocast_context(device, amp):
+            expected = models["reference"](pixel_values).float()
+            for name, model in models.items():
+                if name != "reference":
+                    rel_diff[name] = ((model(pixel_values).float() - expected).norm() / expected.norm()).item()
     case = f"{resolution} b{batch}"  # in the release's 448 px tiles (the small config's tiles are smaller)
     extra = dict(batch=batch, tiles=grid.num_tiles, views=grid.num_views, image_tokens=grid.num_image_tokens)
     out: List[dict] = []
 
     def infer_call(model):
         def call():
-            with torch.no_grad():
+            with torch.no_grad(), autocast_context(device, amp):
                 model(pixel_values)
         return call
 
@@ -106,11 +123,19 @@ def run_case(models: Dict[str, torch.nn.Module], initial_state, config, batch: i
         if args.checkpointing:
             model.activation_checkpointing_enable()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
-        def step(model=model, optimizer=optimizer):
+        def step(model=model, optimizer=optimizer, scaler=scaler):
             optimizer.zero_grad(set_to_none=True)
-            model(pixel_values).float().square().mean().backward()
-            optimizer.step()
+            with autocast_context(device, amp):
+                loss = model(pixel_values).float().square().mean()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
 
         steps[name] = step
     out += _timed_rows(case, "train_step", steps, device, args, extra, batch)
@@ -160,6 +185,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="backends of the patched models, the first being 'patched' (default: the device's "
                              "default backend, then the others that run there)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the train step")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="encoder depth (default: the config's, 48 for the release); the per-layer work is the "
+                             "release's at any depth, so a shallower model times the same layers in less setup")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None,
+                        help="fp32 weights, every forward under torch.autocast in this dtype (the Trainer's "
+                             "bf16=True / fp16=True); fp16 trains through GradScaler")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time the patched inference replayed from a CUDA graph (CUDA only)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 896x896, batch 1, few rounds")
@@ -172,15 +203,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     on_cuda = device.type == "cuda"
     if args.cuda_graph and not on_cuda:
         parser.error("--cuda-graph needs a CUDA device")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers must be at least 1, got {args.layers}")
     args.small_config = args.small or not on_cuda
-    dtype = DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")]
+    if args.amp is not None and args.dtype not in (None, "fp32"):
+        parser.error("--amp keeps fp32 weights (the master weights of mixed precision): drop --dtype or pass fp32")
+    if args.amp is not None and args.cuda_graph:
+        parser.error("--cuda-graph times a captured plain forward; it does not combine with --amp")
+    dtype = DTYPES[args.dtype or ("fp32" if args.amp is not None or not on_cuda else "bf16")]
     batches = args.batches or ([1] if args.quick else [1, 4, 8] if on_cuda else [1, 2])
     resolutions = args.resolutions or (["896x896"] if args.quick else list(RESOLUTIONS))
     if args.rounds is None:
         args.rounds = (1 if on_cuda else 3) if args.quick else (3 if on_cuda else 7)
     backends = bench_backends(device, args.backends)
 
-    config = build_config(args.small_config)
+    config = build_config(args.small_config, args.layers)
     torch.manual_seed(0)
     reference = MonkeyVisionModel(config)
     with torch.no_grad():  # non-zero adapters so the LoRA terms do work
@@ -206,13 +243,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     run_config = dict(model={k: getattr(config, k) for k in SMALL_CONFIG}, small_config=args.small_config,
                       dtype=str(dtype).replace("torch.", ""), backends=backends, batches=batches,
                       resolutions=resolutions, checkpointing=args.checkpointing, cuda_graph=args.cuda_graph,
+                      amp=args.amp,
                       timer=timer_kwargs(args), targets=TARGETS if on_cuda else "patched never slower",
                       trainable="lora* and attn_pool*, AdamW lr 1e-5")
     result = make_result("monkey_encoder", device, rows, config=run_config, patch_reports=reports)
-    out = write_result(result, args.out or result_path("monkey_encoder", device))
+    name = "monkey_encoder" if args.amp is None else f"monkey_encoder_amp-{args.amp}"
+    out = write_result(result, args.out or result_path(name, device))
     report(rows, ["case", "method", "mode", "ms", "speedup", "images_per_s", "peak_memory_bytes",
                   "rel_diff_to_reference", "target_met"], out,
-           f"Monkey encoder: {result['device']}, {result['threads']} threads, {run_config['dtype']}, "
+           f"Monkey encoder: {result['device']}, {result['threads']} threads, {run_config['dtype']}"
+           f"{'' if args.amp is None else f' weights under {args.amp} autocast'}, "
            f"patched = {backends[0]} backend, {'small config' if args.small_config else 'release config'}",
            plot=not args.no_plot, value="speedup", title=f"Monkey encoder: {result['device']}",
            ylabel="speed-up over the reference (higher is better)")

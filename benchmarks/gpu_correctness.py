@@ -12,6 +12,12 @@ The multi-LoRA op (``multi_lora_linear``, the default backend on CUDA: triton) a
 
 The SLP embedding assembly (``slp_embed``) at LayTextLLM / Monkey sizes, forward + backward, the same dtypes.
 
+Mixed precision (what the HF ``Trainer``'s ``bf16=True`` / ``fp16=True`` runs): fp32 master tensors under
+``torch.autocast("cuda", fp16 / bf16)``, the op at the three layers above and a patched Monkey encoder at the
+release's width (1664, 2 of its 48 layers, 4 tiles + the global view, per-tile LoRA) against the unpatched
+encoder under the same autocast: output dtype the reference's, output and gradients (input, every trainable
+Parameter, ``lora_scale`` kept fp32) within the unpatched model's own error against float64.
+
 Judged as the unit tests judge (``tests/helpers/accuracy.py``): the op's error against float64 may be at most
 ``tolerance_factor`` times the error of the same computation by plain PyTorch in the op's dtype, plus a floor.
 """
@@ -24,7 +30,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers.accuracy import assert_within_pytorch_error  # noqa: E402
+from helpers.accuracy import assert_within_pytorch_error, error_floor, rel_err  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 
@@ -134,6 +140,138 @@ def test_both_gemm_paths_match_fp64(gemm, monkeypatch):
                                       reason="no per-shape GEMM choice in this version")
     monkeypatch.setenv(gemm_choice.ENV_GEMM, gemm)
     check_multi_lora("out_proj", torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed precision: fp32 masters under torch.autocast
+# ---------------------------------------------------------------------------------------------------------
+AMP_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def check_multi_lora_autocast(layer: str, amp: torch.dtype, device: str = "cuda", backend: str = "triton",
+                              divisor: int = 1) -> None:
+    """One layer of ``LAYERS`` with fp32 tensors under ``torch.autocast(device, amp)``: the op's output (dtype
+    ``amp`` as ``F.linear``'s; fp32 with the fp32 residual, as the reference's sum) and gradients (fp32, as the masters') against float64, judged against the
+    reference ``multi_lora_linear_ref`` under the same autocast."""
+    from monkey_kernels import multi_lora_linear, multi_lora_linear_ref  # noqa: PLC0415
+
+    device = torch.device(device)
+    tensors, segments = _problem(layer, torch.float32, device, divisor)
+    with torch.autocast(device.type, dtype=amp):
+        out = multi_lora_linear(tensors["input"], tensors["weight"], tensors["bias"], tensors["lora_a"],
+                                tensors["lora_b"], tensors["scale"], segments, lora_input=tensors["lora_input"],
+                                residual=tensors["residual"], backend=backend)
+    assert torch.isfinite(out).all()
+    grad_out = torch.randn(out.shape, device=device).to(out.dtype)
+    grads = _grads(out, tensors, grad_out)
+    assert all(g.dtype == torch.float32 for g in grads.values()), {n: g.dtype for n, g in grads.items()}
+    ref64, leaves64 = _reference(tensors, segments, torch.float64)
+    grads64 = _grads(ref64, leaves64, grad_out.double())
+    leaves = {n: None if t is None else t.detach().requires_grad_(t.requires_grad) for n, t in tensors.items()}
+    with torch.autocast(device.type, dtype=amp):
+        plain = multi_lora_linear_ref(leaves["input"], leaves["weight"], leaves["bias"], leaves["lora_a"],
+                                      leaves["lora_b"], leaves["scale"], segments, lora_input=leaves["lora_input"],
+                                      residual=leaves["residual"])
+    assert plain.dtype == out.dtype, (plain.dtype, out.dtype)
+    grads_plain = _grads(plain, leaves, grad_out)
+    assert_within_pytorch_error(backend, amp, out, plain, ref64, grads, grads_plain, grads64)
+
+
+def _release_width_encoder(device: torch.device, divisor: int):
+    """A Monkey encoder with 2 layers, 4 per-tile adapters (random non-zero LoRA) and the release's trainable set,
+    fp32: the release's shapes (width 1664, 448 px tiles of 1024 tokens) when ``divisor`` is 1, else a small
+    config of width ``1664 // divisor`` (the CPU check of this harness)."""
+    from monkey_kernels.models import MonkeyVisionConfig, MonkeyVisionModel  # noqa: PLC0415
+
+    if divisor == 1:
+        config = MonkeyVisionConfig(layers=2, lora_repeat_num=4, lora_dropout=0.0)
+    else:
+        config = MonkeyVisionConfig(width=1664 // divisor, heads=4, layers=2, tile_size=112, image_size=224,
+                                    patch_size=14, num_positions=16, n_queries=16, output_dim=128,
+                                    resampler_heads=4, lora_repeat_num=4, lora_dropout=0.0)
+    model = MonkeyVisionModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name and p.dim() > 1:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora" in name or name.startswith("attn_pool"))
+    return model.to(device), config
+
+
+def check_encoder_autocast(amp: torch.dtype, device: str = "cuda", backend: str = "triton", divisor: int = 1) -> None:
+    """A patched Monkey encoder (``_release_width_encoder``) under ``torch.autocast(device, amp)`` against the
+    unpatched one under the same autocast, both against the float64 unpatched encoder: output (dtype the
+    reference's), the gradient of the pixels and of every trainable Parameter (fp32)."""
+    import copy  # noqa: PLC0415
+
+    from monkey_kernels import patch_model  # noqa: PLC0415
+
+    device = torch.device(device)
+    reference, config = _release_width_encoder(device, divisor)
+    patched = copy.deepcopy(reference)
+    patch_model(patched, backend=backend)
+    ref64 = copy.deepcopy(reference).double()
+    pixels = torch.randn(1, 5, config.num_channels, config.tile_size, config.tile_size, device=device)
+
+    def run(model, dtype, amp_dtype):
+        x = pixels.to(dtype).requires_grad_(True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(x)
+        return out, x
+
+    out, x = run(patched, torch.float32, amp)
+    plain, x_plain = run(reference, torch.float32, amp)
+    out64, x64 = run(ref64, torch.float64, None)
+    assert out.dtype == plain.dtype, (out.dtype, plain.dtype)
+    grad_out = torch.randn(out.shape, device=device).to(out.dtype)
+
+    def grads(model, output, inputs, g):
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        values = torch.autograd.grad(output, [inputs] + [params[n] for n in names], g, allow_unused=True)
+        return {n: v for n, v in zip(["pixels"] + names, values) if v is not None}
+
+    g, g_plain, g64 = (grads(patched, out, x, grad_out), grads(reference, plain, x_plain, grad_out),
+                       grads(ref64, out64, x64, grad_out.double()))
+    assert set(g) == set(g_plain) == set(g64), (set(g) ^ set(g_plain), set(g_plain) ^ set(g64))
+    assert all(v.dtype == torch.float32 for v in g.values())
+    assert_model_within_autocast_error(amp, out, plain, out64, g, g_plain, g64)
+
+
+def assert_model_within_autocast_error(amp, out, plain, out64, grads, plain_grads, grads64, factor=3.0) -> None:
+    """A whole model's output and gradients against float64: each within ``error_floor(amp)`` + ``factor`` x the
+    unpatched model's own error under the same autocast. Rounding errors compound over the layers in an order of
+    their own, so one model is not bounded by the other's error per element; the one-element gradients (the
+    ``lora_scale`` of every adapter, sums over all of an adapter's rows with cancellation) are judged together
+    as one vector."""
+    floor = error_floor(amp)
+    assert torch.isfinite(out).all(), "output: non-finite entries"
+    assert rel_err(out, out64) <= floor + factor * rel_err(plain, out64), (
+        f"output: error {rel_err(out, out64):.3e} vs the unpatched {rel_err(plain, out64):.3e}")
+    scalars = [n for n, v in grads64.items() if v.numel() == 1]
+    groups = {n: [n] for n in grads64 if n not in scalars}
+    if scalars:
+        groups["the one-element gradients"] = scalars
+    for label, names in groups.items():
+        def flat(values):
+            return torch.cat([values[n].detach().double().cpu().reshape(-1) for n in names])
+
+        got, base, ref = flat(grads), flat(plain_grads), flat(grads64)
+        assert torch.isfinite(got).all(), f"{label}: non-finite entries"
+        limit = floor + factor * rel_err(base, ref)
+        assert rel_err(got, ref) <= limit, f"{label}: error {rel_err(got, ref):.3e} > {limit:.3e}"
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES, ids=_id)
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_multi_lora_under_autocast_matches_fp64_at_monkey_sizes(layer, amp):
+    check_multi_lora_autocast(layer, amp)
+
+
+@pytest.mark.parametrize("amp", AMP_DTYPES, ids=_id)
+def test_patched_encoder_under_autocast_at_release_width(amp):
+    check_encoder_autocast(amp)
 
 
 # ---------------------------------------------------------------------------------------------------------

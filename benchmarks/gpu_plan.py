@@ -53,8 +53,9 @@ class Step:
 
 STEPS: Tuple[Step, ...] = (
     Step("environment", 3, 10, 10, True, False, "nvidia-smi, versions (no native build)"),
-    Step("correctness", 60, 145, 85, True, False,
-         "compiled kernels at Monkey sizes vs float64 (benchmarks/gpu_correctness.py) + tests/ops/test_cuda_graphs.py"),
+    Step("correctness", 60, 160, 95, True, False,
+         "compiled kernels at Monkey sizes vs float64, plain and under fp16/bf16 autocast over fp32 masters "
+         "(benchmarks/gpu_correctness.py) + tests/ops/test_cuda_graphs.py"),
     Step("op_batch1", 30, 75, 35, True, False,
          "multi-LoRA op at Monkey shapes, batch 1: fused vs F.linear, unfused, loop, PEFT; Triton GEMM (rank 0) "
          "vs cuBLAS; both GEMM paths"),
@@ -65,6 +66,9 @@ STEPS: Tuple[Step, ...] = (
     Step("plora", 30, 60, 35, True, False,
          "InternLM-XComposer PLoRA: one decoder layer's five linears at the released shapes (r=256, bf16), "
          "1/2/4 images of 1225 tokens (--quick: 1), gather/scatter reference vs fused, roofline ratio"),
+    Step("amp", 45, 90, 60, False, True,
+         "AMP train step: Monkey encoder at the release's width, 12 of its 48 layers, fp32 weights under bf16 "
+         "autocast (the Trainer's bf16=True), 896x896 batch 1: reference vs patched under the same autocast"),
     Step("textmonkey", 60, 150, 90, False, True,
          "TextMonkey encoder, release shapes (48 layers, width 1664, bf16), 896x896, per-window adapters, batch 1 "
          "(full run: also no adapters): reference per-window loop vs one fused block call per layer"),

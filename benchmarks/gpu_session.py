@@ -48,6 +48,8 @@ TARGETS = {
     "plora_roofline": ("<=", 1.05), "plora_vs_reference": (">=", 1.0),
     # issue 21: one fused block call per layer over every window, never slower than the per-window loop
     "textmonkey_inference": (">=", 1.0), "textmonkey_train_step": (">=", 1.0),
+    # issue 20: under the same bf16 autocast over fp32 masters, the patched encoder never slower
+    "amp_inference": (">=", 1.0), "amp_train_step": (">=", 1.0),
 }
 
 
@@ -83,6 +85,9 @@ def step_command(step: Step, work: Path, quick: bool, dry_run: bool) -> List[str
     if step.name == "plora":
         return [py, str(bench / "bench_plora.py"), "--release", "--backends", "triton", "--rounds", "1",
                 "--rep-ms", "100", *(["--images", "1"] if quick else []), *common]
+    if step.name == "amp":
+        return [py, str(bench / "bench_monkey_encoder.py"), "--amp", "bf16", "--layers", "12", "--resolutions",
+                "896x896", "--batches", "1", "--backends", "triton", "--rounds", "1", "--rep-ms", "100", *common]
     if step.name == "textmonkey":
         return [py, str(bench / "bench_textmonkey.py"), "--release", "--resolutions", "896x896", "--batches", "1",
                 "--adapters", *(["per_window"] if quick else ["per_window", "none"]), "--rounds", "1",
@@ -234,6 +239,9 @@ def summarize(results: Dict[str, Optional[dict]], correctness: Optional[dict]) -
     for row in (results.get("textmonkey") or {}).get("rows", []):
         if row["method"] == "patched" and row.get("speedup") is not None:
             add(f"textmonkey_{row['mode']}", row["case"], row["speedup"])
+    for row in (results.get("amp") or {}).get("rows", []):
+        if row["method"] == "patched" and row.get("speedup") is not None:
+            add(f"amp_{row['mode']}", f"{row['case']} bf16 autocast", row["speedup"])
     for step in ("slp", "slp_native"):
         for row in (results.get(step) or {}).get("rows", []):
             if row["method"].endswith("_novalidate") and row.get("fraction_of_copy") is not None:
@@ -340,6 +348,10 @@ def write_stub(step: str, out: Path) -> None:
         for mode in ("fwd", "fwd_bwd"):
             rows.append(dict(case="1 img, 1609 tok", method="fused", mode=mode, ms=1.0, ratio_to_base=1.04,
                              peak_memory_bytes=None, roofline_ratio=1.03, speedup_vs_reference=1.3))
+    elif step == "amp":
+        for mode, speedup in (("inference", 1.8), ("train_step", 1.3)):
+            rows.append(dict(case="896x896 b1", method="patched", mode=mode, ms=10.0 / speedup,
+                             ratio_to_base=1 / speedup, peak_memory_bytes=None, speedup=speedup))
     elif step == "textmonkey":
         for mode, speedup in (("inference", 2.0), ("train_step", 1.5)):
             rows.append(dict(case="896x896 per_window b1", method="patched", mode=mode, ms=10.0 / speedup,

@@ -274,3 +274,77 @@ def test_correctness_checks_catch_a_wrong_result(monkeypatch):
     monkeypatch.setattr(monkey_kernels, "multi_lora_linear", wrong)
     with pytest.raises(AssertionError, match="error"):
         gpu_correctness.check_multi_lora("out_proj", torch.float32, device="cpu", backend="torch", divisor=16)
+
+
+@pytest.mark.parametrize("layer", ["in_proj", "mlp_c_proj"])
+def test_autocast_correctness_check_runs_at_reduced_sizes_on_cpu(layer):
+    import torch
+
+    import gpu_correctness
+
+    gpu_correctness.check_multi_lora_autocast(layer, torch.bfloat16, device="cpu", backend="torch", divisor=16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_encoder_autocast_check_runs_at_reduced_sizes_on_cpu(backend):
+    import torch
+
+    import gpu_correctness
+    from monkey_kernels.ops.backends import BACKENDS
+
+    if backend not in BACKENDS:
+        pytest.skip(f"backend {backend!r} not in this build")
+    gpu_correctness.check_encoder_autocast(torch.bfloat16, device="cpu", backend=backend, divisor=16)
+
+
+def test_encoder_autocast_check_catches_a_wrong_result(monkeypatch):
+    """The model-level judge is not vacuous: a patched encoder whose output is off by 5 % fails it (bf16
+    autocast: the unpatched model's own error is ~0.5 %, the limit 3x that plus a floor)."""
+    import torch
+
+    import gpu_correctness
+    import monkey_kernels
+
+    real = monkey_kernels.patch_model
+
+    def patch_then_skew(model, **kwargs):
+        report = real(model, **kwargs)
+        model.register_forward_hook(lambda module, args, out: out * 1.05)
+        return report
+
+    monkeypatch.setattr(monkey_kernels, "patch_model", patch_then_skew)
+    with pytest.raises(AssertionError, match="output: error"):
+        gpu_correctness.check_encoder_autocast(torch.bfloat16, device="cpu", backend="torch", divisor=16)
+
+
+def test_amp_step_times_the_encoder_under_bf16_autocast(tmp_path, monkeypatch):
+    """The amp step's command, run on CPU at the small config (1 layer, one round): every forward of both
+    methods under bf16 autocast over fp32 weights, the JSON records it, the patched output is the reference's
+    within bf16 rounding, and the summary reads its rows."""
+    import torch
+
+    amp_step = next(s for s in gpu_plan.STEPS if s.name == "amp")
+    command = gpu_session.step_command(amp_step, tmp_path, False, False)
+    assert command[command.index("--amp") + 1] == "bf16" and command[command.index("--layers") + 1] == "12"
+    import bench_monkey_encoder  # benchmarks/ is on sys.path (above)
+
+    seen = []
+    real_forward = bench_monkey_encoder.MonkeyVisionModel.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench_monkey_encoder.MonkeyVisionModel, "forward", recording_forward)
+    out = tmp_path / "amp.json"
+    result = bench_monkey_encoder.main(["--device", "cpu", "--amp", "bf16", "--layers", "1", "--quick", "--rounds",
+                                        "1", "--warmup", "0", "--backends", "torch", "--out", str(out), "--no-plot"])
+    assert seen and all(seen)
+    data = json.loads(out.read_text())
+    assert data["config"]["amp"] == "bf16" and data["config"]["dtype"] == "float32"
+    assert data["config"]["model"]["layers"] == 1
+    patched = [r for r in data["rows"] if r["method"] == "patched"]
+    assert {r["mode"] for r in patched} == {"inference", "train_step"}
+    assert all(0 < r["rel_diff_to_reference"] < 2e-2 for r in patched)
+    rows = gpu_session.summarize({"amp": result}, None)
+    assert {r["target"] for r in rows} == {"amp_inference", "amp_train_step"}
