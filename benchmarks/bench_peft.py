@@ -25,11 +25,16 @@ fourth rsLoRA) on q/k/v/out_proj/fc1/fc2, batches 8 and 32. Without CUDA: a tiny
 fp32, batches 4 and 8); CPU numbers say nothing about GPU performance.
 Results go to ``benchmarks/results/peft_<device>_<date>.json``.
 
+``--amp bf16`` / ``--amp fp16``: mixed precision as the HF ``Trainer`` runs it -- the tower and its adapters in
+fp32 (master weights), every forward of every method under ``torch.autocast(device, dtype)``; results
+``peft_amp-<dtype>_<device>_<date>.json``.
+
 Run ``PYTHONPATH=. python benchmarks/bench_peft.py --help`` for the options.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
@@ -52,6 +57,14 @@ GPU_TOWER = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
 CPU_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  image_size=56, patch_size=14)  # 16 tokens
 RANKS = [8, 16, 32, 16]
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` in the ``amp`` dtype on ``device``, or a no-op context when ``amp`` is ``None``."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def build_models(tower: Dict, num_adapters: int, device: torch.device, dtype: torch.dtype):
@@ -93,11 +106,12 @@ def run_case(tower, num_adapters, batch, device, dtype, backends: Sequence[str],
     size = tower["image_size"]
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     models = {"base": base, "peft": peft_model, **patched}
+    amp = getattr(args, "amp", None)
 
     for model in models.values():
         model.eval()
     rel_diff = {}
-    with torch.no_grad():
+    with torch.no_grad(), autocast_context(device, amp):
         expected = peft_model(pixel_values=x, adapter_names=rows).last_hidden_state.float()
         for name, model in patched.items():
             with adapter_selection(model, rows):
@@ -108,7 +122,7 @@ def run_case(tower, num_adapters, batch, device, dtype, backends: Sequence[str],
         model = models[name]
 
         def fn():
-            with torch.no_grad():
+            with torch.no_grad(), autocast_context(device, amp):
                 if name == "base":
                     model(pixel_values=x)
                 elif name == "peft":
@@ -125,10 +139,12 @@ def run_case(tower, num_adapters, batch, device, dtype, backends: Sequence[str],
             xg = x.detach().requires_grad_(True)
             model.zero_grad(set_to_none=True)
             if name == "base":
-                model(pixel_values=xg).last_hidden_state.float().square().mean().backward()
+                with autocast_context(device, amp):
+                    loss = model(pixel_values=xg).last_hidden_state.float().square().mean()
             else:
-                with adapter_selection(model, rows):  # unpatched PEFT: hooks feed PEFT's own adapter_names
-                    model(pixel_values=xg).last_hidden_state.float().square().mean().backward()
+                with adapter_selection(model, rows), autocast_context(device, amp):  # unpatched PEFT: hooks feed
+                    loss = model(pixel_values=xg).last_hidden_state.float().square().mean()  # PEFT's adapter_names
+            loss.backward()
         return fn
 
     case = f"{num_adapters} adapters b{batch}"
@@ -158,6 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="backends of the patched models, the first being 'patched' (default: the device's "
                              "default backend, then the others that run there)")
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default=None,
+                        help="fp32 tower and adapters, every forward under torch.autocast in this dtype")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 adapters, one batch, few rounds")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     parser.add_argument("--no-plot", action="store_true")
@@ -167,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     tower = GPU_TOWER if cuda else CPU_TOWER
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = torch.bfloat16 if cuda and args.amp is None else torch.float32
     adapters = args.adapters or ([4] if args.quick else [4, 16])
     batches = args.batches or ([8, 32] if cuda else [4, 8])[: 1 if args.quick else 2]
     if args.rounds is None:
@@ -180,12 +198,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             rows.extend(run_case(tower, num_adapters, batch, device, dtype, backends, args))
     config = dict(tower=tower, target_modules=TARGETS, ranks_cycle=RANKS, dtype=str(dtype).replace("torch.", ""),
                   rows="round robin over the adapters and __base__", backends=backends, adapters=adapters,
-                  batches=batches, timer=timer_kwargs(args), base_method="peft")
+                  batches=batches, timer=timer_kwargs(args), base_method="peft", amp=args.amp)
     result = make_result("peft", device, rows, config=config)
-    out = write_result(result, args.out or result_path("peft", device))
+    out = write_result(result, args.out or result_path("peft" if args.amp is None else f"peft_amp-{args.amp}", device))
     report(rows, ["case", "method", "mode", "ms", "ratio_to_base", "speedup_vs_peft", "images_per_s",
                   "peak_memory_bytes", "rel_diff_vs_peft_eval", "target_met"], out,
-           f"PEFT multi-LoRA SigLIP tower: {result['device']}, {result['threads']} threads, {config['dtype']}, "
+           f"PEFT multi-LoRA SigLIP tower: {result['device']}, {result['threads']} threads, {config['dtype']}"
+           f"{'' if args.amp is None else f' weights under {args.amp} autocast'}, "
            f"patched = {backends[0]} backend{'' if cuda else ' (tiny CPU tower)'}",
            plot=not args.no_plot, value="speedup_vs_peft", title=f"PEFT tower: {result['device']}",
            ylabel="speed-up over PEFT (higher is better)")
