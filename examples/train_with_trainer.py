@@ -108,12 +108,11 @@ def make_trainer(model, dataset: Dataset, out: Path, *, steps: int, batch_size: 
     """A ``Trainer`` for ``steps`` optimizer steps of AdamW at a constant ``lr`` (no weight decay: it would pull
     ``lora_scale`` towards 0), each over ``batch_size x gradient_accumulation_steps`` images per process.
     ``save``: write Trainer checkpoints to ``out`` at the end (else none). ``amp``: ``bf16=True`` (autocast over
-    the fp32 weights). ``extra_args``: more ``TrainingArguments`` (e.g. ``deepspeed=``)."""
+    the fp32 weights). ``extra_args``: more ``TrainingArguments`` (e.g. ``deepspeed=``), or other values for
+    the defaults set here."""
     if use_cpu is None:
         use_cpu = not torch.cuda.is_available()
-    options = dict(disable_tqdm=False)
-    options.update(extra_args)
-    args = TrainingArguments(
+    options = dict(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
@@ -134,8 +133,10 @@ def make_trainer(model, dataset: Dataset, out: Path, *, steps: int, batch_size: 
         # Under torchrun: every trainable parameter gets a gradient each step (the fused blocks stack all
         # adapters of a list), so DDP's search for unused parameters is wasted work.
         ddp_find_unused_parameters=False,
-        **options,
+        disable_tqdm=False,
     )
+    options.update(extra_args)  # the caller's TrainingArguments win over these defaults
+    args = TrainingArguments(**options)
     return Trainer(model=model, args=args, train_dataset=dataset)
 
 
