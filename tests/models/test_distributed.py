@@ -164,12 +164,13 @@ def test_checkpoint_saved_by_rank0_reloads(launch, references, case):
 
 
 def test_example_script_trains_and_saves(tmp_path):
-    """``examples/train_torchrun.py`` end to end: FSDP2 on 2 CPU ranks with gradient checkpointing; the checkpoint
-    written by rank 0 loads, its LoRA weights (and ``lora_scale``) moved, its frozen weights did not."""
+    """``examples/train_torchrun.py`` end to end: FSDP2 on 2 CPU ranks with gradient checkpointing and ``--amp``
+    (bf16 autocast over the fp32 weights); the checkpoint written by rank 0 loads, its LoRA weights (and
+    ``lora_scale``) moved, its frozen weights did not."""
     out = tmp_path / "ckpt"
     proc = _launch(ROOT / "examples" / "train_torchrun.py", "--engine", "fsdp2", "--preset", "tiny", "--device",
                    "cpu", "--steps", "2", "--batch-size", "1", "--lr", "1e-2", "--gradient-checkpointing",
-                   "--backend", "torch", "--out", str(out))
+                   "--amp", "--backend", "torch", "--out", str(out))
     assert proc.returncode == 0, _tail(proc)
     assert "checkpoint written" in proc.stdout, _tail(proc)
     loaded = MonkeyVisionModel.from_pretrained(out)
