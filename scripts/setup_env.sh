@@ -25,7 +25,9 @@ fi
 if ! "$PYTHON" -c "import deepspeed" >/dev/null 2>&1; then
     torch_pin=$(mktemp)
     "$PYTHON" -c "import torch; print(f'torch=={torch.__version__}')" > "$torch_pin"
-    DS_BUILD_OPS=0 "$PYTHON" -m pip install -q --no-build-isolation -c "$torch_pin" "deepspeed==0.19.8"
+    # Optional: a failed install (no package index, say) leaves the DeepSpeed tests skipped, not the setup failed.
+    DS_BUILD_OPS=0 "$PYTHON" -m pip install -q --no-build-isolation -c "$torch_pin" "deepspeed==0.19.8" ||
+        echo "warning: deepspeed could not be installed; tests/models/test_deepspeed.py will skip" >&2
     rm -f "$torch_pin"
 fi
 "$PYTHON" -c "import torch, triton, monkey_kernels; print(f'torch {torch.__version__}, triton {triton.__version__}, monkey_kernels {monkey_kernels.__version__}, cuda available: {torch.cuda.is_available()}')"
