@@ -18,8 +18,9 @@ What every rank does:
 5. trains with AdamW on a synthetic dataset (images made on the fly from their index, split over the ranks by a
    ``DistributedSampler``), tqdm on rank 0, and saves a ``from_pretrained``-loadable checkpoint on rank 0.
 
-Mixed precision (``--bf16``): the fused ops need activations and weights in one dtype, so ``torch.autocast`` over
-fp32 weights is not used. With FSDP2 the weights are gathered in bf16 for compute (fp32 master weights,
+Mixed precision, two ways. ``--amp``: ``torch.autocast(bfloat16)`` around the forward over fp32 weights (what the
+HF ``Trainer``'s ``bf16=True`` does; the fused ops cast under autocast as ``nn.Linear`` does), with DDP or FSDP2,
+on CUDA or CPU. ``--bf16`` (CUDA): with FSDP2 the weights are gathered in bf16 for compute (fp32 master weights,
 gradients reduced in fp32: ``MixedPrecisionPolicy``); with DDP the model is cast to bf16, as the release trains.
 
 The functions ``build_model``, ``SyntheticImages``, ``make_batch``, ``compute_loss``, ``wrap_ddp`` and
@@ -237,6 +238,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--bf16", action="store_true", help="bf16 compute (CUDA): see the module docstring")
+    p.add_argument("--amp", action="store_true", help="torch.autocast(bfloat16) over fp32 weights")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-only", action="store_true", help="freeze the resampler too")
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto", help="fused ops' backend")
@@ -245,6 +247,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be >= 1")
+    if args.amp and args.bf16:
+        raise ValueError("--amp and --bf16: choose one (autocast over fp32 weights, or bf16 weights / FSDP2 policy)")
     return args
 
 
@@ -303,7 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
         sampler.set_epoch(epoch)
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = compute_loss(wrapped, batch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = compute_loss(wrapped, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

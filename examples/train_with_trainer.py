@@ -12,8 +12,9 @@ linear ``classifier``, and ``{"loss", "logits"}`` out. Only the LoRA parameters 
 ``lora_scale``), the resampler and the head train. The task is synthetic: an image's label is the colour channel
 it is tinted with, so the loss can actually fall.
 
-``--bf16`` casts the model to bf16 instead of ``TrainingArguments(bf16=True)``: the latter is ``torch.autocast``
-over fp32 weights, which the fused ops do not take (they need activations and weights in one dtype).
+Mixed precision, two ways: ``--amp`` is ``TrainingArguments(bf16=True)``, i.e. ``torch.autocast`` over fp32 master
+weights (what most Trainer users run; the fused ops cast under autocast like ``nn.Linear``); ``--bf16`` casts the
+model itself to bf16 (bf16 weights, as the release trains under DeepSpeed).
 """
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ class MonkeyVisionForImageClassification(MonkeyVisionPreTrainedModel):
     """``pixel_values [B, V, 3, T, T]`` (``V = tiles + 1`` views) -> ``logits [B, num_labels]``, and the
     cross-entropy ``loss`` when ``labels [B]`` are given."""
 
+    # The loss is a mean over this micro batch, and ``forward`` ignores ``num_items_in_batch``. Without this flag
+    # the ``Trainer`` sees ``**kwargs``, assumes the model normalises by the global item count itself, and then
+    # neither divides the loss by the accumulation steps nor undoes its mean over the processes: gradients (and
+    # logged losses) come out ``gradient_accumulation_steps x world_size`` times too large.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: MonkeyVisionConfig) -> None:
         super().__init__(config)
         self.visual = MonkeyVisionModel(config)
@@ -64,13 +71,14 @@ def set_trainable_(model: MonkeyVisionForImageClassification, train_resampler: b
 
 
 def build_classifier(config: MonkeyVisionConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     backend: Optional[str] = None, train_resampler: bool = True):
-    """Random weights from ``seed`` (no released weights offline), frozen by the recipe, cast, then patched."""
+                     backend: Optional[str] = None, train_resampler: bool = True, patch: bool = True):
+    """Random weights from ``seed`` (no released weights offline), frozen by the recipe, cast, then patched
+    (``patch=False``: the reference model, for comparisons; the report is then ``None``)."""
     torch.manual_seed(seed)
     model = MonkeyVisionForImageClassification(config)
     set_trainable_(model, train_resampler)
     model.to(dtype=dtype)
-    report = patch_model(model, backend=backend)
+    report = patch_model(model, backend=backend) if patch else None
     return model, report
 
 
@@ -95,15 +103,21 @@ class TintedImages(tr.SeededImageDataset):
 
 def make_trainer(model, dataset: Dataset, out: Path, *, steps: int, batch_size: int, lr: float,
                  gradient_checkpointing: bool = False, use_cpu: Optional[bool] = None, seed: int = 0,
-                 logging_steps: int = 1, save: bool = False) -> Trainer:
+                 logging_steps: int = 1, save: bool = False, amp: bool = False,
+                 gradient_accumulation_steps: int = 1, **extra_args) -> Trainer:
     """A ``Trainer`` for ``steps`` optimizer steps of AdamW at a constant ``lr`` (no weight decay: it would pull
-    ``lora_scale`` towards 0). ``save``: write Trainer checkpoints to ``out`` at the end (else none)."""
+    ``lora_scale`` towards 0), each over ``batch_size x gradient_accumulation_steps`` images per process.
+    ``save``: write Trainer checkpoints to ``out`` at the end (else none). ``amp``: ``bf16=True`` (autocast over
+    the fp32 weights). ``extra_args``: more ``TrainingArguments`` (e.g. ``deepspeed=``), or other values for
+    the defaults set here."""
     if use_cpu is None:
         use_cpu = not torch.cuda.is_available()
-    args = TrainingArguments(
+    options = dict(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        bf16=amp,
         learning_rate=lr,
         weight_decay=0.0,
         lr_scheduler_type="constant",
@@ -121,6 +135,8 @@ def make_trainer(model, dataset: Dataset, out: Path, *, steps: int, batch_size: 
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
+    options.update(extra_args)  # the caller's TrainingArguments win over these defaults
+    args = TrainingArguments(**options)
     return Trainer(model=model, args=args, train_dataset=dataset)
 
 
@@ -132,6 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--images", type=int, default=64, help="size of the synthetic dataset")
     p.add_argument("--bf16", action="store_true", help="bf16 weights (see the module docstring)")
+    p.add_argument("--amp", action="store_true", help="TrainingArguments(bf16=True): autocast over fp32 weights")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--lora-only", action="store_true", help="freeze the resampler too")
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto")
@@ -147,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> float:
     dataset = TintedImages(config, args.images, seed=args.seed + 1, dtype=dtype)
     trainer = make_trainer(model, dataset, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                           logging_steps=max(1, args.steps // 10))
+                           logging_steps=max(1, args.steps // 10), amp=args.amp,
+                           gradient_accumulation_steps=args.gradient_accumulation_steps)
     result = trainer.train()
     trainer.save_model(str(args.out / "final"))
     if trainer.is_world_process_zero():

@@ -1,8 +1,9 @@
 """Worker of ``tests/models/test_distributed.py``, launched by ``torch.distributed.run`` (2 ranks, CPU, gloo).
 
-For each case (``ddp``, ``fsdp2``, each with and without gradient checkpointing, and ``fsdp2_bf16``: FSDP2
-mixed precision over float32 weights) every rank builds the same PATCHED tiny Monkey encoder (float64 unless
-mixed, ``backend="torch"``), runs forward + backward on its half of a fixed global
+For each case (``ddp``, ``fsdp2``, each with and without gradient checkpointing, ``fsdp2_bf16``: FSDP2
+``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` over float32 weights, and ``fsdp2_bf16_unpatched``:
+the same on the UNPATCHED model) every rank builds the same tiny Monkey encoder, patched unless the case says
+otherwise (float64 unless mixed, ``backend="torch"``), runs forward + backward on its half of a fixed global
 batch, and writes on rank 0 (``torch.save`` to ``--out``):
 
 - ``{case}.pt``: ``{"loss": global-mean loss, "grads": {name: averaged full gradient}, "params": {name: full
@@ -39,17 +40,19 @@ SEED = 7
 DTYPE = torch.float64
 LR = 1e-2
 WEIGHT_DECAY = 0.01
-CASES = ("ddp", "fsdp2", "ddp_ckpt", "fsdp2_ckpt", "fsdp2_bf16")
+CASES = ("ddp", "fsdp2", "ddp_ckpt", "fsdp2_ckpt", "fsdp2_bf16", "fsdp2_bf16_unpatched")
 
 
 def dataset():
     return ex.SyntheticImages(ex.make_config("tiny", **CONFIG_OVERRIDES), GLOBAL_BATCH, seed=SEED + 1, dtype=DTYPE)
 
 
-def build(checkpointing: bool = False, dtype: torch.dtype = DTYPE):
-    """The tiny patched model with every trainable tensor non-trivial: ``lora_b`` starts at zeros in Monkey,
-    which would make the ``lora_a`` and ``lora_scale`` gradients exactly zero and the check vacuous."""
-    model = ex.build_model(ex.make_config("tiny", **CONFIG_OVERRIDES), seed=SEED, dtype=dtype, backend="torch")
+def build(checkpointing: bool = False, dtype: torch.dtype = DTYPE, patch: bool = True):
+    """The tiny model (patched unless ``patch=False``) with every trainable tensor non-trivial: ``lora_b`` starts
+    at zeros in Monkey, which would make the ``lora_a`` and ``lora_scale`` gradients exactly zero and the check
+    vacuous."""
+    model = ex.build_model(ex.make_config("tiny", **CONFIG_OVERRIDES), seed=SEED, dtype=dtype, backend="torch",
+                           patch=patch)
     generator = torch.Generator().manual_seed(SEED + 2)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -104,8 +107,9 @@ def run_case(case: str, out: Path, rank: int, world: int) -> None:
 
     engine = case.split("_")[0]
     # fsdp2_bf16: fp32 master weights gathered in bf16 for compute (MixedPrecisionPolicy), fp32 reductions.
-    mixed = case.endswith("_bf16")
-    model = build(checkpointing=case.endswith("_ckpt"), dtype=torch.float32 if mixed else DTYPE)
+    mixed = "_bf16" in case
+    model = build(checkpointing=case.endswith("_ckpt"), dtype=torch.float32 if mixed else DTYPE,
+                  patch=not case.endswith("_unpatched"))
     data = dataset()
     indices: List[int] = list(DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False))
     if engine == "ddp":

@@ -33,18 +33,25 @@ What differs (test conveniences, none of them on the path the rule replaces):
   ``(key, value)`` tuples, as Qwen's ``presents``) and ``prepare_inputs_for_generation`` hands it back as
   ``past_key_values``; the model opts out of transformers' default ``DynamicCache`` so the first step has
   ``past_key_values is None``, as with the transformers version the release pins.
-- no flash attention, no dynamic NTK / logn scaling, no tokenizer (``chat`` takes and returns token ids).
+- no flash attention, no dynamic NTK / logn scaling; ``chat`` takes and returns token ids. The tokenizer
+  (:class:`QWenTokenizer`) is byte-level: it keeps Qwen-VL's image span format (``<img>path</img>`` becomes the
+  start id, the path's bytes, pads up to the span length, the end id) and its end-of-text token, not its BPE.
+- ``save_pretrained`` after ``register_for_auto_class`` gives a ``trust_remote_code`` checkpoint (this file is
+  copied into it, as the release ships its modeling files), which ``AutoModelForCausalLM`` / ``AutoTokenizer``
+  load.
 """
 from __future__ import annotations
 
 import math
+import os
+import re
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn import CrossEntropyLoss
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizer
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -53,6 +60,7 @@ from monkey_kernels.models.monkey_vision import MonkeyLoraAdapter, MonkeyResampl
 
 __all__ = [
     "QWenConfig",
+    "QWenTokenizer",
     "VisionTransformer",
     "QWenModel",
     "MonkeyModel",
@@ -95,6 +103,62 @@ class QWenConfig(PreTrainedConfig):
         self.use_cache = use_cache
         self.visual = dict(visual) if visual is not None else tiny_visual_config(output_dim=hidden_size)
         super().__init__(**kwargs)
+
+
+class QWenTokenizer(PreTrainedTokenizer):
+    """Byte-level stand-in for Qwen-VL's tokenizer: ids ``0..255`` are bytes; ``image_start_id`` + 0, 1, 2, 3 are
+    ``<img>``, ``</img>``, the image pad and ``<|endoftext|>`` (``eod_id``, also the pad token). Text between
+    ``<img>`` and ``</img>`` is an image path: ``<img>`` + its UTF-8 bytes + pads up to ``image_span_length``
+    positions + ``</img>``, the span ``MonkeyModel.forward`` finds and fills with ``(windows + 1) * n_queries``
+    image features."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+    vocab_files_names: Dict[str, str] = {}
+    SPECIAL = ("<img>", "</img>", "<imgpad>", "<|endoftext|>")
+
+    def __init__(self, image_start_id: int = 260, image_span_length: int = 20, **kwargs) -> None:
+        self.image_start_id = image_start_id
+        self.image_span_length = image_span_length
+        kwargs.setdefault("pad_token", "<|endoftext|>")
+        kwargs.setdefault("eos_token", "<|endoftext|>")
+        # Passed on so that save_pretrained writes them to tokenizer_config.json.
+        super().__init__(image_start_id=image_start_id, image_span_length=image_span_length, **kwargs)
+
+    @property
+    def eod_id(self) -> int:
+        return self.image_start_id + 3
+
+    @property
+    def vocab_size(self) -> int:
+        return self.image_start_id + len(self.SPECIAL)
+
+    def get_vocab(self) -> Dict[str, int]:
+        return {self._convert_id_to_token(i): i for i in range(self.vocab_size)}
+
+    def _tokenize(self, text: str, **kwargs) -> List[str]:
+        tokens: List[str] = []
+        for k, part in enumerate(re.split(r"<img>(.*?)</img>", text)):
+            body = [f"<0x{b:02X}>" for b in part.encode("utf-8")]
+            if k % 2:  # an image path
+                if len(body) >= self.image_span_length:
+                    raise ValueError(f"image path {part!r} is longer than the image span "
+                                     f"({self.image_span_length - 1} bytes at most)")
+                body = ["<img>"] + body + ["<imgpad>"] * (self.image_span_length - len(body)) + ["</img>"]
+            tokens += body
+        return tokens
+
+    def _convert_token_to_id(self, token: str) -> int:
+        if token in self.SPECIAL:
+            return self.image_start_id + self.SPECIAL.index(token)
+        return int(token[3:-1], 16)
+
+    def _convert_id_to_token(self, index: int) -> str:
+        if index >= self.image_start_id:
+            return self.SPECIAL[index - self.image_start_id]
+        return f"<0x{index:02X}>"
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: Optional[str] = None):
+        return ()  # no vocabulary file: the vocabulary is the bytes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,6 +222,11 @@ class VisionTransformer(nn.Module):
         Default (the public format, all images one size): ``windows[row][col]`` is ``[N, C, T, T]`` and
         ``global_views`` ``[N, C, T, T]`` (bicubic). With ``per_image_windows``: ``windows[k][row][col]`` is
         ``[1, C, T, T]`` for image ``k`` (sizes may differ) and ``global_views`` still ``[N, C, T, T]``."""
+        for path in image_paths:
+            if path not in self.image_bank and os.path.isfile(path):
+                # A saved ``[C, H, W]`` tensor (the public code opens image files; a fine-tuning run of the double,
+                # e.g. examples/finetune_monkey.py's test, reads its images from disk the same way).
+                self.image_bank[path] = torch.load(path, weights_only=True)
         missing = [p for p in image_paths if p not in self.image_bank]
         if missing:
             raise FileNotFoundError(f"no test image for {missing}")

@@ -3,7 +3,8 @@
 ``tests/helpers/dist_grad_check.py`` runs DDP and FSDP2 (``fully_shard``), with and without gradient checkpointing, each
 rank on its half of a fixed global batch (float64, ``backend="torch"``); its averaged gradients, its weights after
 one AdamW step and its checkpoint must equal a single-process run of the whole global batch in this process.
-FSDP2 bf16 mixed precision is checked against the float64 run with the error bf16 itself makes.
+FSDP2 bf16 mixed precision is checked against the float64 run with the error bf16 itself makes, and against the
+unpatched model under the same policy.
 The example ``examples/train_torchrun.py`` is also run end to end (FSDP2, checkpointing, checkpoint saved).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300  # a hung collective must not hang CI; a normal launch takes ~15 s on 2 cores
 
 # Cases run in this order: the DDP results exist even if an FSDP2 case breaks the launch.
-CASES = ("ddp", "ddp_ckpt", "fsdp2", "fsdp2_ckpt", "fsdp2_bf16")
+CASES = ("ddp", "ddp_ckpt", "fsdp2", "fsdp2_ckpt", "fsdp2_bf16", "fsdp2_bf16_unpatched")
 EXACT_CASES = CASES[:4]
 
 
@@ -124,6 +125,20 @@ def test_fsdp2_bf16_mixed_precision_is_as_accurate_as_bf16(launch, references):
     assert all(torch.isfinite(p).all() for p in result["params"].values())
 
 
+def test_fsdp2_bf16_patched_matches_unpatched_under_the_policy(launch, references):
+    """The same ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` on the unpatched model: the patched
+    model's gradients differ from it per family by at most 2x the unpatched model's own bf16 error against
+    float64 (+1e-3), and its loss by bf16 rounding."""
+    patched, unpatched = _result(launch, "fsdp2_bf16"), _result(launch, "fsdp2_bf16_unpatched")
+    assert sorted(patched["grads"]) == sorted(unpatched["grads"])
+    assert patched["loss"] == pytest.approx(unpatched["loss"], rel=1e-2)
+    reference = {n: g.double() for n, g in unpatched["grads"].items()}
+    between = _family_errors(patched["grads"], reference)
+    own = _family_errors(unpatched["grads"], references[False]["grads"])
+    worse = {k: (between[k], own[k]) for k in between if between[k] > 2 * own[k] + 1e-3}
+    assert not worse, f"patched vs unpatched under the bf16 policy (vs the unpatched bf16 error): {worse}"
+
+
 def test_each_rank_alone_differs_from_the_global_batch(references):
     """Why the comparison above means something: one rank's half alone gives other gradients, so matching the
     global batch needs the all-reduce (DDP) or reduce-scatter (FSDP2) to average both halves."""
@@ -149,12 +164,13 @@ def test_checkpoint_saved_by_rank0_reloads(launch, references, case):
 
 
 def test_example_script_trains_and_saves(tmp_path):
-    """``examples/train_torchrun.py`` end to end: FSDP2 on 2 CPU ranks with gradient checkpointing; the checkpoint
-    written by rank 0 loads, its LoRA weights (and ``lora_scale``) moved, its frozen weights did not."""
+    """``examples/train_torchrun.py`` end to end: FSDP2 on 2 CPU ranks with gradient checkpointing and ``--amp``
+    (bf16 autocast over the fp32 weights); the checkpoint written by rank 0 loads, its LoRA weights (and
+    ``lora_scale``) moved, its frozen weights did not."""
     out = tmp_path / "ckpt"
     proc = _launch(ROOT / "examples" / "train_torchrun.py", "--engine", "fsdp2", "--preset", "tiny", "--device",
                    "cpu", "--steps", "2", "--batch-size", "1", "--lr", "1e-2", "--gradient-checkpointing",
-                   "--backend", "torch", "--out", str(out))
+                   "--amp", "--backend", "torch", "--out", str(out))
     assert proc.returncode == 0, _tail(proc)
     assert "checkpoint written" in proc.stdout, _tail(proc)
     loaded = MonkeyVisionModel.from_pretrained(out)
