@@ -206,19 +206,23 @@ def test_monkey_encoder_compiled_under_bf16_autocast():
 # ---------------------------------------------------------------------------------------------------------
 # (2) The Monkey VLM, with gradient checkpointing
 # ---------------------------------------------------------------------------------------------------------
-VLM_CASES = [(b, c) for b in CPU_BACKENDS for c in (False, True)] + [("triton", False)]
+VLM_CASES = [(b, m) for b in CPU_BACKENDS for m in ("plain", "checkpointed")] + [
+    ("torch", "checkpointed-release"), ("triton", "plain")]
 
 
-@pytest.mark.parametrize("backend,checkpointing", VLM_CASES,
-                         ids=[f"{b}-{'checkpointed' if c else 'plain'}" for b, c in VLM_CASES])
-def test_monkey_vlm_under_bf16_autocast(backend, checkpointing):
-    """The whole VLM (every parameter trainable, so the unpatched model can be checkpointed too): logits, loss and
-    every gradient within 2x the unpatched model's autocast error, with and without gradient checkpointing
-    (the recompute runs under the autocast state of the forward), per-layer dtypes equal."""
+@pytest.mark.parametrize("backend,mode", VLM_CASES, ids=[f"{b}-{m}" for b, m in VLM_CASES])
+def test_monkey_vlm_under_bf16_autocast(backend, mode):
+    """The whole VLM: logits, loss and every gradient within 2x the unpatched model's autocast error, with and
+    without gradient checkpointing (the recompute runs under the autocast state of the forward), per-layer dtypes
+    equal. ``plain`` / ``checkpointed``: every parameter trainable, both models checkpointed or neither;
+    ``checkpointed-release``: the release's recipe (LoRA + resampler trainable, ``--gradient_checkpointing``, bf16),
+    which the unpatched model cannot run checkpointed (its in-place image write into a view of a leaf, Monkey
+    #83): the patched model checkpointed against the unpatched one without."""
     from test_monkey_vlm import IMAGE_SHAPES, add_images, batch_of_three, make_model  # noqa: PLC0415
 
     device = use_backend(backend)
-    model = make_model(torch.float32, device, trainable="all")
+    checkpointing = mode.startswith("checkpointed")
+    model = make_model(torch.float32, device, trainable="release" if mode.endswith("release") else "all")
     ids, mask, labels, paths = batch_of_three(4)
     add_images(model, {p: IMAGE_SHAPES[4] for p in paths}, torch.float32)
     reference64 = copy.deepcopy(model).double().cpu()
@@ -231,7 +235,7 @@ def test_monkey_vlm_under_bf16_autocast(backend, checkpointing):
     patch_model(model, backend=backend)
     recomputes = {}
     if checkpointing:
-        for name, m in (("unpatched", unpatched), ("patched", model)):
+        for name, m in (("unpatched", unpatched), ("patched", model))[1 if mode.endswith("release") else 0:]:
             m.activation_checkpointing_enable()
             recomputes[name] = [0]
             # a pre-hook: the recompute stops early, once it has what the backward needs, before forward hooks
@@ -260,7 +264,7 @@ def test_monkey_vlm_under_bf16_autocast(backend, checkpointing):
     assert_within_reference_error("loss", loss, base_loss, out64.loss, floor=floor)
     assert_grads_within_reference_error(grads, base_grads, expected_grads, floor=floor, family=role)
     if checkpointing:
-        assert recomputes == {"unpatched": [2], "patched": [2]}, "a checkpointed block runs again in the backward"
+        assert all(c == [2] for c in recomputes.values()), f"no recompute in the backward: {recomputes}"
 
 
 # ---------------------------------------------------------------------------------------------------------
