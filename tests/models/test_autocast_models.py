@@ -335,6 +335,39 @@ def test_peft_tower_under_bf16_autocast(backend, monkeypatch):
     assert_grads_within_reference_error(grads, base_grads, expected_grads, floor=floor, family=role)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_peft_mixed_adapter_batch_under_bf16_autocast(backend):
+    """A per-row selection (three adapters of different ranks, rsLoRA, a base-only row) under autocast against
+    PEFT's own ``adapter_names`` (eval: PEFT refuses it in training) under the same autocast: bf16 from every
+    LoRA layer as PEFT's, the output within 2x PEFT's error against its float64 run."""
+    pytest.importorskip("peft")
+    from helpers.peft_towers import make_peft, pixels  # noqa: PLC0415
+    from monkey_kernels import adapter_selection  # noqa: PLC0415
+
+    device = use_backend(backend)
+    rows = ["red", "__base__", "blue", "green"]
+    model = make_peft("siglip", device=device).eval()
+    x = pixels(model, len(rows), device)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(pixel_values=x.double(), adapter_names=rows).last_hidden_state
+        unpatched = copy.deepcopy(model)
+        base_seen, handles = record_output_dtypes(unpatched, set(_lora_layer_names(unpatched)))
+        with torch.autocast(device.type, dtype=AMP):
+            base = unpatched(pixel_values=x, adapter_names=rows).last_hidden_state
+        for handle in handles:
+            handle.remove()
+        patch_model(model, backend=backend)
+        seen, handles = record_output_dtypes(model, set(_lora_layer_names(model)))
+        with torch.autocast(device.type, dtype=AMP), adapter_selection(model, rows):
+            out = model(pixel_values=x).last_hidden_state
+        for handle in handles:
+            handle.remove()
+    assert_same_layer_dtypes(seen, base_seen, required=_lora_layer_names(model))
+    assert all(dtypes == {AMP} for dtypes in seen.values())
+    assert out.dtype == base.dtype
+    assert_within_reference_error("output", out, base, expected)
+
+
 def test_peft_tower_compiled_under_bf16_autocast():
     """``torch.compile`` (aot_eager) of the patched PEFT tower under autocast equals the eager patched tower."""
     model = _peft_model("cpu")
