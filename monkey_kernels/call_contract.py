@@ -14,7 +14,9 @@ patch, does not fit: :func:`class_forward`):
 - :func:`only_forwarded_problem`: a keyword is only handed on, unchanged, to one child;
 - :func:`attributes_used_problem`: a method reads the attributes of ``self`` a fused replacement reads (a weaker
   check, for methods too long to match statement by statement, e.g. TextMonkey's window loop: a copy that drops
-  one of them does something else).
+  one of them does something else);
+- :func:`adds_in_place`: whether a forward adds a child's output in place (``y += self.lora[i](x)``), which
+  decides the dtype of its result under autocast (not a contract: the fused forward serves both forms).
 
 Each returns ``None`` when the contract holds, else a one-line reason for ``PatchReport.skipped``. A source that
 cannot be read (a class defined in ``python -c``) or a decorated / wrapped forward does not fit: the rule cannot
@@ -31,7 +33,7 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 from torch import nn
 
 __all__ = ["ANY_DEFAULT", "class_forward", "forward_parameters_problem", "parameters_prefix_problem",
-           "plain_loop_problem", "only_forwarded_problem", "attributes_used_problem"]
+           "plain_loop_problem", "only_forwarded_problem", "attributes_used_problem", "adds_in_place"]
 
 ANY_DEFAULT = object()  # forward_parameters_problem(defaults={name: ANY_DEFAULT}): any default value will do
 
@@ -256,3 +258,38 @@ def attributes_used_problem(function: Callable, names: Sequence[str]) -> Optiona
         return None
 
     return _cached(function, ("attributes", tuple(names)), check)
+
+
+def adds_in_place(function: Callable, child: str) -> Optional[bool]:
+    """Whether ``function`` (a method) adds what ``self.<child>...(...)`` returns IN PLACE: an augmented
+    ``y += <expr>`` whose expression reads ``self.<child>``, directly or through a local name assigned from such an
+    expression (``lora_res = self.in_proj_lora[idx](query); mixed += lora_res``, the public Monkey code). ``None``
+    when the source cannot be read. Why it matters: under autocast ``y += lora`` keeps ``y``'s dtype (the
+    autocast dtype of a linear's output), while ``y = y + lora`` promotes it (to fp32 with an fp32 scale)."""
+
+    def reads_child(expression, self_name: str, names: set) -> bool:
+        return any((isinstance(n, ast.Attribute) and n.attr == child and _is_name(n.value, self_name))
+                   or (isinstance(n, ast.Name) and n.id in names) for n in ast.walk(expression))
+
+    def check():
+        node, problem = _function_node(function)
+        if problem is not None:
+            return None
+        arguments = node.args.posonlyargs + node.args.args
+        if not arguments:
+            return None
+        self_name, from_child = arguments[0].arg, set()
+        for statement in ast.walk(node):
+            if isinstance(statement, ast.Assign) and reads_child(statement.value, self_name, from_child):
+                from_child.update(t.id for t in statement.targets if isinstance(t, ast.Name))
+        return any(isinstance(s, ast.AugAssign) and isinstance(s.op, ast.Add)
+                   and reads_child(s.value, self_name, from_child) for s in ast.walk(node))
+
+    try:
+        cache = _SOURCE_CHECKS.setdefault(function, {})
+    except TypeError:
+        return check()
+    key = ("adds_in_place", child)
+    if key not in cache:
+        cache[key] = check()
+    return cache[key]

@@ -19,8 +19,9 @@ unpatched in the reverse one. :func:`register_rule` adds a user's rule.
 What patching keeps: the fused modules hold the reference Parameter objects under the same names, so
 ``state_dict`` keys and tensors, ``requires_grad`` flags, and optimizers are unaffected. An optimizer built
 BEFORE patching keeps working (it holds the same Parameters), as does one built after; ``unpatch_model``
-likewise creates no Parameter. Models must not run under autocast with weights of another dtype: the fused op
-needs activations and weights in one dtype (cast the model instead, e.g. ``model.bfloat16()``).
+likewise creates no Parameter. Under ``torch.autocast`` over fp32 master weights the fused forwards compute
+where the reference's linears would (the ops cast as ``F.linear`` does) and every patched layer returns the
+reference's dtype (README "Mixed precision"; tested on CPU bf16 in ``tests/models/test_autocast_models.py``).
 """
 from __future__ import annotations
 

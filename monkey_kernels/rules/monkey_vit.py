@@ -48,8 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapter_stack import AdapterStack, remap_adapter_ids
-from ..call_contract import class_forward, forward_parameters_problem, plain_loop_problem
+from ..call_contract import adds_in_place, class_forward, forward_parameters_problem, plain_loop_problem
 from ..monkey_structure import adapter_lists, block_problem, check_adapter_list, fusion_problem, stack_adapter_list
+from ..ops.autocast import autocast_dtype
 from ..ops.multi_lora import multi_lora_linear
 from ..ops.segments import SegmentInfo
 from ..patching import InstanceForward, PatchOptions, PatchRule, register_builtin_rule, rule_of
@@ -85,7 +86,12 @@ class FusedMonkeyAttention(nn.Module):
     Children (same objects as the reference attention's): ``in_proj``, ``in_proj_lora``, ``out_proj``,
     ``out_proj_lora``. The qkv columns keep the release's per-head ``[q_h | k_h | v_h]`` grouping; attention
     is ``scaled_dot_product_attention`` with the release's ``1/sqrt(head_dim)`` scale. ``allow_empty``: the
-    adapter lists may be empty (TextMonkey's ``lora_repeat_num=0``; every row then runs the base weights)."""
+    adapter lists may be empty (TextMonkey's ``lora_repeat_num=0``; every row then runs the base weights).
+
+    Under autocast the projections' output dtype is the reference's (:func:`lora_output_dtype`): the public code
+    adds its adapters in place (``mixed += lora``: the autocast dtype), this package's ``MonkeyVisualAttention``
+    out of place (``mixed + lora * lora_scale``: promoted to the fp32 scale's dtype); read from the reference
+    attention's ``forward`` (:func:`~monkey_kernels.call_contract.adds_in_place`; unreadable: in place)."""
 
     def __init__(self, attn: nn.Module, num_heads: int, backend: Optional[str] = None,
                  allow_empty: bool = False) -> None:
@@ -104,6 +110,9 @@ class FusedMonkeyAttention(nn.Module):
         self.out_dropout = check_adapter_list(self.out_proj_lora, self.embed_dim, self.embed_dim,
                                               "attn.out_proj_lora", allow_empty)
         self.in_stack, self.out_stack = AdapterStack(), AdapterStack()
+        forward, _ = class_forward(attn)
+        self.in_lora_in_place = forward is None or adds_in_place(forward, "in_proj_lora") is not False
+        self.out_lora_in_place = forward is None or adds_in_place(forward, "out_proj_lora") is not False
 
     def forward(self, x: torch.Tensor, segments: SegmentInfo, attn_mask: Optional[torch.Tensor] = None,
                 seeds: Sequence[Optional[torch.Tensor]] = (None, None),
@@ -117,6 +126,7 @@ class FusedMonkeyAttention(nn.Module):
         qkv = multi_lora_linear(
             x, self.in_proj.weight, self.in_proj.bias, a, bb, sc, segments,
             dropout_p=self.in_dropout if self.training else 0.0, seed=seeds[0], backend=self.backend,
+            out_dtype=lora_output_dtype(x, sc, self.in_lora_in_place),
         )
         q, k, v = qkv.view(b, s, heads, 3 * hd).transpose(1, 2).split(hd, dim=-1)  # [B, H, S, hd] each
         mask = attn_mask.to(q.dtype) if attn_mask is not None else None
@@ -127,7 +137,26 @@ class FusedMonkeyAttention(nn.Module):
         return multi_lora_linear(
             context, self.out_proj.weight, self.out_proj.bias, a, bb, sc, segments,
             dropout_p=self.out_dropout if self.training else 0.0, seed=seeds[1], backend=self.backend,
+            out_dtype=lora_output_dtype(context, sc, self.out_lora_in_place),
         )
+
+
+def lora_output_dtype(x: torch.Tensor, scale: torch.Tensor, in_place: bool,
+                      residual: Optional[torch.Tensor] = None) -> Optional[torch.dtype]:
+    """The ``out_dtype`` under which a fused ``base(x) [+ residual] + lora(x) * lora_scale`` has the dtype of the
+    reference's sum, or ``None`` (the op's default) where that default already is it: outside autocast, for
+    float64 ``x`` (autocast leaves it), when the reference adds the adapter IN PLACE (the sum keeps the dtype of
+    ``base(x)``, promoted with the residual's: the op's default), and when no adapter is stacked (no row runs
+    one: the reference adds nothing). Otherwise (out of place) the adapter's ``lora_b(..) * lora_scale``
+    promotes to the scale's dtype (fp32 master scales: fp32), and so does the sum.
+
+    A batch mixing views with and without adapter gets the promoted dtype for every row (one output tensor),
+    where the reference loop returns it for the adapter views and the autocast dtype for the others."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None or x.dtype == torch.float64 or in_place or scale.numel() == 0:
+        return None
+    dtype = torch.promote_types(dtype, scale.dtype)
+    return dtype if residual is None else torch.promote_types(dtype, residual.dtype)
 
 
 def _mlp_parts(mlp: nn.Module):
@@ -169,6 +198,8 @@ class FusedMonkeyBlockBody:
             raise ValueError(f"mlp must map {width} -> {width}, got {c_fc.in_features} -> {c_proj.out_features}")
         self.mlp_dropout = check_adapter_list(self.mlp_lora, width, width, "mlp_lora", allow_empty)
         self.mlp_stack = AdapterStack()
+        forward, _ = class_forward(block)
+        self.mlp_lora_in_place = forward is None or adds_in_place(forward, "mlp_lora") is not False
         # Carried over so a model checkpointed before patching stays checkpointed.
         self.gradient_checkpointing = bool(getattr(block, "gradient_checkpointing", False))
         if hasattr(block, "_gradient_checkpointing_func"):
@@ -189,6 +220,7 @@ class FusedMonkeyBlockBody:
         return multi_lora_linear(
             hidden, c_proj.weight, c_proj.bias, a, b, sc, segments, lora_input=x, residual=x,
             dropout_p=self.mlp_dropout if self.training else 0.0, seed=seeds[2], backend=self.backend,
+            out_dtype=lora_output_dtype(hidden, sc, self.mlp_lora_in_place, residual=x),
         )
 
     def check_adapter_lists(self, where: str) -> None:

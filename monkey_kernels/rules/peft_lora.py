@@ -44,8 +44,14 @@ Design:
   for the training loop), else the recomputation would not see the rows. Clear a selection before
   ``unpatch_model`` (its hooks on unfused layers belong to the selection).
 - Without a selection, a fused layer with exactly one active adapter runs fused on all rows; anything else
-  (several active adapters, ``disable_adapter()``, merged weights, other call arguments, input dtype differing
-  from the base weight) calls PEFT's own ``forward``, so behaviour is PEFT's.
+  (several active adapters, ``disable_adapter()``, merged weights, other call arguments, an input that reaches
+  the base ``F.linear`` in another dtype than its weight) calls PEFT's own ``forward``, so behaviour is PEFT's.
+- ``torch.autocast`` (CPU or CUDA) is served fused: PEFT's forward runs ``base_layer(x)`` in the autocast dtype,
+  casts ``x`` to ``lora_A``'s dtype and adds ``lora_B(lora_A(dropout(x))) * scaling``, each linear an autocast
+  one (``H`` and the LoRA product rounded to the autocast dtype, the scaling and the sum in it). The fused layer
+  stacks the adapters in the autocast dtype and the op casts ``x``, ``W`` and ``b`` as ``F.linear`` does (float64
+  left alone), rounds ``H`` as the reference does, accumulates the base and LoRA products in fp32 and rounds
+  once into the autocast dtype (the reference's output dtype); gradients reach fp32 master Parameters in fp32.
 - Dropout: PEFT has one ``lora_dropout`` per adapter. When all adapters used by a batch share one ``p``, the op
   applies it in-kernel (its own mask stream: same distribution as ``nn.Dropout``, not the same mask); when they
   differ, the per-row dropout is applied to a separate LoRA input (``lora_input``) in PyTorch and the op runs
@@ -66,6 +72,7 @@ import torch
 from torch import nn
 
 from ..adapter_stack import AdapterStack, remap_adapter_ids
+from ..ops.autocast import autocast_dtype
 from ..ops.checks import FLOAT_DTYPES, accumulation_dtype
 from ..ops.multi_lora import multi_lora_linear
 from ..ops.segments import SegmentInfo
@@ -399,6 +406,25 @@ def _stack(layer: nn.Module, used: Tuple[str, ...], dtype: torch.dtype):
                  with_ranks=True)
 
 
+def _linear_dtype(tensor: torch.Tensor, amp: Optional[torch.dtype], device_type: str) -> torch.dtype:
+    """The dtype ``F.linear`` computes ``tensor`` in: autocast's cast where it applies (``amp`` not ``None``;
+    float64 and tensors on another device type are left alone, as autocast leaves them), else its own."""
+    if (amp is not None and tensor.is_floating_point() and tensor.dtype != torch.float64
+            and tensor.device.type == device_type):
+        return amp
+    return tensor.dtype
+
+
+def compute_dtype(base: nn.Linear, x: torch.Tensor) -> Optional[torch.dtype]:
+    """The one dtype the base ``F.linear`` of ``layer(x)`` computes in (``x``'s, or under ``torch.autocast`` the
+    autocast dtype it casts ``x``, the weight and the bias to), or ``None`` when they would reach it in
+    different dtypes (PEFT's own forward then runs, and fails or promotes as it does)."""
+    amp = autocast_dtype(x.device.type)
+    operands = [x, base.weight] + ([base.bias] if base.bias is not None else [])
+    dtypes = {_linear_dtype(t, amp, x.device.type) for t in operands}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def fused_peft_linear_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Forward of a patched PEFT ``lora.Linear``: ``x [B, ..., K] -> [B, ..., N]``.
 
@@ -412,7 +438,8 @@ def fused_peft_linear_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs
     base = layer.base_layer
     if adapter_names is not None:
         kwargs["adapter_names"] = adapter_names  # for a PEFT fallback below
-    if layer.disable_adapters or extra or x.dtype != base.weight.dtype:
+    dtype = compute_dtype(base, x)
+    if layer.disable_adapters or extra or dtype is None:
         if rows is not None and adapter_names is None and not layer.disable_adapters:
             kwargs["adapter_names"] = [BASE_NAME if n is None else n for n in rows.names]
         return peft_forward(layer, x, *args, **kwargs)
@@ -435,7 +462,9 @@ def fused_peft_linear_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs
                                  "before that adapter was added: unpatch_model and patch_model again")
     if not used:  # every row is base-only in this layer
         return base(x)
-    lora_a, lora_b, scale, ranks = _stack(layer, used, x.dtype)
+    # PEFT casts x to lora_A's dtype and autocast casts both to its dtype: the LoRA runs in ``dtype`` (outside
+    # autocast the base's: PEFT's fp32 adapters over a bf16 base run in bf16 here, fp32 accumulation)
+    lora_a, lora_b, scale, ranks = _stack(layer, used, dtype)
     probs = [adapter_dropout_p(layer, a) for a in used] if layer.training else [0.0]
     lora_input, dropout_p = None, max(probs)
     if len(set(probs)) > 1:
