@@ -344,7 +344,7 @@ def _outer_configs():
 @triton.jit
 def _segmented_outer_kernel(
     x_ptr, y_ptr, scale_ptr, out_ptr, seg_indptr_ptr, adapter_ids_ptr,
-    num_segments, N, R, seed, dropout_p, num_splits,
+    num_segments, num_rows, search_steps, N, R, seed, dropout_p, num_splits,
     stride_xm, stride_xn, stride_ym, stride_os, stride_oa, stride_on, stride_or,
     R_BLOCK: tl.constexpr, R_CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -359,7 +359,20 @@ def _segmented_outer_kernel(
     col_ok = cols < N
     r = (tl.program_id(1) % num_chunks) * R_CHUNK + tl.arange(0, R_CHUNK)
     acc = tl.zeros((BLOCK_N, R_CHUNK), dtype=tl.float32)
-    for g in range(0, num_segments):
+    # Only the segments that own rows are walked. Offsets never decrease and the last is num_rows, so every
+    # segment starting at num_rows is empty and they all come last: a binary search over the offsets counts the
+    # others from the device, without a host read. This matters for the static bound of
+    # ``SegmentInfo.from_row_mask`` under torch.compile / CUDA-graph capture (B * N segments, the runs first,
+    # the rest empty at offset M): log2(B * N) loads per program instead of a load and compare per segment.
+    live_lo = tl.program_id(0) * 0
+    live_hi = live_lo + num_segments
+    for _ in range(0, search_steps):
+        searching = live_lo < live_hi
+        mid = (live_lo + live_hi) // 2
+        mid_start = tl.load(seg_indptr_ptr + mid, mask=searching, other=num_rows)
+        live_lo = tl.where(searching & (mid_start < num_rows), mid + 1, live_lo)
+        live_hi = tl.where(searching & (mid_start >= num_rows), mid, live_hi)
+    for g in range(0, live_lo):
         if tl.load(adapter_ids_ptr + g) == adapter:
             seg_start = tl.load(seg_indptr_ptr + g)
             seg_end = tl.load(seg_indptr_ptr + g + 1)
@@ -555,7 +568,8 @@ def segmented_outer(
     grid = lambda meta: (num_adapters, triton.cdiv(N, meta["BLOCK_N"]) * (r_block // chunk), num_splits)  # noqa: E731
     _segmented_outer_kernel[grid](
         x, y, scale if scale is not None else out, target, segments.seg_indptr, segments.adapter_ids,
-        segments.num_segments, N, R, int(seed), float(dropout_p), num_splits,
+        segments.num_segments, segments.num_rows, segments.num_segments.bit_length(), N, R, int(seed),
+        float(dropout_p), num_splits,
         x.stride(0), x.stride(1), y.stride(0),
         target.stride(0), target.stride(1), target.stride(2), target.stride(3),
         R_BLOCK=r_block, R_CHUNK=chunk, HAS_SCALE=scale is not None, DROPOUT=dropout_p > 0.0,

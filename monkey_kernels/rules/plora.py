@@ -48,9 +48,18 @@ and the text runs as base-only segments (``-1``); no gather, no scatter, no host
   the first token(s) of an all-text batch).
 - Calls it does not serve run the class's own forward, unchanged: ``im_mask=None`` (the IXC2 form: a plain
   linear; the 2.5 form fails with ``AttributeError`` there, as the original), a mask that is not a bool tensor of
-  shape ``x.shape[:-1]`` on ``x``'s device (e.g. an integer mask, which the reference reads as indices), mixed
-  dtypes (e.g. autocast over fp32 weights), dropout ``p >= 1``. A 2-D ``x [T, C]`` with a mask ``[T]`` is served
-  (flattened inputs); the 2.5 form's own forward only takes 3-D ``x``.
+  shape ``x.shape[:-1]`` on ``x``'s device (e.g. an integer mask, which the reference reads as indices),
+  operands that reach ``F.linear`` in different dtypes (e.g. a bf16 ``x`` over fp32 weights outside autocast),
+  dropout ``p >= 1``. A 2-D ``x [T, C]`` with a mask ``[T]`` is served (flattened inputs); the 2.5 form's own
+  forward only takes 3-D ``x``.
+- ``torch.autocast`` (CPU or CUDA): served. The reference runs ``F.linear(x, W, b)`` in the autocast dtype, then
+  adds ``Plora_B(Plora_A(dropout(x[im_mask]))) * lora_scaling``, each linear an autocast one (``H`` and the
+  product rounded to that dtype, then the scaling and the add in it). The fused layer gets the op's autocast
+  policy (README "Mixed precision"): ``x``, ``W``, ``b``, ``Plora_A``, ``Plora_B`` cast as ``F.linear`` casts them
+  (float64 left alone), ``H`` rounded like the reference's, the base and LoRA products accumulated in fp32 and
+  rounded once into the autocast dtype (the reference's output dtype); the gradients reach fp32 master weights in
+  fp32. Its error is at most the reference's own (which rounds the base, the LoRA product, the scaling and the
+  sum separately).
 
 Fused forward (``plora_peft_linear``, one active adapter, no per-row selection): image rows need
 ``x W^T + b + s_p B_p A_p x + s_l B_l A_l x``, text rows ``x W^T + b + s_l B_l A_l x``. Both are ONE adapter of the
@@ -59,6 +68,9 @@ op: ``A = [A_l; A_p]``, ``B = [s_l B_l, s_p B_p]`` (:meth:`AdapterStack.concaten
 columns, PEFT's LoRA alone -- on text rows (adapter 1, the same tensors as a stride-0 second adapter: no copy).
 Gradients reach PEFT's ``lora_A`` / ``lora_B`` (float32 over a bf16 base by default: the LoRA runs in the
 activation dtype with float32 accumulation, like the ``peft_lora_linear`` rule) and the PLoRA's Parameters.
+Under autocast PEFT casts ``x`` to its adapter's dtype and autocast casts both to the autocast dtype
+(``lora_B(lora_A(x))`` and its scaling rounded there, added to the PLoRA's autocast output): the fused pass
+computes both LoRAs in the autocast dtype with fp32 accumulation and returns the autocast dtype.
 Dropout: the two LoRAs drop independently in the reference (PLoRA on the image rows, PEFT on all rows); one op
 call has one mask per input element, so in training with either dropout ``p > 0`` the layer runs TWO op calls
 chained through ``residual=`` (the PLoRA pass above, then PEFT's LoRA on all rows with its own mask and a
@@ -82,6 +94,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..adapter_stack import AdapterStack
 from ..call_contract import class_forward, forward_parameters_problem
+from ..ops.autocast import autocast_dtype
 from ..ops.checks import FLOAT_DTYPES, accumulation_dtype
 from ..ops.multi_lora import multi_lora_linear
 from ..ops.segments import SegmentInfo
@@ -229,6 +242,30 @@ def mask_segments(im_mask: torch.Tensor, device: torch.device, true_adapter: int
 # ---------------------------------------------------------------------------------------------------------
 # Fused forwards
 # ---------------------------------------------------------------------------------------------------------
+def _linear_dtype(tensor: torch.Tensor, amp: Optional[torch.dtype], device_type: str) -> torch.dtype:
+    """The dtype ``F.linear`` computes ``tensor`` in: autocast's cast when it applies (``amp`` not ``None``; float64
+    and tensors on another device type are left alone, as autocast leaves them), else its own."""
+    if (amp is not None and tensor.is_floating_point() and tensor.dtype != torch.float64
+            and tensor.device.type == device_type):
+        return amp
+    return tensor.dtype
+
+
+def compute_dtype(layer: nn.Module, x: torch.Tensor) -> Optional[torch.dtype]:
+    """The one dtype the reference's linears of ``layer(x, ...)`` compute in (``x``'s, or under ``torch.autocast``
+    the autocast dtype ``F.linear`` casts ``x``, the weights and the bias to), or ``None`` when the operands
+    would reach ``F.linear`` in different dtypes (the reference then fails or promotes: its own forward runs)."""
+    amp = autocast_dtype(x.device.type)
+    operands = [x, layer.weight, layer.Plora_A.weight, layer.Plora_B.weight]
+    if layer.bias is not None:
+        operands.append(layer.bias)
+    dtypes = {_linear_dtype(t, amp, x.device.type) for t in operands}
+    if len(dtypes) != 1:
+        return None
+    dtype = dtypes.pop()
+    return dtype if dtype in FLOAT_DTYPES else None
+
+
 def _call_problem(layer: nn.Module, x, im_mask) -> Optional[str]:
     """Why ``layer(x, im_mask)`` runs the class's own forward instead of the fused one, or ``None``."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -237,14 +274,8 @@ def _call_problem(layer: nn.Module, x, im_mask) -> Optional[str]:
         return "im_mask is not a tensor"
     if im_mask.dtype != torch.bool or tuple(im_mask.shape) != tuple(x.shape[:-1]) or im_mask.device != x.device:
         return "im_mask is not a bool mask of shape x.shape[:-1] on x's device"
-    dtype = x.dtype
-    if dtype not in FLOAT_DTYPES or any(w.dtype != dtype for w in (layer.weight, layer.Plora_A.weight,
-                                                                   layer.Plora_B.weight)):
-        return "x and the weights differ in dtype"
-    if layer.bias is not None and layer.bias.dtype != dtype:
-        return "the bias differs in dtype"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast is on (the reference computes in the autocast dtype)"
+    if compute_dtype(layer, x) is None:
+        return "x, the weights and the bias reach F.linear in different dtypes"
     if _plora_dropout_p(layer) >= 1.0:
         return "dropout p >= 1"
     return None
@@ -268,9 +299,10 @@ def _backend(layer: nn.Module) -> Optional[str]:
 
 def _plora_pass(layer: nn.Module, x: torch.Tensor, im_mask: torch.Tensor, backend: Optional[str],
                 stack: AdapterStack) -> torch.Tensor:
-    """``x W^T + b`` on every row, plus the PLoRA of ``layer`` on the image rows: one op call."""
+    """``x W^T + b`` on every row, plus the PLoRA of ``layer`` on the image rows: one op call (under autocast the
+    op casts the operands as ``F.linear`` does and returns the autocast dtype)."""
     segments = mask_segments(im_mask, x.device)
-    scale = stack.constant((float(layer.lora_scaling),), accumulation_dtype(x.dtype), x.device)
+    scale = stack.constant((float(layer.lora_scaling),), accumulation_dtype(compute_dtype(layer, x)), x.device)
     return multi_lora_linear(
         x, layer.weight, layer.bias, layer.Plora_A.weight.unsqueeze(0), layer.Plora_B.weight.unsqueeze(0), scale,
         segments, dropout_p=_plora_dropout_p(layer), backend=backend,
@@ -311,6 +343,9 @@ def fused_peft_plora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs)
     peft_p = adapter_dropout_p(layer, name) if layer.training else 0.0
     backend = _backend(layer)
     stack = _stack(layer)
+    # PEFT casts x to its adapter's dtype, autocast then casts both to the autocast dtype: one compute dtype
+    # (outside autocast the base's: PEFT's fp32 adapters over a bf16 base run in bf16 here)
+    dtype = compute_dtype(base, x)
     if peft_p >= 1.0:
         return type(layer).forward(layer, x, *args, **kwargs)
     if peft_p > 0.0 or _plora_dropout_p(base) > 0.0:
@@ -319,20 +354,20 @@ def fused_peft_plora_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs)
         rows = x.numel() // x.shape[-1]
         return multi_lora_linear(
             x.new_empty((*x.shape[:-1], 0)), x.new_empty((base.out_features, 0)), None,
-            lora_a.to(x.dtype).unsqueeze(0), lora_b.to(x.dtype).unsqueeze(0),
-            stack.constant((peft_scale,), accumulation_dtype(x.dtype), x.device),
+            lora_a.to(dtype).unsqueeze(0), lora_b.to(dtype).unsqueeze(0),
+            stack.constant((peft_scale,), accumulation_dtype(dtype), x.device),
             single_adapter_segments(rows, x.device), lora_input=x, residual=out, dropout_p=peft_p, backend=backend,
         )
     # One pass: [A_l; A_p] with rank r_l + r_p on image rows (adapter 0), its first r_l columns on text rows (1).
     same_scale = peft_scale == plora_scale
     folded = (1.0, 1.0) if same_scale else (peft_scale, plora_scale)
     down, up = stack.concatenated([lora_a, base.Plora_A.weight], [lora_b, base.Plora_B.weight], folded,
-                                  dtype=x.dtype)
+                                  dtype=dtype)
     rank = down.shape[0]
     op_scale = peft_scale if same_scale else 1.0
     return multi_lora_linear(
         x, base.weight, base.bias, down.unsqueeze(0).expand(2, -1, -1), up.unsqueeze(0).expand(2, -1, -1),
-        stack.constant((op_scale, op_scale), accumulation_dtype(x.dtype), x.device),
+        stack.constant((op_scale, op_scale), accumulation_dtype(dtype), x.device),
         mask_segments(im_mask, x.device, true_adapter=0, false_adapter=1),
         ranks=stack.constant((rank, lora_a.shape[0]), torch.int32, x.device), ranks_checked=True, backend=backend,
     )

@@ -225,7 +225,8 @@ def test_gradient_checkpointing_with_dropout(form):
 @pytest.mark.parametrize("form", FORMS)
 def test_calls_the_fused_forward_does_not_serve_run_the_original(form):
     """``im_mask=None`` (IXC2: a plain linear; 2.5: the original's AttributeError), an integer mask (read as
-    indices by the original), a mask of another shape: the class's forward, unchanged."""
+    indices by the original), a mask of another shape: the class's forward, unchanged (dtype mixes autocast does
+    not reconcile: ``test_plora_autocast.py``)."""
     cls = PLoRAIXC2 if form == "ixc2" else PLoRA
     layer = cls(8, 6, bias=True, lora_r=2, lora_alpha=2, lora_dropout=0.0).double()
     for p in layer.parameters():
@@ -244,12 +245,6 @@ def test_calls_the_fused_forward_does_not_serve_run_the_original(form):
     if form == "ixc2":
         row_mask = torch.tensor([True, False])  # [B]: whole sequences for the IXC2 form
         assert torch.equal(layer(x, row_mask), reference(x, row_mask))
-    reference_fp32 = copy.deepcopy(reference).float()
-    layer_fp32 = copy.deepcopy(reference_fp32)
-    patch_model(layer_fp32, backend="torch")
-    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the reference computes in bf16 there
-        assert torch.equal(layer_fp32(x.float(), mask), reference_fp32(x.float(), mask))
 
 
 def test_flattened_input_is_served():

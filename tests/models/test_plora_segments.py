@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import available_backends, kernel_device
-from monkey_kernels import SegmentInfo, multi_lora_linear
+from monkey_kernels import SegmentInfo, dropout_keep_mask, multi_lora_linear
 
 
 def runs_by_loop(mask: torch.Tensor, true_id: int, false_id: int):
@@ -126,3 +126,47 @@ def test_op_gives_the_same_results_with_trimmed_and_static_segments(backend):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for got, want in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("case", ["mixed_dropout", "all_text", "all_image", "text_adapter"])
+def test_static_segments_against_float64(backend, case):
+    """The static (``B * N``-segment, empty-tail) segments of ``from_row_mask`` against a float64 formula, output
+    and every gradient (``dA``, ``dB``, ``ds`` come from the grouped outer product, whose Triton kernel walks
+    only the segments before the empty tail): mixed spans with dropout, an all-text batch (one run, base
+    only), an all-image batch (one run), text runs on a second adapter (PEFT stacked over PLoRA)."""
+    device = kernel_device(backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    rows, cols = 3, 23
+    mask = {"mixed_dropout": random_mask(rows, cols), "text_adapter": random_mask(rows, cols),
+            "all_text": torch.zeros(rows, cols, dtype=torch.bool),
+            "all_image": torch.ones(rows, cols, dtype=torch.bool)}[case]
+    false_adapter = 1 if case == "text_adapter" else -1
+    p = 0.25 if case == "mixed_dropout" else 0.0
+    K, N, R = 12, 10, 5
+    num_adapters = 2 if false_adapter == 1 else 1
+    inputs = [torch.randn(rows, cols, K, dtype=torch.float64), torch.randn(N, K, dtype=torch.float64),
+              torch.randn(N, dtype=torch.float64), torch.randn(num_adapters, R, K, dtype=torch.float64),
+              torch.randn(num_adapters, N, R, dtype=torch.float64), torch.rand(num_adapters, dtype=torch.float64) + 0.5]
+    grad_out = torch.randn(rows, cols, N, dtype=torch.float64)
+    seg = SegmentInfo.from_row_mask(mask.to(device), false_adapter=false_adapter, trim=False)
+    assert seg.num_segments == rows * cols  # the static bound: an empty tail after the runs
+    leaves = [t.to(device, dtype).requires_grad_() for t in inputs]
+    y = multi_lora_linear(*leaves, seg, dropout_p=p, seed=7, backend=backend)
+    got = torch.autograd.grad(y, leaves, grad_out.to(device, dtype))
+
+    exact = [t.clone().requires_grad_() for t in inputs]
+    x, w, bias, a, b, scale = exact
+    keep = dropout_keep_mask(7, rows * cols, K, p, device, backend=backend).view(rows, cols, K).cpu()
+    dropped = torch.where(keep, x / (1.0 - p), 0.0) if p else x
+    want_y = x @ w.t() + bias
+    image = dropped @ a[0].t() @ b[0].t() * scale[0]
+    text = dropped @ a[-1].t() @ b[-1].t() * scale[-1] if false_adapter == 1 else torch.zeros_like(want_y)
+    want_y = want_y + torch.where(mask[..., None], image, text)
+    want = torch.autograd.grad(want_y, exact, grad_out, allow_unused=True)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y.detach().double().cpu(), want_y.detach(), **tol)
+    for name, g, w_, t in zip(["x", "weight", "bias", "lora_a", "lora_b", "scale"], got, want, inputs):
+        torch.testing.assert_close(g.double().cpu(), torch.zeros_like(t) if w_ is None else w_, **tol, msg=name)
+    if not mask.any() and false_adapter == -1:  # no image row: exact zero adapter gradients
+        assert all(torch.count_nonzero(g) == 0 for g in got[3:])

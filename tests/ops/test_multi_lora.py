@@ -292,3 +292,37 @@ def test_grouped_outer_product_with_row_splits(num_splits, dropout_p):
         rows = row_adapter == adapter
         expected[adapter] = scale[adapter].double().cpu() * x64.cpu()[rows].t() @ y.double().cpu()[rows, :rank]
     torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or interpreter_active()), reason="needs the Triton kernels")
+def test_grouped_outer_product_never_walks_segments_past_the_rows():
+    """The dA/dB kernel bounds its segment loop by the segments that start before ``num_rows`` (a binary search
+    on the device; the static segments of ``SegmentInfo.from_row_mask`` end in up to ``M`` empty ones at offset
+    ``M``). Shown with metadata no valid ``SegmentInfo`` has: a tail segment that starts at ``num_rows`` and
+    reaches into extra rows of ``x`` (huge values). A kernel walking it would add them; this one matches the
+    float64 sum over the real rows, with empty segments of real adapters before and inside the tail."""
+    from types import SimpleNamespace
+
+    from monkey_kernels._triton.multi_lora import segmented_outer
+
+    device = kernel_device("triton")
+    num_rows, extra = 29, 6
+    offsets = [0, 4, 4, 11, 20, num_rows, num_rows, num_rows, num_rows + extra]
+    ids = [0, 1, -1, 1, 0, 0, 1, 0]  # segments 5.. start at num_rows; the last one would cover the extra rows
+    segments = SimpleNamespace(
+        seg_indptr=torch.tensor(offsets, dtype=torch.int32, device=device),
+        adapter_ids=torch.tensor(ids, dtype=torch.int32, device=device),
+        num_segments=len(ids), num_rows=num_rows,
+    )
+    width, rank = 9, 4
+    x = torch.randn(num_rows + extra, width, device=device)
+    x[num_rows:] = 1e6
+    y = torch.randn(num_rows + extra, rank, device=device)
+    out = torch.full((2, width, rank), float("nan"), device=device)
+    segmented_outer(x, y, segments, out, num_splits=1)
+    expected = torch.zeros(2, width, rank, dtype=torch.float64)
+    for g, adapter in enumerate(ids[:5]):
+        if adapter >= 0:
+            rows = slice(offsets[g], offsets[g + 1])
+            expected[adapter] += x.double().cpu()[rows].t() @ y.double().cpu()[rows]
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)

@@ -513,3 +513,41 @@ print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert (tuned, untuned) == ("True", "False")
     assert int(faults) * 10 < int(untuned_faults), (faults, untuned_faults)
     assert _run_python(code, MALLOC_TRIM_THRESHOLD_=str(1 << 30), **opt_in).stdout.split()[0] == "False"
+
+
+def test_partial_lora_layout_keeps_the_shrink_and_fused_gemm_path(monkeypatch):
+    """One adapter's runs among base-only runs (InternLM-XComposer's PLoRA) take the shrink + fused GEMM path even
+    with long segments; several adapters (Monkey's tiles, with or without a base-only global view) and one adapter
+    over every row keep the merged weights. Both paths give the float64 result."""
+    from monkey_kernels import SegmentInfo
+
+    plora = SegmentInfo.from_indptr([0, 40, 120, 160, 240, 300], [-1, 0, -1, 0, -1])
+    monkey = SegmentInfo.from_indptr([0, 64, 128, 192, 256, 320], [0, 1, 2, 3, -1])
+    single = SegmentInfo.from_indptr([0, 200], [0])
+    static = SegmentInfo.from_row_mask(torch.tensor([False] * 40 + [True] * 80 + [False] * 40), trim=False)
+    assert NativeMultiLoRA.one_adapter_among_base_rows(plora)
+    assert NativeMultiLoRA.one_adapter_among_base_rows(static)  # the empty tail (adapter -1, no rows) ignored
+    assert not NativeMultiLoRA.merge_worthwhile(plora)
+    assert NativeMultiLoRA.merge_worthwhile(monkey) and NativeMultiLoRA.merge_worthwhile(single)
+    assert NativeMultiLoRA.merge_worthwhile(SegmentInfo.from_indptr([0, 100, 200], [0, 1]))
+    assert not NativeMultiLoRA.one_adapter_among_base_rows(SegmentInfo.from_indptr([0, 100, 200], [-1, -1]))
+    calls = []
+    original = NativeMultiLoRA.merged_linear
+    monkeypatch.setattr(NativeMultiLoRA, "merged_linear",
+                        staticmethod(lambda *a, **k: calls.append(1) or original(*a, **k)))
+    for segments, merged in ((plora, False), (monkey, True)):
+        calls.clear()
+        adapters = int(segments.adapter_ids.max()) + 1
+        x = torch.randn(segments.num_rows, 12, dtype=torch.float64, requires_grad=True)
+        weight = torch.randn(10, 12, dtype=torch.float64)
+        lora_a = torch.randn(adapters, 3, 12, dtype=torch.float64)
+        lora_b = torch.randn(adapters, 10, 3, dtype=torch.float64)
+        scale = torch.rand(adapters, dtype=torch.float64) + 0.5
+        out = multi_lora_linear(x, weight, None, lora_a, lora_b, scale, segments, backend="native")
+        grad = torch.autograd.grad(out, x, torch.ones_like(out))[0]
+        assert bool(calls) == merged
+        x_ref = x.detach().clone().requires_grad_(True)
+        ref = multi_lora_linear_ref(x_ref, weight, None, lora_a, lora_b, scale, segments)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, torch.autograd.grad(ref, x_ref, torch.ones_like(ref))[0], rtol=1e-12,
+                                   atol=1e-12)
