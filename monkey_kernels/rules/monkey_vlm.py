@@ -424,7 +424,9 @@ def _to_fused(module: nn.Module, options) -> nn.Module:
     return module
 
 
-def _to_reference(module: nn.Module) -> nn.Module:
+def restore_vlm_forward(module: nn.Module) -> nn.Module:
+    """Removes the installed :class:`MonkeyVLMForward` (or a subclass's) from ``module`` and puts back the
+    instance-level forward that was there before it, if any (e.g. an accelerate hook)."""
     installed = module.__dict__.pop("forward", None)
     if isinstance(installed, MonkeyVLMForward) and installed.previous is not None:
         module.forward = installed.previous
@@ -432,7 +434,7 @@ def _to_reference(module: nn.Module) -> nn.Module:
 
 
 MONKEY_VLM_RULE = register_builtin_rule(PatchRule(
-    "monkey_vlm", is_monkey_vlm, _to_fused, _to_reference,
+    "monkey_vlm", is_monkey_vlm, _to_fused, restore_vlm_forward,
     kinds={"vlm_one_encoder_pass": 1, "vlm_out_of_place_features": 1}, skip_reason=_skip_reason,
     after=("monkey_block",),
     description=("a Qwen-VL-style model (wte, drop, h, ln_f, config.visual['image_start_id']) whose visual is a "

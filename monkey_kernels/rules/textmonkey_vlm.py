@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ..patching import InstanceForward, PatchRule, register_builtin_rule, rule_of
-from .monkey_vlm import ImageSpan, MonkeyVLMForward, forward_with_image_features, looks_like_qwen_vl
+from .monkey_vlm import (ImageSpan, MonkeyVLMForward, forward_with_image_features, looks_like_qwen_vl,
+                         restore_vlm_forward)
 
 __all__ = ["TextMonkeyVLMForward", "textmonkey_vlm_forward", "is_textmonkey_vlm", "TEXTMONKEY_VLM_RULE"]
 
@@ -113,15 +114,8 @@ def _to_fused(module: nn.Module, options) -> nn.Module:
     return module
 
 
-def _to_reference(module: nn.Module) -> nn.Module:
-    installed = module.__dict__.pop("forward", None)
-    if isinstance(installed, MonkeyVLMForward) and installed.previous is not None:
-        module.forward = installed.previous
-    return module
-
-
 TEXTMONKEY_VLM_RULE = register_builtin_rule(PatchRule(
-    "textmonkey_vlm", is_textmonkey_vlm, _to_fused, _to_reference,
+    "textmonkey_vlm", is_textmonkey_vlm, _to_fused, restore_vlm_forward,
     kinds={"vlm_one_encoder_pass": 1, "vlm_out_of_place_features": 1}, skip_reason=_skip_reason,
     after=("textmonkey_encoder",),
     description=("a Qwen-VL-style model (wte, drop, h, ln_f, config.visual['image_start_id']) whose visual the "
