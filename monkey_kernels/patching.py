@@ -91,6 +91,16 @@ class PatchRule:
     after: Tuple[str, ...] = ()
     description: str = ""
 
+    @classmethod
+    def by_structure(cls, name: str, looks_like: Callable[[nn.Module], bool],
+                     problem: Callable[[nn.Module], Optional[str]], to_fused: Callable[[nn.Module, PatchOptions], nn.Module],
+                     to_reference: Callable[[nn.Module], nn.Module], **fields) -> "PatchRule":
+        """The usual rule: it claims a module that ``looks_like`` recognises by structure and in which
+        ``problem`` (the call contract, unsupported options, ...) finds nothing wrong; a recognised module with a
+        problem is left alone and reported with that problem as the reason. ``fields``: the other fields."""
+        return cls(name, lambda module: looks_like(module) and problem(module) is None, to_fused, to_reference,
+                   skip_reason=lambda module: problem(module) if looks_like(module) else None, **fields)
+
 
 @dataclass
 class PatchReport:

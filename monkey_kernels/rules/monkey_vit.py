@@ -424,14 +424,6 @@ def transformer_problem(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _is_transformer(module: nn.Module) -> bool:
-    return _looks_like_transformer(module) and transformer_problem(module) is None
-
-
-def _transformer_skip_reason(module: nn.Module) -> Optional[str]:
-    return transformer_problem(module) if _looks_like_transformer(module) else None
-
-
 def _transformer_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
     for block in module.resblocks:  # the block rule (next) fuses exactly these
         block.__dict__[_CLAIM_ATTR] = "monkey_transformer"
@@ -506,9 +498,9 @@ def _vision_model_to_reference(module: nn.Module) -> nn.Module:
     return module
 
 
-TRANSFORMER_RULE = register_builtin_rule(PatchRule(
-    "monkey_transformer", _is_transformer, _transformer_to_fused, _transformer_to_reference,
-    kinds={"batched_encoder_forward": 1}, skip_reason=_transformer_skip_reason,
+TRANSFORMER_RULE = register_builtin_rule(PatchRule.by_structure(
+    "monkey_transformer", _looks_like_transformer, transformer_problem, _transformer_to_fused,
+    _transformer_to_reference, kinds={"batched_encoder_forward": 1},
     description=("resblocks (an nn.ModuleList of Monkey blocks: ln_1, ln_2, attn.in_proj / out_proj, "
                  "mlp.c_fc / c_proj and the per-tile adapter lists attn.in_proj_lora, attn.out_proj_lora, "
                  "mlp_lora) run by forward(x, attn_mask=None, idx=None) as a plain loop"),

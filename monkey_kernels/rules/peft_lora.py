@@ -163,14 +163,6 @@ def _unfusable_reason(module: nn.Module) -> Optional[str]:
     return peft_linear_problem(module, _plain_linear_base_problem)
 
 
-def _matches(module: nn.Module) -> bool:
-    return is_peft_lora_layer(module) and _unfusable_reason(module) is None
-
-
-def _skip_reason(module: nn.Module) -> Optional[str]:
-    return _unfusable_reason(module) if is_peft_lora_layer(module) else None
-
-
 def _to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
     global _generation
     _generation += 1
@@ -480,7 +472,7 @@ def fused_peft_linear_forward(layer: nn.Module, x: torch.Tensor, *args, **kwargs
     )
 
 
-PEFT_RULE = register_builtin_rule(PatchRule(
-    RULE_NAME, _matches, _to_fused, _to_reference, kinds={"peft_lora_linear": 1}, skip_reason=_skip_reason,
+PEFT_RULE = register_builtin_rule(PatchRule.by_structure(
+    RULE_NAME, is_peft_lora_layer, _unfusable_reason, _to_fused, _to_reference, kinds={"peft_lora_linear": 1},
     description="a PEFT LoRA Linear (peft.tuners.lora.layer.Linear) over an nn.Linear with plain LoRA adapters",
 ))

@@ -177,14 +177,6 @@ def plora_problem(module: nn.Module) -> Optional[str]:
     return forward_parameters_problem(function, ("im_mask",), expected=_EXPECTED)
 
 
-def _matches(module: nn.Module) -> bool:
-    return looks_like_plora(module) and plora_problem(module) is None
-
-
-def _skip_reason(module: nn.Module) -> Optional[str]:
-    return plora_problem(module) if looks_like_plora(module) else None
-
-
 def _to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
     module.__dict__[_BACKEND_ATTR] = options.backend
     module.forward = InstanceForward(fused_plora_forward, module)
@@ -392,28 +384,20 @@ def _peft_over_plora(module: nn.Module) -> bool:
     return is_peft_lora_layer(module) and isinstance(base, nn.Module) and looks_like_plora(base)
 
 
-def _peft_matches(module: nn.Module) -> bool:
-    return _peft_over_plora(module) and _peft_problem(module) is None
-
-
-def _peft_skip_reason(module: nn.Module) -> Optional[str]:
-    return _peft_problem(module) if _peft_over_plora(module) else None
-
-
 def _peft_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
     module.__dict__[_BACKEND_ATTR] = options.backend
     module.forward = InstanceForward(fused_peft_plora_forward, module)
     return module
 
 
-PLORA_RULE = register_builtin_rule(PatchRule(
-    RULE_NAME, _matches, _to_fused, _to_reference, kinds={"plora_linear": 1}, skip_reason=_skip_reason,
+PLORA_RULE = register_builtin_rule(PatchRule.by_structure(
+    RULE_NAME, looks_like_plora, plora_problem, _to_fused, _to_reference, kinds={"plora_linear": 1},
     description="InternLM-XComposer's PLoRA: an nn.Linear with Plora_A, Plora_B, lora_scaling, lora_dropout and "
                 "forward(x, im_mask=None)",
 ))
 
-PEFT_PLORA_RULE = register_builtin_rule(PatchRule(
-    PEFT_RULE_NAME, _peft_matches, _peft_to_fused, _to_reference, kinds={"plora_peft_linear": 1},
-    skip_reason=_peft_skip_reason, after=(RULE_NAME,),
+PEFT_PLORA_RULE = register_builtin_rule(PatchRule.by_structure(
+    PEFT_RULE_NAME, _peft_over_plora, _peft_problem, _peft_to_fused, _to_reference,
+    kinds={"plora_peft_linear": 1}, after=(RULE_NAME,),
     description="a PEFT LoRA Linear whose base layer is a PLoRA, with plain LoRA adapters",
 ))

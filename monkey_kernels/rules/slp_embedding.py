@@ -50,21 +50,13 @@ def _contract_problem(module: nn.Module) -> Optional[str]:
     return parameters_prefix_problem(forward, _FORWARD_ORDER, expected=f"the fused SLP embedding's {_CALL}")
 
 
-def _is_slp_embedding(module: nn.Module) -> bool:
-    return _looks_like_slp_embedding(module) and _contract_problem(module) is None
-
-
-def _skip_reason(module: nn.Module) -> Optional[str]:
-    return _contract_problem(module) if _looks_like_slp_embedding(module) else None
-
-
 def _to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
     return FusedSLPEmbedding.from_reference(module, backend=options.backend).train(module.training)
 
 
-SLP_RULE = register_builtin_rule(PatchRule(
-    "slp_embedding", _is_slp_embedding, _to_fused, lambda fused: fused.to_reference(),
-    kinds={"slp_embedding": 1}, skip_reason=_skip_reason,
+SLP_RULE = register_builtin_rule(PatchRule.by_structure(
+    "slp_embedding", _looks_like_slp_embedding, _contract_problem, _to_fused, lambda fused: fused.to_reference(),
+    kinds={"slp_embedding": 1},
     description=("an embedding layer with embed_tokens, projector.proj = Linear(4, hidden), box_token_id and "
                  f"image_token_id, whose forward takes a prefix of {_CALL}"),
 ))

@@ -502,14 +502,6 @@ def transformer_problem(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _is_transformer(module: nn.Module) -> bool:
-    return _looks_like_transformer(module) and transformer_problem(module) is None
-
-
-def _transformer_skip_reason(module: nn.Module) -> Optional[str]:
-    return transformer_problem(module) if _looks_like_transformer(module) else None
-
-
 def _transformer_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
     for block in module.resblocks:  # the block rule (next) fuses exactly these
         block.__dict__[_CLAIM_ATTR] = True
@@ -581,14 +573,6 @@ def encoder_problem(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _is_encoder(module: nn.Module) -> bool:
-    return _looks_like_encoder(module) and encoder_problem(module) is None
-
-
-def _encoder_skip_reason(module: nn.Module) -> Optional[str]:
-    return encoder_problem(module) if _looks_like_encoder(module) else None
-
-
 def _encoder_to_fused(module: nn.Module, options: PatchOptions) -> nn.Module:
     module.forward = InstanceForward(fused_encoder_forward, module)
     module.encode = InstanceForward(fused_encode, module)
@@ -601,9 +585,9 @@ def _encoder_to_reference(module: nn.Module) -> nn.Module:
     return module
 
 
-TRANSFORMER_RULE = register_builtin_rule(PatchRule(
-    "textmonkey_transformer", _is_transformer, _transformer_to_fused, _transformer_to_reference,
-    kinds={"window_loop_one_call_per_layer": 1}, skip_reason=_transformer_skip_reason,
+TRANSFORMER_RULE = register_builtin_rule(PatchRule.by_structure(
+    "textmonkey_transformer", _looks_like_transformer, transformer_problem, _transformer_to_fused,
+    _transformer_to_reference, kinds={"window_loop_one_call_per_layer": 1},
     description=("resblocks of Monkey-structured blocks (adapter lists may be empty) with window_pos, add_window "
                  "and window_attention, run by TextMonkey's forward(x, attn_mask=None, lora_idx=None, image_size) "
                  "with blocks forward(q_x, k_x=None, v_x=None, attn_mask=None, lora_idx=None)"),
@@ -614,9 +598,9 @@ BLOCK_RULE = register_builtin_rule(PatchRule(
     after=("textmonkey_transformer",),
     description="a TextMonkey block inside a container the textmonkey_transformer rule patches",
 ))
-ENCODER_RULE = register_builtin_rule(PatchRule(
-    "textmonkey_encoder", _is_encoder, _encoder_to_fused, _encoder_to_reference,
-    kinds={"encode_one_pass": 1}, skip_reason=_encoder_skip_reason, after=("textmonkey_block",),
+ENCODER_RULE = register_builtin_rule(PatchRule.by_structure(
+    "textmonkey_encoder", _looks_like_encoder, encoder_problem, _encoder_to_fused, _encoder_to_reference,
+    kinds={"encode_one_pass": 1}, after=("textmonkey_block",),
     description=("TextMonkey's VisionTransformer (conv1, positional_embedding, ln_pre, a transformer the rules "
                  "above patch, attn_pool, ln_post, proj) with forward(x, lora_idx=None, add_window=False) and "
                  "encode(image_paths, lora_idx=None, input_image=None)"),

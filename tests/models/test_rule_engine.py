@@ -48,7 +48,7 @@ def test_every_rule_module_is_found_and_registers_in_declared_order():
         assert all(names.index(first) < position for first in rule.after), (rule.name, rule.after)
         assert rule.description, f"{rule.name} has no description"
     for module in on_disk:  # each module defines its own rules
-        assert any(r.matches.__module__ == module for r in rules), module
+        assert any(r.to_fused.__module__ == module for r in rules), module
 
 
 def test_user_rules_order_and_errors(saved_registry):
