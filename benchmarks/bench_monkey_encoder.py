@@ -33,7 +33,6 @@ Run ``PYTHONPATH=. python benchmarks/bench_monkey_encoder.py --help`` for the op
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import sys
@@ -49,8 +48,9 @@ from monkey_kernels.ops.backends import BACKENDS
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
-                    report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
+from common import (add_amp_arg, add_timer_args, autocast_context, bench_backends, make_result,  # noqa: E402
+                    patched_copies, peak_memory_bytes, report, result_path, time_methods, timer_kwargs, timing_rows,
+                    write_result)
 
 TARGETS = {"inference": 2.0, "train_step": 1.5}  # GPU speed-ups of ``patched`` over ``reference``
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -73,13 +73,6 @@ def build_config(small: bool, layers: Optional[int] = None) -> MonkeyVisionConfi
 def release_trainable_(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_("lora" in name or name.startswith("attn_pool"))
-
-
-def autocast_context(device: torch.device, amp: Optional[str]):
-    """``torch.autocast`` in the ``amp`` dtype on ``device``, or a no-op context when ``amp`` is ``None``."""
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[amp])
 
 
 def run_case(models: Dict[str, torch.nn.Module], initial_state, config, batch: int, resolution: str, device,
@@ -188,9 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--layers", type=int, default=None,
                         help="encoder depth (default: the config's, 48 for the release); the per-layer work is the "
                              "release's at any depth, so a shallower model times the same layers in less setup")
-    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None,
-                        help="fp32 weights, every forward under torch.autocast in this dtype (the Trainer's "
-                             "bf16=True / fp16=True); fp16 trains through GradScaler")
+    add_amp_arg(parser, "weights", note="fp16 trains through GradScaler")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time the patched inference replayed from a CUDA graph (CUDA only)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 896x896, batch 1, few rounds")

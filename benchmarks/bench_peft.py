@@ -34,7 +34,6 @@ Run ``PYTHONPATH=. python benchmarks/bench_peft.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import os
@@ -48,8 +47,9 @@ from monkey_kernels.ops.backends import BACKENDS
 
 # Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
-                    report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
+from common import (add_amp_arg, add_timer_args, autocast_context, bench_backends, make_result,  # noqa: E402
+                    patched_copies, peak_memory_bytes, report, result_path, time_methods, timer_kwargs, timing_rows,
+                    write_result)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 GPU_TOWER = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
@@ -57,14 +57,6 @@ GPU_TOWER = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
 CPU_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  image_size=56, patch_size=14)  # 16 tokens
 RANKS = [8, 16, 32, 16]
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_context(device: torch.device, amp: Optional[str]):
-    """``torch.autocast`` in the ``amp`` dtype on ``device``, or a no-op context when ``amp`` is ``None``."""
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 def build_models(tower: Dict, num_adapters: int, device: torch.device, dtype: torch.dtype):
@@ -174,8 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="backends of the patched models, the first being 'patched' (default: the device's "
                              "default backend, then the others that run there)")
-    parser.add_argument("--amp", choices=list(AMP_DTYPES), default=None,
-                        help="fp32 tower and adapters, every forward under torch.autocast in this dtype")
+    add_amp_arg(parser, "the tower and its adapters")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 adapters, one batch, few rounds")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     parser.add_argument("--no-plot", action="store_true")

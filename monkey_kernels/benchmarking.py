@@ -69,6 +69,7 @@ applies ``--threads``: call it before building models).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import importlib.metadata
@@ -94,7 +95,7 @@ __all__ = [
     "SCHEMA_VERSION", "RESULTS_DIR", "REPO_ROOT", "CUDA_TIMERS", "Timing", "time_methods", "peak_memory_bytes",
     "make_row", "timing_rows", "make_result", "result_path", "plot_path", "write_result", "load_result",
     "default_backend", "other_backends", "bench_backends", "patched_copies", "markdown_table", "plot_grouped_bars",
-    "report", "add_timer_args", "timer_kwargs",
+    "report", "add_timer_args", "timer_kwargs", "AMP_DTYPES", "add_amp_arg", "autocast_context",
     "cpu_name", "device_name", "slug", "git_commit", "package_version", "synchronize",
 ]
 
@@ -578,6 +579,25 @@ def report(rows: Sequence[dict], columns: Sequence[str], out: Union[Path, str], 
 # ---------------------------------------------------------------------------------------------------------
 # Command-line plumbing shared by the scripts
 # ---------------------------------------------------------------------------------------------------------
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_amp_arg(parser: argparse.ArgumentParser, what: str, note: str = "") -> None:
+    """Adds ``--amp bf16|fp16`` (default ``None``: no autocast); ``what`` says what stays fp32, ``note`` anything
+    the bench does besides (e.g. its fp16 steps' ``GradScaler``)."""
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default=None,
+                        help=f"{what} in fp32, every forward of every method under torch.autocast in this dtype "
+                             f"(the Trainer's bf16=True / fp16=True){'; ' + note if note else ''}")
+
+
+def autocast_context(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` in the ``amp`` dtype (a key of ``AMP_DTYPES``) on ``device``, or a no-op context when
+    ``amp`` is ``None``: the one way every bench runs its methods under mixed precision."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
 def add_timer_args(parser: argparse.ArgumentParser, rounds: Optional[int] = None, iters: int = 1,
                    warmup: int = 1) -> None:
     """Adds ``--rounds --iters --warmup --cuda-timer --rep-ms`` (``rounds`` None: 15 on CPU, 3 on CUDA)."""
