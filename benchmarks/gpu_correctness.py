@@ -30,7 +30,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers.accuracy import assert_within_pytorch_error, error_floor, rel_err  # noqa: E402
+from helpers.accuracy import (assert_grads_within_reference_error, assert_within_pytorch_error,  # noqa: E402
+                              assert_within_reference_error, error_floor)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a CUDA GPU")
 
@@ -236,31 +237,10 @@ def check_encoder_autocast(amp: torch.dtype, device: str = "cuda", backend: str 
                        grads(ref64, out64, x64, grad_out.double()))
     assert set(g) == set(g_plain) == set(g64), (set(g) ^ set(g_plain), set(g_plain) ^ set(g64))
     assert all(v.dtype == torch.float32 for v in g.values())
-    assert_model_within_autocast_error(amp, out, plain, out64, g, g_plain, g64)
-
-
-def assert_model_within_autocast_error(amp, out, plain, out64, grads, plain_grads, grads64, factor=3.0) -> None:
-    """A whole model's output and gradients against float64: each within ``error_floor(amp)`` + ``factor`` x the
-    unpatched model's own error under the same autocast. Rounding errors compound over the layers in an order of
-    their own, so one model is not bounded by the other's error per element; the one-element gradients (the
-    ``lora_scale`` of every adapter, sums over all of an adapter's rows with cancellation) are judged together
-    as one vector."""
-    floor = error_floor(amp)
-    assert torch.isfinite(out).all(), "output: non-finite entries"
-    assert rel_err(out, out64) <= floor + factor * rel_err(plain, out64), (
-        f"output: error {rel_err(out, out64):.3e} vs the unpatched {rel_err(plain, out64):.3e}")
-    scalars = [n for n, v in grads64.items() if v.numel() == 1]
-    groups = {n: [n] for n in grads64 if n not in scalars}
-    if scalars:
-        groups["the one-element gradients"] = scalars
-    for label, names in groups.items():
-        def flat(values):
-            return torch.cat([values[n].detach().double().cpu().reshape(-1) for n in names])
-
-        got, base, ref = flat(grads), flat(plain_grads), flat(grads64)
-        assert torch.isfinite(got).all(), f"{label}: non-finite entries"
-        limit = floor + factor * rel_err(base, ref)
-        assert rel_err(got, ref) <= limit, f"{label}: error {rel_err(got, ref):.3e} > {limit:.3e}"
+    # A whole model: rounding errors compound over the layers in an order of their own, so each result is held to
+    # 3x the unpatched model's own error (the op-level checks above: 2x), plus the dtype's floor.
+    assert_within_reference_error("output", out, plain, out64, factor=3.0, floor=error_floor(amp))
+    assert_grads_within_reference_error(g, g_plain, g64, factor=3.0, floor=error_floor(amp))
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES, ids=_id)
