@@ -49,9 +49,14 @@ from torch import nn
 
 from monkey_kernels.ops.backends import BACKENDS
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Run as a script (python benchmarks/bench_x.py) or imported as benchmarks.bench_x: common.py sits beside it,
+# the structural double of the public PLoRA code in tests/helpers/.
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests"))
 from common import (add_timer_args, bench_backends, make_result, patched_copies, peak_memory_bytes,  # noqa: E402
                     report, result_path, time_methods, timer_kwargs, timing_rows, write_result)
+from helpers.internlm2_plora_double import PLoRA  # noqa: E402
 
 RELEASE = dict(hidden=4096, qkv=6144, ffn=14336, rank=256, image_tokens=1225)
 CPU_SHAPES = dict(hidden=512, qkv=768, ffn=1792, rank=32, image_tokens=153)
@@ -59,28 +64,13 @@ TEXT_BEFORE, TEXT_BETWEEN, TEXT_AFTER = 128, 64, 256
 LINEARS = ("wqkv", "wo", "w1", "w3", "w2")
 
 
-class ReferencePLoRA(nn.Linear):
-    """The public PLoRA (IXC-2.5 form), dropout 0: a linear plus, on the ``im_mask`` rows, ``B(A(x)) * scaling``."""
-
-    def __init__(self, fan_in: int, fan_out: int, rank: int) -> None:
-        super().__init__(fan_in, fan_out, bias=False)
-        self.lora_r, self.lora_alpha, self.lora_len = rank, rank, 0
-        self.lora_dropout = nn.Identity()
-        self.lora_scaling = 1.0
-        self.Plora_A = nn.Linear(fan_in, rank, bias=False)
-        self.Plora_B = nn.Linear(rank, fan_out, bias=False)
-
-    def forward(self, x, im_mask=None):
-        batch, seq, width = x.shape
-        im_mask = im_mask.view(-1)
-        x = x.reshape(-1, width)
-        res = super().forward(x)
-        if im_mask is not None:
-            if torch.sum(im_mask) > 0:
-                res[im_mask] += self.Plora_B(self.Plora_A(self.lora_dropout(x[im_mask]))) * self.lora_scaling
-            else:
-                res[:1] += self.Plora_B(self.Plora_A(self.lora_dropout(x[:1]))) * 0
-        return res.reshape(batch, seq, -1)
+def reference_plora(fan_in: int, fan_out: int, rank: int) -> nn.Module:
+    """The public PLoRA (IXC-2.5 form, the structural double of ``tests/helpers/internlm2_plora_double.py``),
+    no bias, scale 1, dropout 0: a linear plus, on the ``im_mask`` rows, ``B(A(x)) * scaling``. The public class
+    leaves its base weight to the checkpoint load; here it gets ``nn.Linear``'s default init."""
+    layer = PLoRA(fan_in, fan_out, bias=False, lora_r=rank, lora_alpha=rank, lora_dropout=0.0)
+    nn.Linear.reset_parameters(layer)
+    return layer
 
 
 class FiveLinears(nn.Module):
@@ -89,11 +79,11 @@ class FiveLinears(nn.Module):
     def __init__(self, hidden: int, qkv: int, ffn: int, rank: int) -> None:
         super().__init__()
         self.hidden = hidden
-        self.wqkv = ReferencePLoRA(hidden, qkv, rank)
-        self.wo = ReferencePLoRA(hidden, hidden, rank)
-        self.w1 = ReferencePLoRA(hidden, ffn, rank)
-        self.w3 = ReferencePLoRA(hidden, ffn, rank)
-        self.w2 = ReferencePLoRA(ffn, hidden, rank)
+        self.wqkv = reference_plora(hidden, qkv, rank)
+        self.wo = reference_plora(hidden, hidden, rank)
+        self.w1 = reference_plora(hidden, ffn, rank)
+        self.w3 = reference_plora(hidden, ffn, rank)
+        self.w2 = reference_plora(ffn, hidden, rank)
 
     def forward(self, x, im_mask):
         qkv = self.wqkv(x, im_mask)
